@@ -1,0 +1,399 @@
+"""Image classification datasets as in-memory numpy arrays.
+
+Two sources: a local data dir (IDX files for MNIST / Fashion-MNIST, the binary version of
+CIFAR-10), which needs nothing but numpy, or tensorflow-datasets, read through
+`tfds.data_source` because that path decodes with numpy/PIL and never imports TensorFlow.
+Preparing (downloading) a tfds dataset, however, does need TensorFlow; see `_load_tfds`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import os
+import socket
+import struct
+import urllib.request
+import zlib
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ci_jax.errors import UserError
+
+DATASETS: tuple[str, ...] = ("mnist", "fashion_mnist", "cifar10")
+
+DATA_DIR_ENV = "CI_JAX_DATA_DIR"
+NUM_CLASSES = 10
+
+IDX_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+CIFAR_TRAIN_FILES = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
+CIFAR_TEST_FILE = "test_batch.bin"
+CIFAR_SUBDIR = "cifar-10-batches-bin"  # what cifar-10-binary.tar.gz extracts to
+CIFAR_RECORD_BYTES = 1 + 3 * 32 * 32
+
+_IDX_UBYTE = 0x08
+_GET_DATA_DIR = (
+    "pass --data-dir DIR holding {what}, or omit it to download with tensorflow-datasets"
+)
+_IDX_WHAT = "the four IDX files (train-images-idx3-ubyte[.gz], ...)"
+_CIFAR_WHAT = "the CIFAR-10 binary version (data_batch_1.bin .. data_batch_5.bin, test_batch.bin)"
+
+
+# eq=False: the generated __eq__/__hash__ would compare/hash arrays, which numpy cannot do.
+@dataclasses.dataclass(frozen=True, eq=False)
+class Dataset:
+    name: str
+    x_train: np.ndarray = dataclasses.field(repr=False)  # (N, H, W, C) float32 in [0, 1]
+    y_train: np.ndarray = dataclasses.field(repr=False)  # (N,) int32
+    x_test: np.ndarray = dataclasses.field(repr=False)
+    y_test: np.ndarray = dataclasses.field(repr=False)
+    num_classes: int
+
+
+def load(name: str, data_dir: str | os.PathLike | None = None) -> Dataset:
+    """Loads `name` from `data_dir`, else $CI_JAX_DATA_DIR, else tensorflow-datasets."""
+    if name not in DATASETS:
+        raise UserError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
+    source = ""  # where a bad dir came from, so the user knows what to change
+    if data_dir is None and os.environ.get(DATA_DIR_ENV):
+        data_dir, source = os.environ[DATA_DIR_ENV], f" (from ${DATA_DIR_ENV})"
+    if data_dir is None:
+        return _load_tfds(name)
+    data_dir = Path(data_dir).expanduser()
+    if not data_dir.is_dir():
+        what = _CIFAR_WHAT if name == "cifar10" else _IDX_WHAT
+        problem = "is not a directory" if data_dir.exists() else "does not exist"
+        raise UserError(
+            f"{name}: data dir {data_dir}{source} {problem}: "
+            + _GET_DATA_DIR.format(what=what)
+        )
+    if name == "cifar10":
+        return _load_cifar10_dir(data_dir)
+    return _load_idx_dir(name, data_dir)
+
+
+# ---------------------------------------------------------------- IDX (MNIST, Fashion-MNIST)
+
+
+def read_idx(path: str | os.PathLike, ndim: int | None = None) -> np.ndarray:
+    """Reads one uint8 IDX file (gzipped if the name ends in .gz); `ndim` checks the rank."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file; check the path or re-download it") from None
+    if path.suffix == ".gz":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as e:
+            raise UserError(
+                f"{path}: not a valid gzip file ({e}); re-download it, or store it uncompressed "
+                f"without the .gz suffix"
+            ) from None
+    return _parse_idx(raw, path, ndim)
+
+
+def _parse_idx(raw: bytes, path: Path, ndim: int | None) -> np.ndarray:
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
+        magic = raw[:4].hex() or "empty"
+        raise UserError(
+            f"{path}: not an IDX file (magic number 0x{magic}, expected 0x000008NN); "
+            f"check that it is the right file and not an HTML error page or an archive"
+        )
+    if raw[2] != _IDX_UBYTE:
+        raise UserError(
+            f"{path}: IDX data type 0x{raw[2]:02x} is not supported, only 0x08 (unsigned byte)"
+        )
+    rank = raw[3]
+    if ndim is not None and rank != ndim:
+        raise UserError(
+            f"{path}: has {rank} dimensions, expected {ndim} "
+            f"({'images' if ndim == 3 else 'labels' if ndim == 1 else 'data'}); "
+            f"check that the file is not swapped with another one"
+        )
+    header_len = 4 + 4 * rank
+    if len(raw) < header_len:
+        raise UserError(f"{path}: truncated inside its {header_len}-byte header; re-download it")
+    shape = struct.unpack(f">{rank}I", raw[4:header_len])
+    expected = int(np.prod(shape, dtype=np.int64))
+    got = len(raw) - header_len
+    if got != expected:
+        problem = "truncated" if got < expected else "too long"
+        dims = "x".join(map(str, shape))
+        raise UserError(
+            f"{path}: {problem}: header says {dims} = {expected} bytes of data, file has {got}; "
+            f"re-download it"
+        )
+    return np.frombuffer(raw, dtype=np.uint8, offset=header_len).reshape(shape)
+
+
+def write_idx(path: str | os.PathLike, array_uint8: np.ndarray) -> None:
+    """Writes `array_uint8` as an IDX file, gzipped if the name ends in .gz."""
+    path = Path(path)
+    if array_uint8.dtype != np.uint8 or not 1 <= array_uint8.ndim <= 255:
+        raise UserError(
+            f"{path}: can only write uint8 arrays with 1..255 dims as IDX, "
+            f"got {array_uint8.dtype} with shape {array_uint8.shape}"
+        )
+    header = bytes([0, 0, _IDX_UBYTE, array_uint8.ndim])
+    header += struct.pack(f">{array_uint8.ndim}I", *array_uint8.shape)
+    raw = header + np.ascontiguousarray(array_uint8).tobytes()
+    if path.suffix == ".gz":
+        raw = gzip.compress(raw, mtime=0)  # mtime=0: same array -> same bytes
+    path.write_bytes(raw)
+
+
+def _load_idx_dir(name: str, data_dir: Path) -> Dataset:
+    root = _find_dir(name, [data_dir, data_dir / name], _idx_candidates, _IDX_WHAT)
+    arrays = {}
+    for stem in IDX_FILES:
+        path = _idx_path(root, stem)
+        if path is None:
+            raise UserError(
+                f"{name}: missing {root / stem}(.gz) next to the other IDX files: "
+                + _GET_DATA_DIR.format(what=_IDX_WHAT)
+            )
+        arrays[stem] = (path, read_idx(path, ndim=1 if "labels" in stem else 3))
+    x_train_NHW, y_train_N = _check_idx_pair(arrays["train-images-idx3-ubyte"],
+                                             arrays["train-labels-idx1-ubyte"])
+    x_test_NHW, y_test_N = _check_idx_pair(arrays["t10k-images-idx3-ubyte"],
+                                           arrays["t10k-labels-idx1-ubyte"])
+    return _to_dataset(name, x_train_NHW[..., None], y_train_N, x_test_NHW[..., None], y_test_N)
+
+
+def _idx_path(root: Path, stem: str) -> Path | None:
+    # .gz first: it is what the MNIST site and tfds mirrors serve.
+    for path in (root / f"{stem}.gz", root / stem):
+        if path.is_file():
+            return path
+    return None
+
+
+def _idx_candidates(root: Path) -> list[Path]:
+    return [root / f"{stem}{ext}" for stem in IDX_FILES for ext in (".gz", "")]
+
+
+def _check_idx_pair(images: tuple[Path, np.ndarray], labels: tuple[Path, np.ndarray]):
+    (x_path, x_NHW), (y_path, y_N) = images, labels
+    if x_NHW.shape[1:] != (28, 28):
+        raise UserError(
+            f"{x_path}: images are {x_NHW.shape[1]}x{x_NHW.shape[2]}, expected 28x28; "
+            f"check that this is MNIST or Fashion-MNIST"
+        )
+    if len(y_N) != len(x_NHW):
+        raise UserError(
+            f"{y_path}: has {len(y_N)} labels but {x_path.name} has {len(x_NHW)} images; "
+            f"both files must come from the same download"
+        )
+    _check_labels(y_path, y_N)
+    return x_NHW, y_N
+
+
+def _check_labels(where: str | Path, y_N: np.ndarray) -> None:
+    if len(y_N) and int(y_N.max()) >= NUM_CLASSES:
+        bad = int(np.argmax(y_N >= NUM_CLASSES))
+        raise UserError(
+            f"{where}: label {int(y_N[bad])} at index {bad} is outside 0..{NUM_CLASSES - 1}; "
+            f"the file is corrupt or not a label file, re-download it"
+        )
+
+
+def _find_dir(name: str, dirs: list[Path], candidates: Callable[[Path], list[Path]],
+              what: str) -> Path:
+    # Accept the files directly in data_dir or in a per-dataset subfolder, so one
+    # $CI_JAX_DATA_DIR can hold several datasets.
+    for d in dirs:
+        if any(p.is_file() for p in candidates(d)):
+            return d
+    searched = " or ".join(map(str, dirs))
+    raise UserError(f"{name}: no data files in {searched}: " + _GET_DATA_DIR.format(what=what))
+
+
+# ---------------------------------------------------------------- CIFAR-10 binary version
+
+
+def _load_cifar10_dir(data_dir: Path) -> Dataset:
+    dirs = [data_dir, data_dir / CIFAR_SUBDIR,
+            data_dir / "cifar10", data_dir / "cifar10" / CIFAR_SUBDIR]
+    root = _find_dir("cifar10", dirs, _cifar_candidates, _CIFAR_WHAT)
+    train = [_read_cifar_bin(root / f) for f in CIFAR_TRAIN_FILES]
+    x_train_NHWC = np.concatenate([x for x, _ in train])
+    y_train_N = np.concatenate([y for _, y in train])
+    x_test_NHWC, y_test_N = _read_cifar_bin(root / CIFAR_TEST_FILE)
+    return _to_dataset("cifar10", x_train_NHWC, y_train_N, x_test_NHWC, y_test_N)
+
+
+def _cifar_candidates(root: Path) -> list[Path]:
+    return [root / f for f in (*CIFAR_TRAIN_FILES, CIFAR_TEST_FILE)]
+
+
+def _read_cifar_bin(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    if not path.is_file():
+        hint = ""
+        if (path.parent / path.stem).is_file():  # data_batch_1 without .bin: the pickled version
+            hint = " (this looks like the CIFAR-10 python version; use cifar-10-binary.tar.gz)"
+        raise UserError(f"cifar10: missing {path}{hint}: " + _GET_DATA_DIR.format(what=_CIFAR_WHAT))
+    raw = np.fromfile(path, dtype=np.uint8)
+    if raw.size == 0 or raw.size % CIFAR_RECORD_BYTES:
+        raise UserError(
+            f"{path}: {raw.size} bytes is not a whole number of {CIFAR_RECORD_BYTES}-byte CIFAR-10 "
+            f"records (1 label byte + 3x32x32 pixels); re-download the binary version"
+        )
+    records_NR = raw.reshape(-1, CIFAR_RECORD_BYTES)
+    y_N = records_NR[:, 0]
+    _check_labels(path, y_N)
+    # Records store channel planes (CHW); the rest of the project wants NHWC.
+    x_NHWC = records_NR[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    return x_NHWC, y_N
+
+
+# ---------------------------------------------------------------- tensorflow-datasets
+
+_TFDS_NAMES = {"mnist": "mnist", "fashion_mnist": "fashion_mnist", "cifar10": "cifar10"}
+_TFDS_HOST = ("storage.googleapis.com", 443)  # tfds asks GCS first for every dataset
+_OFFLINE = (
+    "{name}: tensorflow-datasets cannot download it, this machine seems offline ({err}): "
+    "pass --data-dir DIR holding {what}"
+)
+
+
+def _load_tfds(name: str) -> Dataset:
+    """Reads `name` with `tfds.data_source`, preparing it first if needed.
+
+    Reading a prepared ArrayRecord dataset needs no TensorFlow. Preparing does: the MNIST
+    builders read with `tf.io.gfile`, and `tfds.features.Image` encodes PNGs with TensorFlow.
+    """
+    what = _CIFAR_WHAT if name == "cifar10" else _IDX_WHAT
+    tfds_name = _TFDS_NAMES[name]
+    try:
+        import tensorflow_datasets as tfds
+
+        if not tfds.builder(tfds_name).is_prepared():
+            _require_network(name, what)
+        train, test = tfds.data_source(tfds_name, split=["train", "test"])
+    except UserError:
+        raise
+    except ImportError as e:
+        raise UserError(
+            f"{name}: tensorflow-datasets needs the missing module {e.name or e}: "
+            f"install the `tfds` extra: pip install 'ci-jax[tfds]', or pass --data-dir DIR "
+            f"holding {what}"
+        ) from None
+    except Exception as e:
+        if _is_network_error(e):
+            raise UserError(_OFFLINE.format(name=name, err=_one_line(e), what=what)) from None
+        raise
+    x_train_NHWC, y_train_N = _stack_tfds(train)
+    x_test_NHWC, y_test_N = _stack_tfds(test)
+    _check_labels(f"tensorflow-datasets {tfds_name} train split", y_train_N)
+    _check_labels(f"tensorflow-datasets {tfds_name} test split", y_test_N)
+    return _to_dataset(name, x_train_NHWC, y_train_N, x_test_NHWC, y_test_N)
+
+
+def _stack_tfds(source) -> tuple[np.ndarray, np.ndarray]:
+    # Item by item: works for real and mocked data sources alike, and costs seconds for 60k.
+    examples = [source[i] for i in range(len(source))]
+    x_NHWC = np.stack([np.asarray(ex["image"], dtype=np.uint8) for ex in examples])
+    y_N = np.array([int(ex["label"]) for ex in examples], dtype=np.int64)
+    return x_NHWC, y_N
+
+
+def _require_network(name: str, what: str) -> None:
+    # Offline, tfds retries each URL ~10 times with backoff, a silent wait of minutes;
+    # one quick connect lets us fail at once. Behind a proxy a direct connect proves nothing.
+    if urllib.request.getproxies().get("https"):
+        return
+    try:
+        socket.create_connection(_TFDS_HOST, timeout=5).close()
+    except OSError as e:
+        raise UserError(_OFFLINE.format(name=name, err=_one_line(e), what=what)) from None
+
+
+def _is_network_error(e: BaseException) -> bool:
+    import requests
+
+    from tensorflow_datasets.core.download.util import DownloadError
+
+    network_types = (requests.exceptions.ConnectionError, requests.exceptions.Timeout,
+                     DownloadError, socket.gaierror, ConnectionError, TimeoutError)
+    seen = set()
+    while e is not None and id(e) not in seen:  # tfds may wrap the requests error
+        if isinstance(e, network_types) or type(e).__name__ == "URLError":
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
+    return False
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+# ---------------------------------------------------------------- common
+
+
+def _to_dataset(name, x_train_NHWC, y_train_N, x_test_NHWC, y_test_N) -> Dataset:
+    return Dataset(
+        name=name,
+        x_train=_to_float(x_train_NHWC),
+        y_train=np.asarray(y_train_N, dtype=np.int32),
+        x_test=_to_float(x_test_NHWC),
+        y_test=np.asarray(y_test_N, dtype=np.int32),
+        num_classes=NUM_CLASSES,
+    )
+
+
+def _to_float(x_NHWC_uint8: np.ndarray) -> np.ndarray:
+    return x_NHWC_uint8.astype(np.float32) / np.float32(255)
+
+
+# ---------------------------------------------------------------- synthetic
+
+
+def synthetic(
+    n_train: int = 2000,
+    n_test: int = 500,
+    num_classes: int = 10,
+    image_size: int = 28,
+    channels: int = 1,
+    seed: int = 0,
+) -> Dataset:
+    """A small learnable task: each image is its class's smooth random template plus noise."""
+    if n_train < 1 or n_test < 1 or num_classes < 2 or image_size < 4 or channels < 1:
+        raise UserError(
+            f"synthetic: need n_train, n_test >= 1, num_classes >= 2, image_size >= 4, "
+            f"channels >= 1; got {n_train}, {n_test}, {num_classes}, {image_size}, {channels}"
+        )
+    rng = np.random.default_rng(seed)
+    # 4x4 control points, bilinearly upsampled: smooth blobs that differ a lot between
+    # classes at the pixel level, so even a tiny CNN separates them within an epoch.
+    grid = 4
+    coarse_KGGC = rng.uniform(0.0, 1.0, size=(num_classes, grid, grid, channels))
+    up_SG = _linear_upsample_matrix(grid, image_size)
+    templates_KSSC = np.einsum("sg,kghc,th->kstc", up_SG, coarse_KGGC, up_SG)
+    x_train, y_train = _synthetic_split(rng, templates_KSSC, n_train)
+    x_test, y_test = _synthetic_split(rng, templates_KSSC, n_test)
+    return Dataset("synthetic", x_train, y_train, x_test, y_test, num_classes)
+
+
+def _synthetic_split(rng: np.random.Generator, templates_KSSC: np.ndarray, n: int):
+    num_classes = len(templates_KSSC)
+    # Round-robin then shuffle: classes balanced to within one example.
+    y_N = rng.permutation(np.arange(n) % num_classes).astype(np.int32)
+    noise_NSSC = rng.normal(0.0, 0.15, size=(n, *templates_KSSC.shape[1:]))
+    x_NSSC = np.clip(templates_KSSC[y_N] + noise_NSSC, 0.0, 1.0).astype(np.float32)
+    return x_NSSC, y_N
+
+
+def _linear_upsample_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) matrix that linearly interpolates n_in control points onto n_out pixels."""
+    pos_S = np.linspace(0.0, n_in - 1, n_out)
+    return np.maximum(0.0, 1.0 - np.abs(pos_S[:, None] - np.arange(n_in)[None, :]))

@@ -1,0 +1,353 @@
+import gzip
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ci_jax import data
+from ci_jax.errors import UserError
+
+REAL_MNIST = Path(__file__).parents[1].parent / "shared/data/mnist"
+N_TRAIN, N_TEST = 50, 20
+
+
+@pytest.fixture(autouse=True)
+def _no_env_data_dir(monkeypatch):
+    # A developer's own $CI_JAX_DATA_DIR must not leak into these tests.
+    monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
+
+
+def _write_idx_set(root: Path, gz: bool = True, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    arrays = {
+        "train-images-idx3-ubyte": rng.integers(0, 256, (N_TRAIN, 28, 28), dtype=np.uint8),
+        "train-labels-idx1-ubyte": rng.integers(0, 10, N_TRAIN, dtype=np.uint8),
+        "t10k-images-idx3-ubyte": rng.integers(0, 256, (N_TEST, 28, 28), dtype=np.uint8),
+        "t10k-labels-idx1-ubyte": rng.integers(0, 10, N_TEST, dtype=np.uint8),
+    }
+    root.mkdir(parents=True, exist_ok=True)
+    for stem, array in arrays.items():
+        data.write_idx(root / (stem + (".gz" if gz else "")), array)
+    return arrays
+
+
+@pytest.fixture
+def idx_dir(tmp_path):
+    return tmp_path, _write_idx_set(tmp_path)
+
+
+# ---------------------------------------------------------------- IDX reading and writing
+
+
+@pytest.mark.parametrize("suffix", [".gz", ""])
+@pytest.mark.parametrize("shape", [(7,), (3, 28, 28), (2, 3, 4, 5)])
+def test_idx_round_trip(tmp_path, suffix, shape):
+    array = np.random.default_rng(1).integers(0, 256, shape, dtype=np.uint8)
+    path = tmp_path / f"a-idx{suffix}"
+    data.write_idx(path, array)
+    back = data.read_idx(path)
+    assert back.dtype == np.uint8 and back.shape == shape
+    np.testing.assert_array_equal(back, array)
+    assert (path.read_bytes()[:2] == b"\x1f\x8b") == (suffix == ".gz")
+
+
+def test_write_idx_rejects_non_uint8(tmp_path):
+    with pytest.raises(UserError, match="uint8"):
+        data.write_idx(tmp_path / "x", np.zeros((2, 2), np.float32))
+
+
+def test_read_idx_checks_rank(tmp_path):
+    data.write_idx(tmp_path / "labels", np.zeros(5, np.uint8))
+    with pytest.raises(UserError, match="labels: has 1 dimensions, expected 3"):
+        data.read_idx(tmp_path / "labels", ndim=3)
+
+
+def test_read_idx_reports_extra_bytes(tmp_path):
+    path = tmp_path / "x"
+    data.write_idx(path, np.zeros((2, 3), np.uint8))
+    path.write_bytes(path.read_bytes() + b"\0")
+    with pytest.raises(UserError, match="too long: header says 2x3 = 6 bytes of data, file has 7"):
+        data.read_idx(path)
+
+
+# ---------------------------------------------------------------- load() from a data dir
+
+
+@pytest.mark.parametrize("name", ["mnist", "fashion_mnist"])
+@pytest.mark.parametrize("gz", [True, False])
+def test_load_idx_dir(tmp_path, name, gz):
+    arrays = _write_idx_set(tmp_path, gz=gz)
+    ds = data.load(name, tmp_path)
+    assert ds.name == name and ds.num_classes == 10
+    assert ds.x_train.shape == (N_TRAIN, 28, 28, 1) and ds.x_test.shape == (N_TEST, 28, 28, 1)
+    assert ds.x_train.dtype == ds.x_test.dtype == np.float32
+    assert ds.y_train.dtype == ds.y_test.dtype == np.int32
+    assert 0.0 <= ds.x_train.min() and ds.x_train.max() <= 1.0
+    np.testing.assert_allclose(ds.x_train[..., 0], arrays["train-images-idx3-ubyte"] / 255, rtol=1e-6)
+    np.testing.assert_allclose(ds.x_test[..., 0], arrays["t10k-images-idx3-ubyte"] / 255, rtol=1e-6)
+    np.testing.assert_array_equal(ds.y_train, arrays["train-labels-idx1-ubyte"])
+    np.testing.assert_array_equal(ds.y_test, arrays["t10k-labels-idx1-ubyte"])
+
+
+def test_load_prefers_gz(tmp_path):
+    _write_idx_set(tmp_path, gz=False, seed=1)
+    arrays = _write_idx_set(tmp_path, gz=True, seed=2)
+    ds = data.load("mnist", tmp_path)
+    np.testing.assert_array_equal(ds.y_train, arrays["train-labels-idx1-ubyte"])
+
+
+def test_load_finds_dataset_subfolder(tmp_path):
+    arrays = _write_idx_set(tmp_path / "fashion_mnist")
+    ds = data.load("fashion_mnist", str(tmp_path))
+    np.testing.assert_array_equal(ds.y_test, arrays["t10k-labels-idx1-ubyte"])
+
+
+def test_env_var_is_honored(idx_dir, monkeypatch):
+    root, arrays = idx_dir
+    monkeypatch.setenv(data.DATA_DIR_ENV, str(root))
+    ds = data.load("mnist")
+    np.testing.assert_array_equal(ds.y_train, arrays["train-labels-idx1-ubyte"])
+    # An explicit data_dir wins over the environment.
+    monkeypatch.setenv(data.DATA_DIR_ENV, str(root / "nowhere"))
+    assert len(data.load("mnist", root).y_train) == N_TRAIN
+    with pytest.raises(UserError, match=r"nowhere \(from \$CI_JAX_DATA_DIR\) does not exist"):
+        data.load("mnist")
+
+
+def test_unknown_name_lists_valid_names():
+    with pytest.raises(UserError, match="unknown dataset 'svhn': choose one of mnist, fashion_mnist, cifar10"):
+        data.load("svhn", "/tmp")
+
+
+def test_missing_data_dir(tmp_path):
+    with pytest.raises(UserError, match=r"data dir .*missing_dir.* does not exist: pass --data-dir DIR"):
+        data.load("mnist", tmp_path / "missing_dir")
+
+
+def test_empty_data_dir(tmp_path):
+    with pytest.raises(UserError, match="no data files in .*omit it to download with tensorflow-datasets"):
+        data.load("mnist", tmp_path)
+
+
+def _truncate(root):
+    path = root / "train-images-idx3-ubyte"
+    path.write_bytes(gzip.decompress((root / "train-images-idx3-ubyte.gz").read_bytes())[:16 + 1000])
+    (root / "train-images-idx3-ubyte.gz").unlink()
+    return path.name, f"truncated: header says {N_TRAIN}x28x28 = {N_TRAIN * 784} bytes of data, file has 1000"
+
+
+def _set_byte(stem, index, value):
+    def corrupt(root):
+        path = root / f"{stem}.gz"
+        raw = bytearray(gzip.decompress(path.read_bytes()))
+        raw[index] = value
+        path.write_bytes(gzip.compress(bytes(raw)))
+        return path.name, "not an IDX file" if index < 2 else "data type 0x0d is not supported"
+    return corrupt
+
+
+def _garbage_gz(root):
+    path = root / "t10k-labels-idx1-ubyte.gz"
+    path.write_bytes(b"<html>404 Not Found</html>")
+    return path.name, "not a valid gzip file"
+
+
+def _cut_gz(root):
+    path = root / "t10k-images-idx3-ubyte.gz"
+    path.write_bytes(path.read_bytes()[:100])
+    return path.name, "not a valid gzip file"
+
+
+def _missing(root):
+    (root / "t10k-images-idx3-ubyte.gz").unlink()
+    return "t10k-images-idx3-ubyte", "missing .*t10k-images-idx3-ubyte.*--data-dir"
+
+
+def _label_count(root):
+    data.write_idx(root / "train-labels-idx1-ubyte.gz", np.zeros(N_TRAIN - 1, np.uint8))
+    return "train-labels-idx1-ubyte.gz", f"has {N_TRAIN - 1} labels but train-images-idx3-ubyte.gz has {N_TRAIN} images"
+
+
+def _label_range(root):
+    labels = np.zeros(N_TEST, np.uint8)
+    labels[3] = 10
+    data.write_idx(root / "t10k-labels-idx1-ubyte.gz", labels)
+    return "t10k-labels-idx1-ubyte.gz", r"label 10 at index 3 is outside 0\.\.9"
+
+
+def _swapped(root):
+    (root / "t10k-labels-idx1-ubyte.gz").write_bytes((root / "t10k-images-idx3-ubyte.gz").read_bytes())
+    return "t10k-labels-idx1-ubyte.gz", "has 3 dimensions, expected 1"
+
+
+def _image_size(root):
+    data.write_idx(root / "train-images-idx3-ubyte.gz", np.zeros((N_TRAIN, 32, 32), np.uint8))
+    return "train-images-idx3-ubyte.gz", "images are 32x32, expected 28x28"
+
+
+@pytest.mark.parametrize(
+    "corrupt",
+    [_truncate, _set_byte("train-images-idx3-ubyte", 1, 0x08), _set_byte("t10k-labels-idx1-ubyte", 2, 0x0D),
+     _garbage_gz, _cut_gz, _missing, _label_count, _label_range, _swapped, _image_size],
+    ids=["truncated", "magic", "type_byte", "garbage_gz", "cut_gz", "missing", "label_count",
+         "label_range", "swapped", "image_size"],
+)
+def test_corrupt_files_raise_user_error_naming_the_file(idx_dir, corrupt):
+    root, _ = idx_dir
+    file_name, message = corrupt(root)
+    with pytest.raises(UserError, match=message) as info:
+        data.load("mnist", root)
+    assert file_name in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+# ---------------------------------------------------------------- CIFAR-10 binary version
+
+
+def _write_cifar(root: Path, per_file: int = 3):
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for name in (*data.CIFAR_TRAIN_FILES, data.CIFAR_TEST_FILE):
+        labels_N = rng.integers(0, 10, per_file, dtype=np.uint8)
+        x_NCHW = rng.integers(0, 256, (per_file, 3, 32, 32), dtype=np.uint8)
+        records = np.concatenate([labels_N[:, None], x_NCHW.reshape(per_file, -1)], axis=1)
+        (root / name).write_bytes(records.tobytes())
+        written[name] = (x_NCHW, labels_N)
+    return written
+
+
+@pytest.mark.parametrize("subdir", ["", "cifar-10-batches-bin"])
+def test_load_cifar10_binary(tmp_path, subdir):
+    written = _write_cifar(tmp_path / subdir if subdir else tmp_path)
+    ds = data.load("cifar10", tmp_path)
+    assert ds.x_train.shape == (15, 32, 32, 3) and ds.x_test.shape == (3, 32, 32, 3)
+    assert ds.x_train.dtype == np.float32 and ds.y_train.dtype == np.int32
+    x_NCHW, y_N = written["data_batch_2.bin"]
+    np.testing.assert_array_equal(ds.y_train[3:6], y_N)
+    # Pixel (row 5, col 7) of channel 2 of the first record of batch 2, now NHWC.
+    assert ds.x_train[3, 5, 7, 2] == pytest.approx(x_NCHW[0, 2, 5, 7] / 255)
+    np.testing.assert_array_equal(ds.y_test, written["test_batch.bin"][1])
+
+
+def test_cifar10_bad_size_and_missing_file(tmp_path):
+    _write_cifar(tmp_path)
+    (tmp_path / "data_batch_3.bin").write_bytes(b"\0" * 3000)
+    with pytest.raises(UserError, match="data_batch_3.bin: 3000 bytes is not a whole number of 3073-byte"):
+        data.load("cifar10", tmp_path)
+    (tmp_path / "test_batch.bin").unlink()
+    (tmp_path / "data_batch_3.bin").unlink()
+    with pytest.raises(UserError, match="cifar10: missing .*data_batch_3.bin"):
+        data.load("cifar10", tmp_path)
+
+
+def test_cifar10_label_out_of_range(tmp_path):
+    _write_cifar(tmp_path)
+    raw = bytearray((tmp_path / "test_batch.bin").read_bytes())
+    raw[data.CIFAR_RECORD_BYTES] = 11  # label byte of the second record
+    (tmp_path / "test_batch.bin").write_bytes(bytes(raw))
+    with pytest.raises(UserError, match=r"test_batch.bin: label 11 at index 1"):
+        data.load("cifar10", tmp_path)
+
+
+# ---------------------------------------------------------------- tensorflow-datasets
+
+
+@pytest.fixture
+def tfds(monkeypatch):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    # Mocked datasets are never "prepared", which would trigger the online check.
+    monkeypatch.setattr(data, "_require_network", lambda name, what: None)
+    return tfds
+
+
+@pytest.mark.parametrize("name, shape", [("mnist", (28, 28, 1)), ("cifar10", (32, 32, 3))])
+def test_tfds_mocked(tfds, name, shape):
+    with tfds.testing.mock_data(num_examples=6, policy=tfds.testing.MockPolicy.USE_CODE):
+        ds = data.load(name)
+    assert ds.name == name and ds.num_classes == 10
+    assert ds.x_train.shape == (6, *shape) and ds.x_test.shape == (6, *shape)
+    assert ds.x_train.dtype == np.float32 and ds.y_train.dtype == np.int32
+    assert 0.0 <= ds.x_train.min() and ds.x_train.max() <= 1.0
+    assert ds.y_train.min() >= 0 and ds.y_train.max() <= 9
+
+
+def test_tfds_missing_tensorflow_is_user_error(tfds, monkeypatch):
+    def data_source(*args, **kwargs):
+        raise ModuleNotFoundError("No module named 'tensorflow'", name="tensorflow")
+    monkeypatch.setattr(tfds, "data_source", data_source)
+    with pytest.raises(UserError, match=r"missing module tensorflow: .*pip install 'ci-jax\[tfds\]'.*--data-dir"):
+        data.load("mnist")
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_tfds_network_error_is_user_error(tfds, monkeypatch, wrapped):
+    import requests
+
+    def data_source(*args, **kwargs):
+        # What tfds 4.9.10 raises offline, after ~200 s of retries.
+        error = requests.exceptions.ConnectionError("Failed to resolve 'storage.googleapis.com'")
+        if not wrapped:
+            raise error
+        try:
+            raise error
+        except requests.exceptions.ConnectionError as e:
+            raise RuntimeError("Failed to download") from e
+    monkeypatch.setattr(tfds, "data_source", data_source)
+    with pytest.raises(UserError, match="mnist: .*seems offline.*--data-dir"):
+        data.load("mnist")
+
+
+def test_offline_check_fails_fast(monkeypatch):
+    def no_network(*args, **kwargs):
+        raise OSError("[Errno -2] Name or service not known")
+    monkeypatch.setattr(data.socket, "create_connection", no_network)
+    monkeypatch.setattr(data.urllib.request, "getproxies", lambda: {})
+    with pytest.raises(UserError, match=r"cifar10: .*seems offline \(\[Errno -2\] Name or service not known\)"):
+        data._require_network("cifar10", data._CIFAR_WHAT)
+
+
+# ---------------------------------------------------------------- synthetic
+
+
+def test_synthetic_shapes_range_and_balance():
+    ds = data.synthetic(n_train=300, n_test=100, num_classes=5, image_size=16, channels=3, seed=3)
+    assert ds.name == "synthetic" and ds.num_classes == 5
+    assert ds.x_train.shape == (300, 16, 16, 3) and ds.x_test.shape == (100, 16, 16, 3)
+    assert ds.x_train.dtype == np.float32 and ds.y_train.dtype == np.int32
+    assert 0.0 <= ds.x_train.min() and ds.x_train.max() <= 1.0
+    assert np.bincount(ds.y_train, minlength=5).tolist() == [60] * 5
+    assert np.bincount(ds.y_test, minlength=5).tolist() == [20] * 5
+
+
+def test_synthetic_is_deterministic_per_seed():
+    a, b, c = data.synthetic(200, 50, seed=0), data.synthetic(200, 50, seed=0), data.synthetic(200, 50, seed=1)
+    for field in ("x_train", "y_train", "x_test", "y_test"):
+        np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+    assert not np.array_equal(a.x_train, c.x_train)
+
+
+def test_synthetic_is_learnable():
+    # A nearest-class-mean classifier is far weaker than a CNN; if it nails the task,
+    # a tiny CNN will too.
+    ds = data.synthetic(n_train=500, n_test=200, seed=0)
+    means_KD = np.stack([ds.x_train[ds.y_train == k].reshape(-1, 784).mean(0) for k in range(10)])
+    dists_NK = ((ds.x_test.reshape(-1, 1, 784) - means_KD[None]) ** 2).sum(-1)
+    assert (dists_NK.argmin(1) == ds.y_test).mean() > 0.95
+
+
+def test_synthetic_rejects_bad_arguments():
+    with pytest.raises(UserError, match="synthetic: need"):
+        data.synthetic(num_classes=1)
+
+
+# ---------------------------------------------------------------- the real MNIST, when present
+
+
+@pytest.mark.skipif(not (REAL_MNIST / "train-images-idx3-ubyte.gz").exists(), reason="no MNIST at ../shared/data/mnist")
+def test_real_mnist():
+    ds = data.load("mnist", REAL_MNIST)
+    assert ds.x_train.shape == (60000, 28, 28, 1) and ds.x_test.shape == (10000, 28, 28, 1)
+    assert set(np.unique(ds.y_train).tolist()) == set(range(10))
+    assert ds.y_test.min() == 0 and ds.y_test.max() == 9
+    assert ds.y_train[0] == 5
