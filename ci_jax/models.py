@@ -7,8 +7,6 @@ clusters (the authors' choice, not the pre-residual-add hook of the public noteb
 from __future__ import annotations
 
 import functools
-from typing import Callable
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -104,24 +102,25 @@ class ResNet20(nnx.Module):
 class SmallCNN(nnx.Module):
     """A LeNet-size CNN: fast enough for unit tests and quick ablations."""
 
-    def __init__(self, in_channels: int, num_classes: int, *, rngs: nnx.Rngs):
-        self.conv1 = nnx.Conv(in_channels, 32, (3, 3), kernel_init=_he_normal, rngs=rngs)
-        self.conv2 = nnx.Conv(32, 64, (3, 3), kernel_init=_he_normal, rngs=rngs)
-        self.fc = nnx.Linear(64, 128, kernel_init=_he_normal, rngs=rngs)
+    def __init__(self, in_channels: int, num_classes: int, *, rngs: nnx.Rngs, image_size: int = 28):
+        self.conv1 = nnx.Conv(in_channels, 16, (5, 5), kernel_init=_he_normal, rngs=rngs)
+        self.conv2 = nnx.Conv(16, 32, (5, 5), kernel_init=_he_normal, rngs=rngs)
+        side = image_size // 4
+        self.fc = nnx.Linear(side * side * 32, 128, kernel_init=_he_normal, rngs=rngs)
         self.head = nnx.Linear(128, num_classes, kernel_init=_he_normal, rngs=rngs)
 
     def __call__(self, x_BHWC: jax.Array) -> tuple[jax.Array, jax.Array]:
         pool = functools.partial(nnx.max_pool, window_shape=(2, 2), strides=(2, 2))
         x = pool(nnx.relu(self.conv1(x_BHWC)))
         x = pool(nnx.relu(self.conv2(x)))
-        feats_BD = nnx.relu(self.fc(x.mean(axis=(1, 2))))
+        feats_BD = nnx.relu(self.fc(x.reshape(x.shape[0], -1)))
         return self.head(feats_BD), feats_BD
 
 
-_CONSTRUCTORS: dict[str, Callable[..., nnx.Module]] = {"resnet20": ResNet20, "cnn": SmallCNN}
-
-
-def create(name: str, in_channels: int, num_classes: int, seed: int) -> nnx.Module:
-    if name not in _CONSTRUCTORS:
+def create(name: str, in_channels: int, num_classes: int, seed: int, image_size: int = 28) -> nnx.Module:
+    if name not in MODELS:
         raise UserError(f"unknown model {name!r}: choose one of {', '.join(MODELS)}")
-    return _CONSTRUCTORS[name](in_channels, num_classes, rngs=nnx.Rngs(seed))
+    rngs = nnx.Rngs(seed)
+    if name == "cnn":
+        return SmallCNN(in_channels, num_classes, rngs=rngs, image_size=image_size)
+    return ResNet20(in_channels, num_classes, rngs=rngs)

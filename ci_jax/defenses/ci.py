@@ -1,0 +1,203 @@
+"""Cluster Impurity (Xiang, Miller, Kesidis, MLSP 2019).
+
+Per labelled class, a Gaussian mixture over the penultimate features (number of components by
+BIC) splits the class into components. A backdoor's poisons form their own component, and
+the model decides them by the trigger, not by the content: a mild blur that destroys a small
+trigger flips their decisions, while clean images keep theirs. A component's impurity is
+KL([1, 0] || [p, 1 - p]) = -log p, p the fraction of its images whose decision survives the blur.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from joblib import Parallel, delayed
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.mixture import GaussianMixture
+
+from ci_jax.config import Config
+
+# p = 0 would make -log p infinite; clamping p keeps the score finite and still the largest.
+P_FLOOR = 1e-12
+MAX_IMPURITY = -math.log(P_FLOOR)
+
+
+# -- filters ------------------------------------------------------------------------------------
+def _depthwise(x_BHWC: jax.Array, k_HW: jax.Array, padding) -> jax.Array:
+    c = x_BHWC.shape[-1]
+    w_HWIO = jnp.tile(k_HW[:, :, None, None], (1, 1, 1, c)).astype(x_BHWC.dtype)
+    return jax.lax.conv_general_dilated(x_BHWC, w_HWIO, (1, 1), padding, feature_group_count=c,
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _median3(x_BHWC: jax.Array) -> jax.Array:
+    h, w = x_BHWC.shape[1:3]
+    xp = jnp.pad(x_BHWC, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    taps = jnp.stack([xp[:, i:i + h, j:j + w] for i in range(3) for j in range(3)])
+    return jnp.median(taps, axis=0)
+
+
+def _gaussian_kernel(sigma: float) -> jax.Array:
+    r = max(1, int(math.ceil(2 * sigma)))
+    t = np.arange(-r, r + 1)
+    g = np.exp(-t ** 2 / (2 * sigma ** 2))
+    k = np.outer(g, g)
+    return jnp.asarray(k / k.sum(), jnp.float32)
+
+
+def make_filter(name: str, param: float = 0.0, seed: int = 0) -> Callable[[jax.Array], jax.Array]:
+    """The image transform whose effect on decisions measures impurity; same output size."""
+    if name == "mean2":  # the authors' filter: 2x2 mean, zero pad bottom/right
+        return functools.partial(_depthwise, k_HW=jnp.full((2, 2), 0.25), padding=((0, 1), (0, 1)))
+    if name == "mean3":
+        return functools.partial(_depthwise, k_HW=jnp.full((3, 3), 1 / 9), padding=((1, 1), (1, 1)))
+    if name == "median3":
+        return _median3
+    if name == "gaussian":
+        k = _gaussian_kernel(param or 1.0)
+        r = k.shape[0] // 2
+        return functools.partial(_depthwise, k_HW=k, padding=((r, r), (r, r)))
+    if name == "noise":
+        half_width = param or 0.1
+
+        def noise(x_BHWC: jax.Array) -> jax.Array:
+            # Keyed by the batch's content so that every image gets its own, reproducible noise
+            # without threading a key through the batched pass.
+            k = jax.random.fold_in(jax.random.key(seed), jax.lax.bitcast_convert_type(jnp.sum(x_BHWC), jnp.uint32))
+            return x_BHWC + jax.random.uniform(k, x_BHWC.shape, x_BHWC.dtype, -half_width, half_width)
+        return noise
+    raise ValueError(f"unknown filter {name!r}")  # config.validate names the choices earlier
+
+
+# -- clustering ---------------------------------------------------------------------------------
+def _fit(feats_ND: np.ndarray, k: int, cfg: Config) -> GaussianMixture:
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return GaussianMixture(k, covariance_type=cfg.covariance, reg_covar=cfg.reg_covar,
+                               random_state=cfg.seed).fit(feats_ND)
+
+
+def choose_k(feats_ND: np.ndarray, cfg: Config) -> tuple[GaussianMixture | None, list[float]]:
+    """Fits mixtures of 1, 2, ... components and keeps the one with the lowest BIC.
+
+    `sweep` tries every k up to k_max; `ascent` (the authors' code) stops once BIC has failed to
+    improve twice in a row. k never exceeds the number of points. A class of fewer than two
+    points cannot be fitted: (None, []) means "one component".
+    """
+    if len(feats_ND) < 2:
+        return None, []
+    k_cap = min(cfg.k_max, len(feats_ND))
+    best, best_bic, bics, fails = None, math.inf, [], 0
+    for k in range(1, k_cap + 1):
+        gmm = _fit(feats_ND, k, cfg)
+        bic = float(gmm.bic(feats_ND))
+        bics.append(bic)
+        if bic < best_bic:
+            best, best_bic, fails = gmm, bic, 0
+        else:
+            fails += 1
+            if cfg.bic_search == "ascent" and fails == 2:
+                break
+    return best, bics
+
+
+def cluster(feats_ND: np.ndarray, y_N: np.ndarray, num_classes: int,
+            cfg: Config) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """Global component id of every sample, and per class its BIC values and chosen k.
+
+    Classes are independent, so their fits run in parallel processes on the host.
+    """
+    labels = [c for c in range(num_classes) if np.any(y_N == c)]
+    results = Parallel(n_jobs=-1, prefer="processes")(
+        delayed(choose_k)(feats_ND[y_N == c].astype(np.float64), cfg) for c in labels)
+    comp_N = np.full(len(y_N), -1, np.int64)
+    classes, offset = [], 0
+    for c, (gmm, bics) in zip(labels, results):
+        idx = np.flatnonzero(y_N == c)
+        k = gmm.n_components if gmm is not None else 1
+        comp_N[idx] = offset + (gmm.predict(feats_ND[idx].astype(np.float64)) if gmm is not None else 0)
+        entry = {"label": c, "k": k, "bic": bics, "offset": offset}
+        if gmm is None:
+            entry["note"] = f"{len(idx)} image(s): too few to fit a mixture, kept as one component"
+        classes.append(entry)
+        offset += k
+    return comp_N, classes
+
+
+# -- impurity and decision ----------------------------------------------------------------------
+@functools.partial(jax.jit, static_argnums=3)
+def impurity(pred_N: jax.Array, pred_blur_N: jax.Array, comp_N: jax.Array,
+             n_comp: int) -> tuple[jax.Array, jax.Array]:
+    """(impurity_K, size_K): -log of the fraction of each component's unchanged decisions."""
+    same_N = (pred_N == pred_blur_N).astype(jnp.float32)
+    size_K = jax.ops.segment_sum(jnp.ones_like(same_N), comp_N, n_comp)
+    same_K = jax.ops.segment_sum(same_N, comp_N, n_comp)
+    p_K = jnp.where(size_K > 0, same_K / jnp.maximum(size_K, 1.0), 1.0)
+    # -log p >= 0; abs turns -log(1) = -0.0 into 0.0 for the report.
+    return jnp.abs(jnp.log(jnp.maximum(p_K, P_FLOOR))), size_K
+
+
+def flag(impurity_K: np.ndarray, k_of_comp: np.ndarray, rule: str, tau: float) -> np.ndarray:
+    """Which components to remove.
+
+    threshold: every component with impurity > tau, in classes that BIC split (k > 1): a class
+    the mixture left whole has no candidate poison component (the authors' rule).
+    top1: the single most impure component, whatever the scores (the public notebook's rule).
+    """
+    flagged = np.zeros(len(impurity_K), bool)
+    if rule == "top1":
+        flagged[int(np.argmax(impurity_K))] = True
+    else:
+        flagged = (impurity_K > tau) & (k_of_comp > 1)
+    return flagged
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Result:
+    """What every defense returns: per-sample suspicion, the kept mask, and a JSON report."""
+    score_N: np.ndarray
+    is_clean_N: np.ndarray
+    report: dict[str, Any]
+    timings_s: dict[str, float]
+
+
+def run(feats_ND: np.ndarray, pred_N: np.ndarray, pred_blur_N: np.ndarray, y_N: np.ndarray,
+        num_classes: int, cfg: Config, is_poison_N: np.ndarray | None = None) -> Result:
+    """The defense from features and decisions already computed (clean and filtered images)."""
+    t0 = time.perf_counter()
+    comp_N, classes = cluster(feats_ND, y_N, num_classes, cfg)
+    t_gmm = time.perf_counter() - t0
+    n_comp = sum(c["k"] for c in classes)
+    imp_K, size_K = impurity(jnp.asarray(pred_N), jnp.asarray(pred_blur_N), jnp.asarray(comp_N), n_comp)
+    imp_K, size_K = np.asarray(imp_K, np.float64), np.asarray(size_K).astype(np.int64)
+    k_of_comp = np.concatenate([np.full(c["k"], c["k"]) for c in classes])
+    flagged_K = flag(imp_K, k_of_comp, cfg.rule, cfg.tau)
+    poisons_K = (np.bincount(comp_N, weights=is_poison_N.astype(np.int64), minlength=n_comp).astype(np.int64)
+                 if is_poison_N is not None else None)
+    for c in classes:
+        start = c.pop("offset")
+        c["components"] = [
+            {"size": int(size_K[i]), "impurity": float(imp_K[i]), "flagged": bool(flagged_K[i]),
+             **({"poisons": int(poisons_K[i])} if poisons_K is not None else {})}
+            for i in range(start, start + c["k"])]
+    removed_N = flagged_K[comp_N]
+    report = {"method": "ci", "removed": int(removed_N.sum()), "classes": classes}
+    return Result(score_N=imp_K[comp_N], is_clean_N=~removed_N, report=report,
+                  timings_s={"gmm": t_gmm, "impurity": time.perf_counter() - t0 - t_gmm})
+
+
+def detect_poison(trainer, x_NHWC: np.ndarray, y_N: np.ndarray, num_classes: int,
+                  cfg: Config) -> tuple[dict[str, Any], np.ndarray]:
+    """ART's shape: (report, is_clean) for a trained model and its training set."""
+    pred_N, feats_ND = trainer.predict(x_NHWC)
+    pred_blur_N, _ = trainer.predict(x_NHWC, transform=make_filter(cfg.filter, cfg.filter_param, cfg.seed))
+    res = run(feats_ND, pred_N, pred_blur_N, y_N, num_classes, cfg)
+    return res.report, res.is_clean_N

@@ -1,0 +1,73 @@
+"""Evaluation numbers for an attack and a defense, as plain Python values ready for JSON."""
+
+from __future__ import annotations
+
+import numpy as np
+import sklearn.metrics
+
+
+def accuracy(pred_N: np.ndarray, y_N: np.ndarray) -> float:
+    """Fraction of predictions equal to the labels; 0.0 for an empty set."""
+    pred_N, y_N = _same_shape(pred_N, y_N)
+    if pred_N.size == 0:
+        return 0.0
+    return float(np.mean(pred_N == y_N))
+
+
+def attack_success_rate(pred_N: np.ndarray, target: int) -> float:
+    """Fraction of predictions (on triggered source images) equal to `target`; empty -> 0.0."""
+    pred_N = np.asarray(pred_N).ravel()
+    if pred_N.size == 0:
+        return 0.0
+    return float(np.mean(pred_N == target))
+
+
+def detection(is_poison_N: np.ndarray, removed_N: np.ndarray, score_N: np.ndarray) -> dict:
+    """How well a defense separated poisons from clean samples.
+
+    removed_N: bool, what the defense removed; score_N: higher = more suspicious.
+    Returns {"removed", "tpr", "fpr", "precision", "auc"}. Ratios with an empty denominator
+    are 0.0 (tpr with no poisons, fpr with no clean samples, precision with nothing removed),
+    so that a report never holds NaN; auc is None when only one class is present, because
+    ROC AUC is undefined there.
+    """
+    is_poison_N, removed_N = _same_shape(is_poison_N, removed_N)
+    is_poison_N, score_N = _same_shape(is_poison_N, score_N)
+    is_poison_N = is_poison_N.astype(bool)
+    removed_N = removed_N.astype(bool)
+
+    n_poison = int(np.count_nonzero(is_poison_N))
+    n_clean = int(is_poison_N.size - n_poison)
+    n_removed = int(np.count_nonzero(removed_N))
+    removed_poison = int(np.count_nonzero(removed_N & is_poison_N))
+    removed_clean = n_removed - removed_poison
+
+    auc = None
+    if 0 < n_poison < is_poison_N.size:
+        auc = float(sklearn.metrics.roc_auc_score(is_poison_N, score_N.astype(np.float64)))
+    return {
+        "removed": n_removed,
+        "tpr": _ratio(removed_poison, n_poison),
+        "fpr": _ratio(removed_clean, n_clean),
+        "precision": _ratio(removed_poison, n_removed),
+        "auc": auc,
+    }
+
+
+def roc_curve(is_poison_N: np.ndarray, score_N: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(fpr, tpr) points of the ROC curve, for plots; needs both poisons and clean samples."""
+    is_poison_N, score_N = _same_shape(is_poison_N, score_N)
+    fpr, tpr, _ = sklearn.metrics.roc_curve(is_poison_N.astype(bool), score_N.astype(np.float64))
+    return fpr, tpr
+
+
+def _ratio(num: int, den: int) -> float:
+    return float(num / den) if den else 0.0
+
+
+def _same_shape(a_N: np.ndarray, b_N: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    # Mismatched arrays are a bug in the caller, not a user mistake, hence ValueError.
+    a_N, b_N = np.asarray(a_N).ravel(), np.asarray(b_N).ravel()
+    if a_N.shape != b_N.shape:
+        raise ValueError(f"arrays differ in length: {a_N.shape[0]} vs {b_N.shape[0]}")
+    return a_N, b_N

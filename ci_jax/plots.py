@@ -1,0 +1,174 @@
+"""Figures for a run: poisoned examples, per-class BIC curves, component impurities, ROC curves.
+
+Every figure is written atomically (a reader never sees a half-written PNG) and then closed,
+so long experiment loops do not accumulate open figures.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import matplotlib
+
+# Headless: runs happen on servers without a display, and Agg needs no GUI toolkit.
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402  (must come after the backend is chosen)
+import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
+
+from ci_jax import files  # noqa: E402
+
+PathLike = str | os.PathLike
+FLAGGED_COLOR = "tab:red"
+CLEAN_COLOR = "0.6"
+
+
+def _save(fig: Figure, path: PathLike) -> None:
+    # Close even when saving fails, so a bad path cannot leak figures.
+    try:
+        files.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    finally:
+        plt.close(fig)
+
+
+def _message(path: PathLike, text: str) -> None:
+    """A placeholder figure, so callers always find a PNG where they expect one."""
+    fig, ax = plt.subplots(figsize=(4, 2))
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes)
+    ax.set_axis_off()
+    _save(fig, path)
+
+
+def _show_image(ax, img: np.ndarray) -> None:
+    img = np.asarray(img, dtype=np.float32)
+    # NHW and N,H,W,1 both mean grayscale; imshow wants 2-D for a colormap to apply.
+    if img.ndim == 3 and img.shape[-1] == 1:
+        img = img[..., 0]
+    if img.ndim == 2:
+        ax.imshow(img, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+    else:
+        ax.imshow(np.clip(img, 0.0, 1.0), interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def examples(path: PathLike, x_clean_NHWC: np.ndarray, x_trig_NHWC: np.ndarray,
+             pred_clean_N: np.ndarray, pred_trig_N: np.ndarray, *,
+             trigger_rc: tuple[int, int] | None = None, n: int = 8) -> None:
+    """Clean source-class images (top row) above the same images with the trigger (bottom row)."""
+    x_clean_NHWC, x_trig_NHWC = np.asarray(x_clean_NHWC), np.asarray(x_trig_NHWC)
+    pred_clean_N, pred_trig_N = np.ravel(pred_clean_N), np.ravel(pred_trig_N)
+    # Mismatched inputs are trimmed rather than rejected: a figure is a diagnostic, not a check.
+    count = min(max(n, 0), len(x_clean_NHWC), len(x_trig_NHWC), len(pred_clean_N), len(pred_trig_N))
+    if count == 0:
+        _message(path, "no images")
+        return
+
+    fig, axes = plt.subplots(2, count, figsize=(1.4 * count + 0.6, 3.2), squeeze=False)
+    for j in range(count):
+        _show_image(axes[0, j], x_clean_NHWC[j])
+        axes[0, j].set_title(f"pred {int(pred_clean_N[j])}", fontsize=8)
+        _show_image(axes[1, j], x_trig_NHWC[j])
+        axes[1, j].set_title(f"pred {int(pred_trig_N[j])}", fontsize=8)
+        if trigger_rc is not None:
+            r, c = trigger_rc
+            # Pixel (r, c) is centred at (x=c, y=r) in imshow coordinates; outline a 3x3 box around it.
+            axes[1, j].add_patch(Rectangle((c - 1.5, r - 1.5), 3, 3, fill=False,
+                                           edgecolor="red", linewidth=1.0))
+    axes[0, 0].set_ylabel("clean", fontsize=9)
+    axes[1, 0].set_ylabel("triggered", fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def bic_curves(path: PathLike, classes: list[dict]) -> None:
+    """One small panel per class: BIC against the number of mixture components k = 1, 2, ..."""
+    if not classes:
+        _message(path, "no classes")
+        return
+
+    ncols = min(5, len(classes))
+    nrows = math.ceil(len(classes) / ncols)
+    # constrained layout places the shared axis labels snugly; tight_layout leaves them adrift
+    fig, axes = plt.subplots(nrows, ncols, figsize=(2.4 * ncols, 2.0 * nrows), squeeze=False,
+                             layout="constrained")
+    for ax in axes.flat[len(classes):]:
+        ax.set_axis_off()
+    for ax, cls in zip(axes.flat, classes):
+        bic = np.asarray(cls.get("bic", []), dtype=float).ravel()
+        k = cls.get("k")
+        ax.set_title(f"class {cls.get('label')}: k={k}", fontsize=9)
+        if bic.size == 0:
+            ax.text(0.5, 0.5, "no BIC", ha="center", va="center", transform=ax.transAxes)
+            continue
+        ks = np.arange(1, bic.size + 1)
+        ax.plot(ks, bic, "o-", markersize=3, color="tab:blue")
+        if k is not None and 1 <= int(k) <= bic.size:
+            ax.plot([int(k)], [bic[int(k) - 1]], "*", markersize=12, color=FLAGGED_COLOR)
+        ax.set_xticks(ks)
+        ax.tick_params(labelsize=7)
+    fig.supxlabel("k", fontsize=9)
+    fig.supylabel("BIC", fontsize=9)
+    _save(fig, path)
+
+
+def impurities(path: PathLike, classes: list[dict], *, tau: float | None, rule: str) -> None:
+    """Impurity of every component of every class; flagged components in red."""
+    labels, heights, colors, poisons, xs = [], [], [], [], []
+    x = 0.0
+    for cls in classes:
+        comps = cls.get("components", [])
+        for j, comp in enumerate(comps):
+            labels.append(f"c{cls.get('label')}.{j}")
+            heights.append(float(comp.get("impurity", np.nan)))
+            colors.append(FLAGGED_COLOR if comp.get("flagged") else CLEAN_COLOR)
+            poisons.append(int(comp.get("poisons", 0) or 0))
+            xs.append(x)
+            x += 1.0
+        if comps:
+            x += 0.6  # a gap between classes makes the grouping visible without a legend
+    if not labels:
+        _message(path, f"no components (rule: {rule})")
+        return
+
+    fig, ax = plt.subplots(figsize=(min(max(5.0, 0.35 * len(labels) + 1.5), 30.0), 3.5))
+    ax.bar(xs, heights, color=colors, width=0.8)
+    show_tau = rule == "threshold" and tau is not None
+    if show_tau:
+        ax.axhline(float(tau), linestyle="--", color="k", linewidth=1.0, label=f"tau = {float(tau):.3g}")
+        ax.legend(fontsize=8, loc="upper right")
+    finite = [h for h in heights if math.isfinite(h)]
+    top = max(finite + [float(tau) if show_tau else 0.0, 1e-3]) * 1.15
+    for xi, h, p in zip(xs, heights, poisons):
+        if p > 0:
+            y = h if math.isfinite(h) else 0.0
+            ax.annotate(str(p), (xi, y), xytext=(0, 2), textcoords="offset points",
+                        ha="center", va="bottom", fontsize=7)
+    ax.set_ylim(0.0, top)
+    ax.set_xticks(xs)
+    ax.set_xticklabels(labels, rotation=90, fontsize=7)
+    ax.set_ylabel("impurity (numbers: poisons)")
+    ax.set_title(f"impurity per component (rule: {rule})", fontsize=10)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def roc(path: PathLike, curves: dict[str, tuple[np.ndarray, np.ndarray, float | None]]) -> None:
+    """One ROC line per detector score, with its AUC in the legend."""
+    fig, ax = plt.subplots(figsize=(4.2, 4.0))
+    ax.plot([0, 1], [0, 1], linestyle="--", color="0.6", linewidth=1.0)
+    for name, (fpr, tpr, auc) in curves.items():
+        auc_text = "n/a" if auc is None or not math.isfinite(float(auc)) else f"{float(auc):.3f}"
+        ax.plot(np.ravel(fpr), np.ravel(tpr), linewidth=1.5, label=f"{name} (AUC {auc_text})")
+    if curves:
+        ax.legend(fontsize=8, loc="lower right")
+    ax.set_xlim(0.0, 1.0)
+    ax.set_ylim(0.0, 1.0)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title("ROC")
+    fig.tight_layout()
+    _save(fig, path)

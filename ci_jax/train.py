@@ -1,0 +1,213 @@
+"""Training, checkpointing and batched inference, data-parallel over all local devices.
+
+The data set lives on the devices (replicated: MNIST-size sets fit everywhere); each step
+gathers its batch there, so no images cross from the host inside a loop. Batches are sharded
+over a 1-D `data` mesh axis and parameters are replicated, so the same code runs on one CPU,
+several forced CPU devices, or a GPU/TPU host.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from tqdm.auto import tqdm
+
+from ci_jax import files, models
+from ci_jax.config import Config
+from ci_jax.errors import UserError
+
+LOG_EVERY = 25  # steps between loss read-backs: each one syncs host and device
+
+
+def mesh() -> Mesh:
+    return Mesh(np.array(jax.devices()), ("data",))
+
+
+def _shardings(m: Mesh) -> tuple[NamedSharding, NamedSharding]:
+    return NamedSharding(m, P()), NamedSharding(m, P("data"))
+
+
+def _check_divisible(batch: int, what: str) -> None:
+    n = jax.device_count()
+    if batch % n:
+        raise UserError(f"{what} = {batch} does not split over {n} devices: use a multiple of {n}")
+
+
+def make_optimizer(cfg: Config, total_steps: int) -> optax.GradientTransformation:
+    if cfg.schedule == "onecycle":
+        lr = optax.cosine_onecycle_schedule(total_steps, cfg.lr, pct_start=0.25, div_factor=25.0,
+                                            final_div_factor=1e3)
+    elif cfg.schedule == "cosine":
+        lr = optax.cosine_decay_schedule(cfg.lr, total_steps)
+    else:
+        lr = optax.constant_schedule(cfg.lr)
+    # Decay kernels only, not BatchNorm scales and biases.
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+    if cfg.optimizer == "adam":
+        return optax.adamw(lr, weight_decay=cfg.weight_decay, mask=decay_mask)
+    return optax.chain(optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask),
+                       optax.sgd(lr, momentum=cfg.momentum or None, nesterov=cfg.nesterov))
+
+
+class Trainer:
+    """A model, its optimizer and the jitted functions over them; state is a pure pytree."""
+
+    def __init__(self, cfg: Config, image_shape: tuple[int, int, int], num_classes: int, steps_per_epoch: int):
+        self.cfg, self.mesh = cfg, mesh()
+        self.replicated, self.sharded = _shardings(self.mesh)
+        self.total_steps = steps_per_epoch * cfg.epochs
+        model = models.create(cfg.model, image_shape[-1], num_classes, cfg.seed, image_size=image_shape[0])
+        opt = nnx.Optimizer(model, make_optimizer(cfg, self.total_steps), wrt=nnx.Param)
+        model.train()
+        self.train_def, state = nnx.split((model, opt))
+        model.eval()
+        self.eval_def, _ = nnx.split(model)
+        self.state = jax.device_put(state, self.replicated)
+        self._train_step = jax.jit(self._step, donate_argnums=0)
+        self._forward = jax.jit(self._fwd, static_argnums=(3, 4))
+
+    # -- jitted bodies --------------------------------------------------------------------------
+    def _step(self, state, x_NHWC, y_N, idx_B):
+        model, opt = nnx.merge(self.train_def, state)
+        x_BHWC = jax.lax.with_sharding_constraint(x_NHWC[idx_B], self.sharded)
+        y_B = jax.lax.with_sharding_constraint(y_N[idx_B], self.sharded)
+
+        def loss_fn(m):
+            logits_BK, _ = m(x_BHWC)
+            return optax.softmax_cross_entropy_with_integer_labels(logits_BK, y_B).mean()
+
+        loss, grads = nnx.value_and_grad(loss_fn)(model)
+        opt.update(model, grads)
+        return nnx.state((model, opt)), loss
+
+    def _fwd(self, model_state, x_NHWC, start, batch: int, transform: Callable | None):
+        model = nnx.merge(self.eval_def, model_state)
+        x_BHWC = jax.lax.dynamic_slice_in_dim(x_NHWC, start, batch)
+        x_BHWC = jax.lax.with_sharding_constraint(x_BHWC, self.sharded)
+        if transform is not None:
+            x_BHWC = transform(x_BHWC)
+        logits_BK, feats_BD = model(x_BHWC)
+        return jnp.argmax(logits_BK, -1).astype(jnp.int32), feats_BD
+
+    # -- training -------------------------------------------------------------------------------
+    def epoch_indices(self, n: int, epoch: int) -> jax.Array:
+        """(steps, B) indices: a seeded permutation, wrapped round so every batch is full."""
+        b = self.cfg.batch_size
+        steps = math.ceil(n / b)
+        key = jax.random.fold_in(jax.random.key(self.cfg.seed), epoch)
+        perm = jax.random.permutation(key, n)
+        return jnp.concatenate([perm, perm[: steps * b - n]]).reshape(steps, b)
+
+    def fit_epoch(self, x_NHWC: jax.Array, y_N: jax.Array, epoch: int, desc: str) -> float:
+        idx_SB = self.epoch_indices(x_NHWC.shape[0], epoch)
+        steps, b = idx_SB.shape
+        losses = []
+        t0 = time.perf_counter()
+        with tqdm(total=steps, desc=f"{desc} epoch {epoch + 1}/{self.cfg.epochs}", unit="step",
+                  leave=False, mininterval=1.0) as bar:
+            for i in range(steps):
+                self.state, loss = self._train_step(self.state, x_NHWC, y_N, idx_SB[i])
+                losses.append(loss)
+                if (i + 1) % LOG_EVERY == 0 or i + 1 == steps:
+                    last = float(loss)
+                    if not math.isfinite(last):
+                        step = epoch * steps + i
+                        raise UserError(f"training diverged: loss is {last} at step {step} "
+                                        f"(lr {self.cfg.lr}): lower --lr or change --optimizer")
+                    done = (i + 1) - bar.n
+                    bar.update(done)
+                    bar.set_postfix(loss=f"{last:.4f}", img_s=f"{(i + 1) * b / (time.perf_counter() - t0):.0f}")
+        return float(jnp.stack(losses).mean())
+
+    # -- inference ------------------------------------------------------------------------------
+    def predict(self, x_NHWC: np.ndarray | jax.Array, transform: Callable | None = None,
+                desc: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(pred_N, feats_ND) for every image, in fixed-size batches (the last one padded)."""
+        b = self.cfg.eval_batch_size
+        _check_divisible(b, "eval_batch_size")
+        n = x_NHWC.shape[0]
+        steps = math.ceil(n / b)
+        x = jnp.asarray(x_NHWC)
+        if steps * b != n:
+            x = jnp.pad(x, ((0, steps * b - n),) + ((0, 0),) * (x.ndim - 1))
+        x = jax.device_put(x, self.replicated)
+        model_state = self.state[0]
+        outs = [self._forward(model_state, x, i * b, b, transform)
+                for i in tqdm(range(steps), desc=desc, leave=False, disable=desc is None)]
+        pred = jnp.concatenate([o[0] for o in outs])[:n]
+        feats = jnp.concatenate([o[1] for o in outs])[:n]
+        return np.asarray(pred), np.asarray(feats)
+
+    def accuracy(self, x_NHWC: np.ndarray, y_N: np.ndarray) -> float:
+        pred, _ = self.predict(x_NHWC)
+        return float((pred == y_N).mean()) if len(y_N) else 0.0
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def leaves(self) -> list[jax.Array]:
+        return jax.tree.leaves(self.state)
+
+    def load_leaves(self, leaves: list[Any]) -> None:
+        treedef = jax.tree.structure(self.state)
+        self.state = jax.device_put(jax.tree.unflatten(treedef, [jnp.asarray(l) for l in leaves]),
+                                    self.replicated)
+
+
+def _manager(ckpt_dir: Path) -> ocp.CheckpointManager:
+    # max_to_keep=1: only the latest epoch is needed to resume; Orbax writes each step to a
+    # temporary directory and renames it when complete, so a killed save is never read back.
+    return ocp.CheckpointManager(ckpt_dir.resolve(), options=ocp.CheckpointManagerOptions(
+        max_to_keep=1, enable_async_checkpointing=False))
+
+
+def train(trainer: Trainer, x_NHWC: np.ndarray, y_N: np.ndarray, ckpt_dir: str | os.PathLike,
+          key: str, desc: str = "train") -> dict[str, Any]:
+    """Trains to cfg.epochs, resuming from ckpt_dir; a finished run with the same key is reused.
+
+    `key` names what was trained (config fingerprint, training set); a directory holding a
+    different key is stale and is cleared.
+    Returns {"reused": bool, "resumed_from_epoch": int, "seconds": float, "images_per_s": float}.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    meta_path, done_path = ckpt_dir / "key.json", ckpt_dir / "done.json"
+    if meta_path.exists() and files.read_json(meta_path).get("key") != key:
+        shutil.rmtree(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    files.write_json(meta_path, {"key": key})
+    mngr = _manager(ckpt_dir / "orbax")
+    start_epoch = 0
+    latest = mngr.latest_step()
+    if latest is not None:
+        restored = mngr.restore(latest, args=ocp.args.StandardRestore(
+            [ocp.utils.to_shape_dtype_struct(np.asarray(l)) for l in trainer.leaves()]))
+        trainer.load_leaves(restored)
+        start_epoch = latest
+    if done_path.exists() and start_epoch == trainer.cfg.epochs:
+        mngr.close()
+        return {"reused": True, "resumed_from_epoch": start_epoch, "seconds": 0.0, "images_per_s": None}
+    _check_divisible(trainer.cfg.batch_size, "batch_size")
+    x = jax.device_put(jnp.asarray(x_NHWC), trainer.replicated)
+    y = jax.device_put(jnp.asarray(y_N, jnp.int32), trainer.replicated)
+    t0 = time.perf_counter()
+    for epoch in range(start_epoch, trainer.cfg.epochs):
+        loss = trainer.fit_epoch(x, y, epoch, desc)
+        mngr.save(epoch + 1, args=ocp.args.StandardSave(trainer.leaves()))
+        mngr.wait_until_finished()
+        tqdm.write(f"{desc}: epoch {epoch + 1}/{trainer.cfg.epochs} mean loss {loss:.4f}")
+    mngr.close()
+    seconds = time.perf_counter() - t0
+    n_img = (trainer.cfg.epochs - start_epoch) * math.ceil(len(y_N) / trainer.cfg.batch_size) * trainer.cfg.batch_size
+    files.write_json(done_path, {"key": key, "epochs": trainer.cfg.epochs})
+    return {"reused": False, "resumed_from_epoch": start_epoch, "seconds": seconds,
+            "images_per_s": n_img / seconds if seconds > 0 else None}

@@ -1,0 +1,285 @@
+"""The CLI: every bad input is exit code 2 and one `ci-jax: error:` line, before any training,
+and no report is written."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from ci_jax import cli, data
+
+FILE_BUDGET_S = 30.0  # generous: every bad input must fail before any training
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _whole_file_is_fast():
+    t0 = time.perf_counter()
+    yield
+    elapsed = time.perf_counter() - t0
+    assert elapsed < FILE_BUDGET_S, f"test_cli.py took {elapsed:.1f} s: something trained?"
+
+
+@pytest.fixture(autouse=True)
+def _no_training(monkeypatch):
+    """Training a model is a failure here: every input below must be rejected before it."""
+    from ci_jax import train
+
+    def boom(*args, **kwargs):
+        raise AssertionError("training started: the bad input was not rejected early")
+
+    monkeypatch.setattr(train, "Trainer", boom)
+    monkeypatch.setattr(train, "train", boom)
+    monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
+    # main() sets XLA_FLAGS if absent; keep that from leaking into other tests.
+    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", "--xla_force_host_platform_device_count=1"))
+
+
+def _write_idx_dir(path, n_train=200, n_test=50, seed=0):
+    path.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    data.write_idx(path / "train-images-idx3-ubyte", rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8))
+    data.write_idx(path / "train-labels-idx1-ubyte", (np.arange(n_train) % 10).astype(np.uint8))
+    data.write_idx(path / "t10k-images-idx3-ubyte", rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8))
+    data.write_idx(path / "t10k-labels-idx1-ubyte", (np.arange(n_test) % 10).astype(np.uint8))
+    return path
+
+
+@pytest.fixture(scope="module")
+def idx_dir(tmp_path_factory):
+    """A small valid MNIST-shaped IDX dir: 200 train (20 per class) and 50 test images."""
+    return _write_idx_dir(tmp_path_factory.mktemp("idx") / "mnist")
+
+
+def _fail(capsys, tmp_path, *args, data_dir=None):
+    """Runs `ci-jax run ARGS` in-process; checks the one-line error contract; returns the message."""
+    out = tmp_path / "run"
+    argv = ["run", "--out", str(out), "--no-plots", *args]
+    if data_dir is not None:
+        argv += ["--data-dir", str(data_dir)]
+    capsys.readouterr()  # drop anything printed before
+    t0 = time.perf_counter()
+    rc = cli.main(argv)
+    elapsed = time.perf_counter() - t0
+    captured = capsys.readouterr()
+    assert rc == 2, captured
+    lines = captured.err.splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("ci-jax: error: "), lines[0]
+    assert captured.out == ""
+    assert not (out / "report.json").exists()
+    assert elapsed < 20.0, f"{args}: took {elapsed:.1f} s to fail"
+    return lines[0]
+
+
+# --- attack checks against the data ------------------------------------------------------------
+
+
+def test_trigger_off_the_image(capsys, tmp_path, idx_dir):
+    msg = _fail(capsys, tmp_path, "--trigger-row", "40", "--n-poison", "5", data_dir=idx_dir)
+    assert "trigger" in msg and "40" in msg and "28x28" in msg
+
+
+def test_negative_trigger_col(capsys, tmp_path, idx_dir):
+    msg = _fail(capsys, tmp_path, "--trigger-col", "-1", "--n-poison", "5", data_dir=idx_dir)
+    assert "trigger" in msg and "-1" in msg
+
+
+def test_more_poisons_than_the_source_class_has(capsys, tmp_path, idx_dir):
+    msg = _fail(capsys, tmp_path, "--n-poison", "21", data_dir=idx_dir)
+    assert "21" in msg and "20" in msg and "--n-poison" in msg
+
+
+def test_default_poison_count_too_large_for_a_small_dataset(capsys, tmp_path, idx_dir):
+    msg = _fail(capsys, tmp_path, data_dir=idx_dir)  # the default n_poison is 1000
+    assert "1000" in msg and "class 0" in msg
+
+
+def test_source_not_a_class_of_the_dataset(capsys, tmp_path, idx_dir):
+    msg = _fail(capsys, tmp_path, "--source", "12", "--n-poison", "5", data_dir=idx_dir)
+    assert "12" in msg and "source" in msg
+
+
+# --- config checks -----------------------------------------------------------------------------
+
+
+def test_source_equals_target(capsys, tmp_path, idx_dir):
+    msg = _fail(capsys, tmp_path, "--source", "3", "--target", "3", data_dir=idx_dir)
+    assert "source and target" in msg
+
+
+@pytest.mark.parametrize("flag, value, choices", [
+    ("--dataset", "svhn", ["mnist", "fashion_mnist", "cifar10"]),
+    ("--model", "vgg16", ["resnet20", "cnn"]),
+    ("--filter", "blur", ["mean2", "mean3", "median3", "gaussian", "noise"]),
+    ("--rule", "top2", ["threshold", "top1"]),
+    ("--bic-search", "grid", ["sweep", "ascent"]),
+])
+def test_unknown_name(capsys, tmp_path, idx_dir, flag, value, choices):
+    msg = _fail(capsys, tmp_path, flag, value, data_dir=idx_dir)
+    assert repr(value) in msg
+    for choice in choices:
+        assert choice in msg
+
+
+@pytest.mark.parametrize("flag, value, field", [
+    ("--k-max", "0", "k_max"), ("--tau", "-0.5", "tau"), ("--batch-size", "0", "batch_size"),
+    ("--amplitude", "-1", "amplitude"), ("--n-poison", "-3", "n_poison"), ("--epochs", "0", "epochs")])
+def test_out_of_range_field(capsys, tmp_path, idx_dir, flag, value, field):
+    msg = _fail(capsys, tmp_path, flag, value, data_dir=idx_dir)
+    assert field in msg
+
+
+# --- data checks -------------------------------------------------------------------------------
+
+
+def test_missing_idx_directory(capsys, tmp_path):
+    missing = tmp_path / "no-such-dir"
+    msg = _fail(capsys, tmp_path, data_dir=missing)
+    assert str(missing) in msg and "does not exist" in msg
+
+
+def test_idx_directory_without_data_files(capsys, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    msg = _fail(capsys, tmp_path, data_dir=empty)
+    assert "no data files" in msg
+
+
+def test_truncated_idx_file(capsys, tmp_path, idx_dir):
+    bad = shutil.copytree(idx_dir, tmp_path / "bad")
+    path = bad / "train-images-idx3-ubyte"
+    raw = path.read_bytes()
+    path.write_bytes(raw[:-100])
+    msg = _fail(capsys, tmp_path, "--n-poison", "5", data_dir=bad)
+    assert "train-images-idx3-ubyte" in msg and "truncated" in msg
+
+
+def test_one_idx_file_missing(capsys, tmp_path, idx_dir):
+    bad = shutil.copytree(idx_dir, tmp_path / "bad")
+    (bad / "t10k-labels-idx1-ubyte").unlink()
+    msg = _fail(capsys, tmp_path, "--n-poison", "5", data_dir=bad)
+    assert "t10k-labels-idx1-ubyte" in msg and "missing" in msg
+
+
+# --- --config files ----------------------------------------------------------------------------
+
+
+def test_config_file_that_is_not_json(capsys, tmp_path, idx_dir):
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text('{"tau": 0.5,,}')
+    msg = _fail(capsys, tmp_path, "--config", str(cfg), data_dir=idx_dir)
+    assert str(cfg) in msg and "not valid JSON" in msg
+
+
+def test_config_file_missing(capsys, tmp_path, idx_dir):
+    msg = _fail(capsys, tmp_path, "--config", str(tmp_path / "nope.json"), data_dir=idx_dir)
+    assert "nope.json" in msg and "cannot read" in msg
+
+
+def test_config_file_not_an_object(capsys, tmp_path, idx_dir):
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text("[1, 2]")
+    msg = _fail(capsys, tmp_path, "--config", str(cfg), data_dir=idx_dir)
+    assert "JSON object" in msg
+
+
+def test_config_file_unknown_field_and_wrong_type(capsys, tmp_path, idx_dir):
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"n_poisons": 5}))
+    assert "n_poisons" in _fail(capsys, tmp_path, "--config", str(cfg), data_dir=idx_dir)
+    cfg.write_text(json.dumps({"k_max": "3"}))
+    assert "k_max" in _fail(capsys, tmp_path, "--config", str(cfg), data_dir=idx_dir)
+
+
+def test_flags_override_the_config_file(capsys, tmp_path, idx_dir):
+    # The file's bad tau is replaced by the flag's; what is left is the attack error.
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"tau": -1.0, "n_poison": 5}))
+    msg = _fail(capsys, tmp_path, "--config", str(cfg), "--tau", "0.5", "--trigger-row", "40",
+                data_dir=idx_dir)
+    assert "trigger" in msg
+
+
+def test_valid_input_gets_as_far_as_training(tmp_path, idx_dir):
+    # Sanity check of the guard above: a good command passes every check and reaches training,
+    # so the errors in this file come from the checks, not from something unrelated.
+    with pytest.raises(AssertionError, match="training started"):
+        cli.main(["run", "--out", str(tmp_path / "run"), "--no-plots", "--data-dir", str(idx_dir),
+                  "--n-poison", "5"])
+    assert not (tmp_path / "run" / "report.json").exists()
+
+
+# --- argparse-level behaviour ------------------------------------------------------------------
+
+
+def test_run_help_lists_field_flags(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["run", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--n-poison", "--tau", "--k-max", "--filter", "--rule", "--trigger-row",
+                 "--preset", "--config", "--data-dir", "--out", "--clip", "--no-clip"):
+        assert flag in out
+
+
+def test_top_level_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--help"])
+    assert e.value.code == 0
+    assert "run" in capsys.readouterr().out
+
+
+def test_bad_flag_value_is_an_argparse_error_with_exit_2(capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["run", "--out", str(tmp_path / "run"), "--k-max", "abc"])
+    assert e.value.code == 2
+    assert "--k-max" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_unknown_preset_is_rejected_by_argparse(capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["run", "--out", str(tmp_path / "run"), "--preset", "nope"])
+    assert e.value.code == 2
+    assert "nope" in capsys.readouterr().err
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+
+def test_cpu_devices_is_a_power_of_two_up_to_8():
+    n = cli._cpu_devices()
+    assert 1 <= n <= 8 and n & (n - 1) == 0
+
+
+def test_set_xla_flags_keeps_the_users_setting(monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=3")
+    cli._set_xla_flags()
+    assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=3"
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_foo=1")
+    cli._set_xla_flags()
+    assert os.environ["XLA_FLAGS"].startswith("--xla_cpu_foo=1 --xla_force_host_platform_device_count=")
+
+
+# --- as a real process -------------------------------------------------------------------------
+
+
+def test_subprocess_bad_input_is_one_error_line_and_exit_2(tmp_path, idx_dir):
+    out = tmp_path / "run"
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    env.pop(data.DATA_DIR_ENV, None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ci_jax.cli", "run", "--out", str(out), "--data-dir", str(idx_dir),
+         "--trigger-row", "40", "--n-poison", "5", "--no-plots"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("ci-jax: error: trigger pixel (40, 24)")
+    assert proc.stdout == ""
+    assert not (out / "report.json").exists()

@@ -1,0 +1,70 @@
+"""End to end on a small synthetic task: the planted trigger must be learned, found and removed."""
+
+import json
+
+import numpy as np
+import pytest
+
+from ci_jax import config, data, experiment
+
+# diag: with ~200 images a class, full 128-D covariances cost BIC too much to ever split a class.
+CFG = dict(epochs=3, batch_size=32, eval_batch_size=128, n_poison=60, amplitude=1.0, k_max=4, covariance="diag")
+
+
+@pytest.fixture(scope="module")
+def ds():
+    return data.synthetic(n_train=1500, n_test=500, seed=0)
+
+
+@pytest.fixture(scope="module")
+def first_run(ds, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    return out, experiment.run(config.preset("fast", **CFG), out, dataset=ds)
+
+
+def test_trigger_found_and_removed(first_run):
+    out, report = first_run
+    assert report["baseline"]["clean_acc"] > 0.9
+    assert report["baseline"]["asr"] > 0.9
+    d = report["defense"]
+    assert d["tpr"] >= 0.95 and d["fpr"] <= 0.01 and d["auc"] > 0.95
+    assert report["retrained"]["asr"] < 0.1
+    assert report["retrained"]["clean_acc"] > 0.9
+    target = next(c for c in d["classes"] if c["label"] == 2)
+    assert target["k"] >= 2 and any(c["flagged"] and c["poisons"] > 50 for c in target["components"])
+
+
+def test_run_directory(first_run):
+    out, report = first_run
+    assert json.loads((out / "report.json").read_text()) == report
+    assert json.loads((out / "config.json").read_text())["n_poison"] == 60
+    for name in ("examples", "bic", "impurity", "roc"):
+        assert (out / "plots" / f"{name}.png").read_bytes().startswith(b"\x89PNG")
+    assert (out / "baseline" / "done.json").exists() and (out / "retrained" / "done.json").exists()
+    assert set(report["timings_s"]) == {"data", "train_baseline", "features", "gmm", "impurity", "retrain", "total"}
+    assert not list(out.rglob("*.tmp"))
+
+
+def _without_timings(report):
+    return {k: v for k, v in report.items() if k != "timings_s"}
+
+
+def test_rerun_reuses_checkpoints_and_is_identical(first_run, ds):
+    out, report = first_run
+    again = experiment.run(config.preset("fast", **CFG), out, dataset=ds)
+    assert again["timings_s"]["train_baseline"] == 0.0 and again["timings_s"]["retrain"] == 0.0
+    assert _without_timings(again) == _without_timings(report)
+
+
+def test_defense_change_reuses_baseline(first_run, ds, tmp_path):
+    out, report = first_run
+    changed = experiment.run(config.preset("fast", **CFG, filter="mean3", tau=0.3), out, dataset=ds, make_plots=False)
+    assert changed["timings_s"]["train_baseline"] == 0.0
+    assert changed["baseline"] == report["baseline"]
+    assert changed["config"]["filter"] == "mean3"
+
+
+def test_same_seed_same_report_in_a_fresh_directory(first_run, ds, tmp_path):
+    _, report = first_run
+    fresh = experiment.run(config.preset("fast", **CFG), tmp_path / "fresh", dataset=ds, make_plots=False)
+    assert _without_timings(fresh) == _without_timings(report)

@@ -1,0 +1,65 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ci_jax import models
+from ci_jax.errors import UserError
+
+
+@pytest.mark.parametrize("name,channels,size,feat_dim", [
+    ("resnet20", 1, 28, 64), ("resnet20", 3, 32, 64), ("cnn", 1, 28, 128), ("cnn", 3, 32, 128)])
+def test_shapes(name, channels, size, feat_dim):
+    model = models.create(name, channels, 10, seed=0, image_size=size)
+    model.eval()
+    logits_BK, feats_BD = model(jnp.zeros((3, size, size, channels)))
+    assert logits_BK.shape == (3, 10)
+    assert feats_BD.shape == (3, feat_dim)
+
+
+def test_features_are_the_head_input():
+    model = models.create("resnet20", 1, 10, seed=0)
+    model.eval()
+    x = jax.random.uniform(jax.random.key(1), (4, 28, 28, 1))
+    logits, feats = model(x)
+    np.testing.assert_allclose(logits, model.head(feats), rtol=1e-6, atol=1e-6)
+
+
+def test_resnet20_depth_and_option_a_shortcut():
+    model = models.create("resnet20", 1, 10, seed=0)
+    convs = [m for _, m in models.nnx.iter_modules(model) if isinstance(m, models.nnx.Conv)]
+    assert len(convs) == 19  # + the linear head = 20 weighted layers
+    block = model.blocks[3]  # first block of stage 2: 16 -> 32 channels, stride 2
+    x = jax.random.uniform(jax.random.key(0), (2, 28, 28, 16))
+    shortcut = x[:, ::2, ::2, :]
+    padded = jnp.pad(shortcut, ((0, 0), (0, 0), (0, 0), (8, 8)))
+    # Zeroing the residual branch leaves relu(shortcut): subsampled input, zero channels around it.
+    for bn in (block.bn2,):
+        bn.scale[...] = jnp.zeros_like(bn.scale[...])
+        bn.bias[...] = jnp.zeros_like(bn.bias[...])
+    block.eval()
+    np.testing.assert_allclose(block(x), jax.nn.relu(padded), atol=1e-6)
+
+
+def test_conv_gradients_match_xla():
+    x = jax.random.normal(jax.random.key(0), (2, 9, 9, 4))
+    w = jax.random.normal(jax.random.key(1), (3, 3, 4, 5))
+    for stride in (1, 2):
+        pad = ((1, 1), (1, 1))
+        f_ours = lambda x, w: jnp.sum(models._conv(x, w, stride, pad) ** 2)
+        f_xla = lambda x, w: jnp.sum(models._lax_conv(x, w, stride, pad) ** 2)
+        for a, b in zip(jax.grad(f_ours, (0, 1))(x, w), jax.grad(f_xla, (0, 1))(x, w)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_same_seed_same_init():
+    a = models.create("cnn", 1, 10, seed=3)
+    b = models.create("cnn", 1, 10, seed=3)
+    c = models.create("cnn", 1, 10, seed=4)
+    np.testing.assert_array_equal(a.conv1.kernel[...], b.conv1.kernel[...])
+    assert not np.array_equal(a.conv1.kernel[...], c.conv1.kernel[...])
+
+
+def test_unknown_model():
+    with pytest.raises(UserError, match="unknown model 'vgg'.*resnet20"):
+        models.create("vgg", 1, 10, seed=0)

@@ -1,0 +1,111 @@
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from ci_jax import config, data, train
+from ci_jax.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def ds():
+    return data.synthetic(n_train=512, n_test=256, seed=0)
+
+
+def _cfg(**kw):
+    return config.preset("fast", **{"epochs": 1, "batch_size": 32, "eval_batch_size": 64, **kw})
+
+
+def _trainer(cfg, ds):
+    return train.Trainer(cfg, ds.x_train.shape[1:], ds.num_classes, math.ceil(len(ds.y_train) / cfg.batch_size))
+
+
+def test_one_epoch_learns(ds, tmp_path):
+    cfg = _cfg()
+    t = _trainer(cfg, ds)
+    before = t.accuracy(ds.x_test, ds.y_test)
+    info = train.train(t, ds.x_train, ds.y_train, tmp_path / "ckpt", key="k", desc="test")
+    assert not info["reused"] and info["images_per_s"] > 0
+    after = t.accuracy(ds.x_test, ds.y_test)
+    assert after > 0.8 > before
+
+
+def test_epoch_indices_cover_every_image_with_full_batches(ds):
+    cfg = _cfg(batch_size=48)
+    t = _trainer(cfg, ds)
+    idx = np.asarray(t.epoch_indices(500, epoch=0))
+    assert idx.shape == (11, 48)
+    assert set(idx.ravel()) == set(range(500))
+    np.testing.assert_array_equal(idx, np.asarray(t.epoch_indices(500, epoch=0)))
+    assert not np.array_equal(idx, np.asarray(t.epoch_indices(500, epoch=1)))
+
+
+def test_predict_pads_last_batch(ds):
+    t = _trainer(_cfg(), ds)
+    pred_a, feats_a = t.predict(ds.x_test[:100])
+    t2 = _trainer(_cfg(eval_batch_size=8), ds)
+    pred_b, feats_b = t2.predict(ds.x_test[:100])
+    assert pred_a.shape == (100,) and feats_a.shape == (100, 128)
+    np.testing.assert_array_equal(pred_a, pred_b)
+    np.testing.assert_allclose(feats_a, feats_b, rtol=1e-4, atol=1e-5)
+
+
+def test_checkpoint_round_trip_and_reuse(ds, tmp_path):
+    cfg = _cfg()
+    t = _trainer(cfg, ds)
+    train.train(t, ds.x_train, ds.y_train, tmp_path / "ckpt", key="k")
+    pred, feats = t.predict(ds.x_test)
+    fresh = _trainer(cfg, ds)
+    info = train.train(fresh, ds.x_train, ds.y_train, tmp_path / "ckpt", key="k")
+    assert info["reused"]
+    pred2, feats2 = fresh.predict(ds.x_test)
+    np.testing.assert_array_equal(pred, pred2)
+    np.testing.assert_array_equal(feats, feats2)
+
+
+def test_other_key_clears_stale_checkpoint(ds, tmp_path):
+    cfg = _cfg()
+    train.train(_trainer(cfg, ds), ds.x_train, ds.y_train, tmp_path / "ckpt", key="old")
+    info = train.train(_trainer(cfg, ds), ds.x_train, ds.y_train, tmp_path / "ckpt", key="new")
+    assert not info["reused"] and info["resumed_from_epoch"] == 0
+
+
+def test_interrupted_run_resumes_to_the_same_weights(ds, tmp_path, monkeypatch):
+    cfg = _cfg(epochs=2)
+    straight = _trainer(cfg, ds)
+    train.train(straight, ds.x_train, ds.y_train, tmp_path / "a", key="k")
+
+    real_fit = train.Trainer.fit_epoch
+
+    def dies_in_second_epoch(self, x, y, epoch, desc):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return real_fit(self, x, y, epoch, desc)
+
+    monkeypatch.setattr(train.Trainer, "fit_epoch", dies_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(_trainer(cfg, ds), ds.x_train, ds.y_train, tmp_path / "b", key="k")
+    monkeypatch.setattr(train.Trainer, "fit_epoch", real_fit)
+    resumed = _trainer(cfg, ds)
+    info = train.train(resumed, ds.x_train, ds.y_train, tmp_path / "b", key="k")
+    assert info["resumed_from_epoch"] == 1 and not info["reused"]
+    for a, b in zip(straight.leaves(), resumed.leaves()):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+
+
+def test_batch_must_split_over_devices(ds, tmp_path):
+    n = jax.device_count()
+    if n == 1:
+        pytest.skip("needs several devices")
+    cfg = _cfg(batch_size=n * 8 + 1)
+    with pytest.raises(UserError, match="does not split over"):
+        train.train(_trainer(cfg, ds), ds.x_train, ds.y_train, tmp_path / "c", key="k")
+
+
+def test_divergence_is_reported_with_step_and_lr(ds, tmp_path):
+    x = ds.x_train.copy()
+    x[:] = np.nan
+    cfg = _cfg()
+    with pytest.raises(UserError, match=r"diverged.*step \d+.*lr"):
+        train.train(_trainer(cfg, ds), x, ds.y_train, tmp_path / "d", key="k")
