@@ -44,6 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default="runs/default", help="run directory (reused: resumes and reuses checkpoints)")
     run.add_argument("--data-dir", help="directory with the dataset's files (else $CI_JAX_DATA_DIR, "
                                         "else tensorflow-datasets)")
+    run.add_argument("--baseline-from", metavar="RUN_DIR",
+                     help="reuse the finished baseline of another run directory (defense ablations)")
     run.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     fields = run.add_argument_group("config fields (override the preset and --config)")
     for f in dataclasses.fields(config_lib.Config):
@@ -86,7 +88,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = _config(args)
         from ci_jax import experiment
 
-        report = experiment.run(cfg, args.out, data_dir=args.data_dir, make_plots=not args.no_plots)
+        report = experiment.run(cfg, args.out, data_dir=args.data_dir, make_plots=not args.no_plots,
+                                baseline_from=args.baseline_from)
     except UserError as e:
         print(f"ci-jax: error: {e}", file=sys.stderr)
         return 2

@@ -42,11 +42,11 @@ class Config:
     model: str = "resnet20"
     epochs: int = 1
     batch_size: int = 32
-    optimizer: str = "sgd"
-    lr: float = 0.05
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
+    optimizer: str = "adam"
+    lr: float = 2e-3
+    momentum: float = 0.9  # sgd only
+    nesterov: bool = False  # sgd only
+    weight_decay: float = 0.0
     schedule: str = "onecycle"
     seed: int = 0
     eval_batch_size: int = 512
@@ -69,14 +69,19 @@ TRAIN_FIELDS: tuple[str, ...] = (
     "nesterov", "weight_decay", "schedule", "seed")
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # A recipe that reaches the seed's clean accuracy in one epoch, and the authors' own
-    # defense settings (BIC ascent, remove every component with impurity > 0.5).
-    "default": {},
+    # One epoch of Adam (one-cycle, peak 2e-3) reaches the seed's clean accuracy and learns the
+    # backdoor; one epoch of SGD (one-cycle, peak 0.05, weight decay 5e-4) reached 99.24 % clean but
+    # only 1 % ASR: the rare trigger pixel gets too small a step. Defense: the authors' rule
+    # (BIC ascent, remove every component with impurity > 0.5) with a 3x3 median filter: the
+    # Adam-trained model still answers the trigger after the authors' 2x2 mean (its poison component
+    # had impurity 0.11, against up to 0.09 for clean ones), while the median erases an isolated
+    # pixel (impurity 2.43 against at most 0.11 for clean components; measured on real MNIST).
+    "default": dict(filter="median3"),
     # The public notebook's exact settings.
     "seed": dict(epochs=10, batch_size=32, optimizer="sgd", lr=0.01, momentum=0.9, nesterov=False,
                  weight_decay=0.0, schedule="constant", bic_search="sweep", k_max=10,
                  reg_covar=1e-6, rule="top1"),
-    # For smoke tests and quick looks: a small CNN, a tenth of an hour's work in seconds.
+    # For smoke tests and quick looks: a small CNN, minutes instead of a quarter hour on a CPU.
     "fast": dict(model="cnn", epochs=2, batch_size=64, optimizer="adam", lr=3e-3, weight_decay=0.0,
                  schedule="onecycle", nesterov=False),
 }

@@ -23,6 +23,7 @@ from ci_jax import config as config_lib
 from ci_jax import data, files, metrics, plots, poison, train
 from ci_jax.config import Config
 from ci_jax.defenses import ci
+from ci_jax.errors import UserError
 
 
 def _trigger(cfg: Config) -> poison.PixelTrigger:
@@ -46,6 +47,13 @@ def _evaluate(trainer: train.Trainer, dataset: data.Dataset, x_trig: np.ndarray,
             "asr": metrics.attack_success_rate(pred_trig, target)}
 
 
+def _save_npz(path: Path, **arrays: Any) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+    files.atomic_write(path, write)
+
+
 def _features(trainer: train.Trainer, x_NHWC: np.ndarray, cache: Path, key: str) -> tuple[np.ndarray, np.ndarray]:
     """Predictions and features of the training set, cached beside the baseline checkpoint."""
     if cache.exists():
@@ -53,17 +61,34 @@ def _features(trainer: train.Trainer, x_NHWC: np.ndarray, cache: Path, key: str)
             if str(z["key"]) == key:
                 return z["pred"], z["feats"]
     pred, feats = trainer.predict(x_NHWC, desc="features")
-
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:
-            np.savez(f, key=key, pred=pred, feats=feats)
-    files.atomic_write(cache, write)
+    _save_npz(cache, key=key, pred=pred, feats=feats)
     return pred, feats
 
 
+def _shared_baseline(run_dir: str | os.PathLike, cfg: Config, key: str) -> Path:
+    """The finished baseline of another run, checked to be trained exactly as `cfg` asks."""
+    path = Path(run_dir) / "baseline"
+    try:
+        done = files.read_json(path / "done.json")
+        other = config_lib.from_dict(files.read_json(Path(run_dir) / "config.json"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"--baseline-from {run_dir}: no finished baseline there ({e}); "
+                        "run `ci-jax run` on it first") from None
+    if done.get("key") != key:
+        diff = [f for f in config_lib.TRAIN_FIELDS if getattr(other, f) != getattr(cfg, f)]
+        raise UserError(f"--baseline-from {run_dir}: its baseline was trained with other settings "
+                        f"({', '.join(diff) or 'unknown fields'} differ): only defense settings may change")
+    return path
+
+
 def run(cfg: Config, out: str | os.PathLike, *, data_dir: str | os.PathLike | None = None,
-        dataset: data.Dataset | None = None, make_plots: bool = True) -> dict[str, Any]:
-    """Runs (or resumes) the experiment in `out` and returns the report written to report.json."""
+        dataset: data.Dataset | None = None, make_plots: bool = True,
+        baseline_from: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Runs (or resumes) the experiment in `out` and returns the report written to report.json.
+
+    baseline_from: another run directory whose finished baseline (and cached features) to use
+    instead of `out/baseline`, for defense ablations in separate directories.
+    """
     config_lib.validate(cfg)
     out = Path(out)
     t_start = time.perf_counter()
@@ -80,8 +105,9 @@ def run(cfg: Config, out: str | os.PathLike, *, data_dir: str | os.PathLike | No
 
     # Baseline: trained once per training config, resumed if interrupted.
     train_key = config_lib.fingerprint(cfg, config_lib.TRAIN_FIELDS)
+    baseline_dir = _shared_baseline(baseline_from, cfg, train_key) if baseline_from else out / "baseline"
     baseline = train.Trainer(cfg, image_shape, dataset.num_classes, steps(len(poisoned.y_N)))
-    info = train.train(baseline, poisoned.x_NHWC, poisoned.y_N, out / "baseline", train_key, desc="baseline")
+    info = train.train(baseline, poisoned.x_NHWC, poisoned.y_N, baseline_dir, train_key, desc="baseline")
     timings["train_baseline"] = info["seconds"]
     before = _evaluate(baseline, dataset, x_trig, cfg.target)
     tqdm.write(f"baseline: clean acc {before['clean_acc']:.4f}, ASR {before['asr']:.4f}"
@@ -89,7 +115,7 @@ def run(cfg: Config, out: str | os.PathLike, *, data_dir: str | os.PathLike | No
 
     # CI: features and clean decisions in one pass, filtered decisions in another.
     t0 = time.perf_counter()
-    pred_N, feats_ND = _features(baseline, poisoned.x_NHWC, out / "baseline" / "features.npz", train_key)
+    pred_N, feats_ND = _features(baseline, poisoned.x_NHWC, baseline_dir / "features.npz", train_key)
     timings["features"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     blur = ci.make_filter(cfg.filter, cfg.filter_param, cfg.seed)
@@ -99,6 +125,8 @@ def run(cfg: Config, out: str | os.PathLike, *, data_dir: str | os.PathLike | No
     timings["gmm"] = result.timings_s["gmm"]
     timings["impurity"] = t_blur + result.timings_s["impurity"]
     detection = metrics.detection(poisoned.is_poison_N, ~result.is_clean_N, result.score_N)
+    _save_npz(out / "defense.npz", score=result.score_N, removed_idx=np.flatnonzero(~result.is_clean_N),
+              poison_idx=poisoned.poison_idx)
     tqdm.write(f"CI removed {detection['removed']}: TPR {detection['tpr']:.4f}, FPR {detection['fpr']:.4f}, "
                f"AUC {detection['auc']}")
 
@@ -115,7 +143,7 @@ def run(cfg: Config, out: str | os.PathLike, *, data_dir: str | os.PathLike | No
 
     report = {
         "config": config_lib.to_dict(cfg),
-        "baseline": {**before, "checkpoint": "baseline"},
+        "baseline": {**before, "checkpoint": os.path.relpath(baseline_dir, out)},
         "defense": {"method": "ci", **detection, "classes": result.report["classes"]},
         "retrained": {**after, "checkpoint": "retrained"},
         "device": {"platform": jax.default_backend(), "kind": jax.devices()[0].device_kind,

@@ -20,8 +20,11 @@ def test_presets_exist_and_validate():
         config.validate(cfg)  # no exception
 
 
-def test_default_preset_is_the_dataclass_default():
-    assert config.preset("default") == Config()
+def test_default_preset_is_the_seed_attack_with_the_threshold_rule():
+    cfg = config.preset("default")
+    assert (cfg.model, cfg.source, cfg.target, cfg.n_poison, cfg.amplitude) == ("resnet20", 0, 2, 1000, 0.25)
+    assert (cfg.trigger_row, cfg.trigger_col, cfg.clip) == (18, 24, False)
+    assert (cfg.rule, cfg.tau, cfg.bic_search) == ("threshold", 0.5, "ascent")
 
 
 def test_seed_preset_has_the_notebook_settings():

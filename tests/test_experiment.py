@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from ci_jax import config, data, experiment
+from ci_jax.errors import UserError
 
 # diag: with ~200 images a class, full 128-D covariances cost BIC too much to ever split a class.
 CFG = dict(epochs=3, batch_size=32, eval_batch_size=128, n_poison=60, amplitude=1.0, k_max=4, covariance="diag")
@@ -43,6 +44,10 @@ def test_run_directory(first_run):
     assert (out / "baseline" / "done.json").exists() and (out / "retrained" / "done.json").exists()
     assert set(report["timings_s"]) == {"data", "train_baseline", "features", "gmm", "impurity", "retrain", "total"}
     assert not list(out.rglob("*.tmp"))
+    with np.load(out / "defense.npz") as z:
+        assert len(z["removed_idx"]) == report["defense"]["removed"]
+        assert z["score"].shape == (1500,)
+        assert set(z["poison_idx"]) <= set(z["removed_idx"]) or report["defense"]["tpr"] < 1
 
 
 def _without_timings(report):
@@ -68,3 +73,18 @@ def test_same_seed_same_report_in_a_fresh_directory(first_run, ds, tmp_path):
     _, report = first_run
     fresh = experiment.run(config.preset("fast", **CFG), tmp_path / "fresh", dataset=ds, make_plots=False)
     assert _without_timings(fresh) == _without_timings(report)
+
+
+def test_baseline_from_another_run(first_run, ds, tmp_path):
+    out, report = first_run
+    other = experiment.run(config.preset("fast", **CFG, tau=0.3), tmp_path / "ablation", dataset=ds,
+                           make_plots=False, baseline_from=out)
+    assert other["timings_s"]["train_baseline"] == 0.0
+    assert other["baseline"]["clean_acc"] == report["baseline"]["clean_acc"]
+    assert not (tmp_path / "ablation" / "baseline").exists()
+
+
+def test_baseline_from_a_run_with_other_training_is_refused(first_run, ds, tmp_path):
+    out, _ = first_run
+    with pytest.raises(UserError, match="lr differ"):
+        experiment.run(config.preset("fast", **CFG, lr=0.01), tmp_path / "x", dataset=ds, baseline_from=out)

@@ -66,13 +66,14 @@ def make_filter(name: str, param: float = 0.0, seed: int = 0) -> Callable[[jax.A
         return functools.partial(_depthwise, k_HW=k, padding=((r, r), (r, r)))
     if name == "noise":
         half_width = param or 0.1
+        key = jax.random.key(seed)
 
-        def noise(x_BHWC: jax.Array) -> jax.Array:
-            # Keyed by the batch's content so that every image gets its own, reproducible noise
-            # without threading a key through the batched pass.
-            k = jax.random.fold_in(jax.random.key(seed), jax.lax.bitcast_convert_type(jnp.sum(x_BHWC), jnp.uint32))
-            return x_BHWC + jax.random.uniform(k, x_BHWC.shape, x_BHWC.dtype, -half_width, half_width)
-        return noise
+        def noise_one(x_HWC: jax.Array) -> jax.Array:
+            # Keyed by the image's own content: reproducible, independent of how images are
+            # batched, and with no reduction across the devices that hold a batch.
+            k = jax.random.fold_in(key, jax.lax.bitcast_convert_type(jnp.sum(x_HWC), jnp.uint32))
+            return x_HWC + jax.random.uniform(k, x_HWC.shape, x_HWC.dtype, -half_width, half_width)
+        return jax.vmap(noise_one)
     raise ValueError(f"unknown filter {name!r}")  # config.validate names the choices earlier
 
 
