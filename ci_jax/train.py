@@ -93,6 +93,9 @@ class Trainer:
         return nnx.state((model, opt)), loss
 
     def _fwd(self, model_state, x_NHWC, start, batch: int, transform: Callable | None):
+        # Per-image work only: predict() queues many independent calls, and on forced CPU devices
+        # (one shared thread pool) two in-flight calls that each wait at a cross-device
+        # all-reduce can deadlock. A transform must not reduce over the batch.
         model = nnx.merge(self.eval_def, model_state)
         x_BHWC = jax.lax.dynamic_slice_in_dim(x_NHWC, start, batch)
         x_BHWC = jax.lax.with_sharding_constraint(x_BHWC, self.sharded)
