@@ -252,18 +252,29 @@ def test_unknown_preset_is_rejected_by_argparse(capsys, tmp_path):
 # --- helpers -----------------------------------------------------------------------------------
 
 
-def test_cpu_devices_is_a_power_of_two_up_to_8():
-    n = cli._cpu_devices()
-    assert 1 <= n <= 8 and n & (n - 1) == 0
+def test_one_cpu_device_unless_asked(monkeypatch):
+    monkeypatch.delenv("CI_JAX_CPU_DEVICES", raising=False)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_foo=1")
+    cli._set_xla_flags()
+    assert os.environ["XLA_FLAGS"] == "--xla_cpu_foo=1"
+    monkeypatch.setenv("CI_JAX_CPU_DEVICES", "2")
+    cli._set_xla_flags()
+    assert os.environ["XLA_FLAGS"] == "--xla_cpu_foo=1 --xla_force_host_platform_device_count=2"
 
 
 def test_set_xla_flags_keeps_the_users_setting(monkeypatch):
+    monkeypatch.setenv("CI_JAX_CPU_DEVICES", "2")
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=3")
     cli._set_xla_flags()
     assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=3"
-    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_foo=1")
-    cli._set_xla_flags()
-    assert os.environ["XLA_FLAGS"].startswith("--xla_cpu_foo=1 --xla_force_host_platform_device_count=")
+
+
+@pytest.mark.parametrize("bad", ["0", "two", "-1"])
+def test_bad_cpu_devices_is_one_error_line(monkeypatch, capsys, tmp_path, bad):
+    monkeypatch.setenv("CI_JAX_CPU_DEVICES", bad)
+    assert cli.main(["run", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "CI_JAX_CPU_DEVICES" in err[0]
 
 
 # --- as a real process -------------------------------------------------------------------------
