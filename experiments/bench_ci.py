@@ -20,7 +20,6 @@ from ci_jax import cli
 cli._set_xla_flags()  # the same device setup as `ci-jax run`
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 
 from ci_jax import config, data, experiment, files, train  # noqa: E402
 from ci_jax.defenses import ci  # noqa: E402
