@@ -130,14 +130,19 @@ def run(cfg: Config, out: str | os.PathLike, *, data_dir: str | os.PathLike | No
     tqdm.write(f"CI removed {detection['removed']}: TPR {detection['tpr']:.4f}, FPR {detection['fpr']:.4f}, "
                f"AUC {detection['auc']}")
 
-    # Retrain from scratch on what the defense kept; keyed by the kept set as well.
+    # Retrain from scratch on what the defense kept; keyed by the kept set as well. Training is
+    # deterministic, so when nothing was removed the retrained model is the baseline itself.
     keep = result.is_clean_N
-    kept_hash = hashlib.sha256(np.flatnonzero(~keep).astype(np.int64).tobytes()).hexdigest()[:16]
-    retrained = train.Trainer(cfg, image_shape, dataset.num_classes, steps(int(keep.sum())))
-    info = train.train(retrained, poisoned.x_NHWC[keep], poisoned.y_N[keep], out / "retrained",
-                       f"{train_key}-{kept_hash}", desc="retrain")
-    timings["retrain"] = info["seconds"]
-    after = _evaluate(retrained, dataset, x_trig, cfg.target)
+    if keep.all():
+        retrained_dir, after, timings["retrain"] = baseline_dir, before, 0.0
+    else:
+        kept_hash = hashlib.sha256(np.flatnonzero(~keep).astype(np.int64).tobytes()).hexdigest()[:16]
+        retrained_dir = out / "retrained"
+        retrained = train.Trainer(cfg, image_shape, dataset.num_classes, steps(int(keep.sum())))
+        info = train.train(retrained, poisoned.x_NHWC[keep], poisoned.y_N[keep], retrained_dir,
+                           f"{train_key}-{kept_hash}", desc="retrain")
+        timings["retrain"] = info["seconds"]
+        after = _evaluate(retrained, dataset, x_trig, cfg.target)
     tqdm.write(f"retrained: clean acc {after['clean_acc']:.4f}, ASR {after['asr']:.4f}")
     timings["total"] = time.perf_counter() - t_start
 
@@ -145,7 +150,7 @@ def run(cfg: Config, out: str | os.PathLike, *, data_dir: str | os.PathLike | No
         "config": config_lib.to_dict(cfg),
         "baseline": {**before, "checkpoint": os.path.relpath(baseline_dir, out)},
         "defense": {"method": "ci", **detection, "classes": result.report["classes"]},
-        "retrained": {**after, "checkpoint": "retrained"},
+        "retrained": {**after, "checkpoint": os.path.relpath(retrained_dir, out)},
         "device": {"platform": jax.default_backend(), "kind": jax.devices()[0].device_kind,
                    "count": jax.device_count()},
         "timings_s": timings,

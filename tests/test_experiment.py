@@ -88,3 +88,12 @@ def test_baseline_from_a_run_with_other_training_is_refused(first_run, ds, tmp_p
     out, _ = first_run
     with pytest.raises(UserError, match="lr differ"):
         experiment.run(config.preset("fast", **CFG, lr=0.01), tmp_path / "x", dataset=ds, baseline_from=out)
+
+
+def test_nothing_removed_reuses_the_baseline_as_the_retrained_model(ds, tmp_path):
+    report = experiment.run(config.preset("fast", **{**CFG, "n_poison": 0}), tmp_path / "clean", dataset=ds,
+                            make_plots=False)
+    assert report["defense"]["removed"] == 0
+    assert report["retrained"] == {**report["baseline"], "checkpoint": "baseline"}
+    assert report["timings_s"]["retrain"] == 0.0
+    assert not (tmp_path / "clean" / "retrained").exists()
