@@ -79,8 +79,9 @@ class Trainer:
         self._forward = jax.jit(self._fwd, static_argnums=(3, 4))
 
     # -- jitted bodies --------------------------------------------------------------------------
-    def _step(self, state, x_NHWC, y_N, idx_B):
+    def _step(self, state, x_NHWC, y_N, idx_SB, i):
         model, opt = nnx.merge(self.train_def, state)
+        idx_B = idx_SB[i]  # indexed inside the step: no extra dispatch per step
         x_BHWC = jax.lax.with_sharding_constraint(x_NHWC[idx_B], self.sharded)
         y_B = jax.lax.with_sharding_constraint(y_N[idx_B], self.sharded)
 
@@ -121,7 +122,7 @@ class Trainer:
         with tqdm(total=steps, desc=f"{desc} epoch {epoch + 1}/{self.cfg.epochs}", unit="step",
                   leave=False, mininterval=1.0) as bar:
             for i in range(steps):
-                self.state, loss = self._train_step(self.state, x_NHWC, y_N, idx_SB[i])
+                self.state, loss = self._train_step(self.state, x_NHWC, y_N, idx_SB, i)
                 losses.append(loss)
                 if (i + 1) % LOG_EVERY == 0 or i + 1 == steps:
                     last = float(loss)
