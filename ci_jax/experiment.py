@@ -40,11 +40,14 @@ def prepare(cfg: Config, dataset: data.Dataset) -> tuple[poison.PoisonedSet, np.
     return poisoned, x_trig
 
 
-def _evaluate(trainer: train.Trainer, dataset: data.Dataset, x_trig: np.ndarray, target: int) -> dict[str, float]:
+def _evaluate(trainer: train.Trainer, dataset: data.Dataset, x_trig: np.ndarray,
+              target: int) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
+    """Clean accuracy and ASR, with the test and triggered predictions they came from."""
     pred_test, _ = trainer.predict(dataset.x_test)
     pred_trig, _ = trainer.predict(x_trig) if len(x_trig) else (np.zeros(0, np.int32), None)
-    return {"clean_acc": metrics.accuracy(pred_test, dataset.y_test),
-            "asr": metrics.attack_success_rate(pred_trig, target)}
+    scores = {"clean_acc": metrics.accuracy(pred_test, dataset.y_test),
+              "asr": metrics.attack_success_rate(pred_trig, target)}
+    return scores, pred_test, pred_trig
 
 
 def _save_npz(path: Path, **arrays: Any) -> None:
@@ -109,7 +112,7 @@ def run(cfg: Config, out: str | os.PathLike, *, data_dir: str | os.PathLike | No
     baseline = train.Trainer(cfg, image_shape, dataset.num_classes, steps(len(poisoned.y_N)))
     info = train.train(baseline, poisoned.x_NHWC, poisoned.y_N, baseline_dir, train_key, desc="baseline")
     timings["train_baseline"] = info["seconds"]
-    before = _evaluate(baseline, dataset, x_trig, cfg.target)
+    before, pred_test, pred_trig = _evaluate(baseline, dataset, x_trig, cfg.target)
     tqdm.write(f"baseline: clean acc {before['clean_acc']:.4f}, ASR {before['asr']:.4f}"
                + (" (reused checkpoint)" if info["reused"] else ""))
 
@@ -142,7 +145,7 @@ def run(cfg: Config, out: str | os.PathLike, *, data_dir: str | os.PathLike | No
         info = train.train(retrained, poisoned.x_NHWC[keep], poisoned.y_N[keep], retrained_dir,
                            f"{train_key}-{kept_hash}", desc="retrain")
         timings["retrain"] = info["seconds"]
-        after = _evaluate(retrained, dataset, x_trig, cfg.target)
+        after, _, _ = _evaluate(retrained, dataset, x_trig, cfg.target)
     tqdm.write(f"retrained: clean acc {after['clean_acc']:.4f}, ASR {after['asr']:.4f}")
     timings["total"] = time.perf_counter() - t_start
 
@@ -156,19 +159,20 @@ def run(cfg: Config, out: str | os.PathLike, *, data_dir: str | os.PathLike | No
         "timings_s": timings,
     }
     if make_plots:
-        _plots(out / "plots", baseline, dataset, x_trig, cfg, report, poisoned.is_poison_N, result.score_N)
+        _plots(out / "plots", dataset, x_trig, pred_test, pred_trig, cfg, report, poisoned.is_poison_N,
+               result.score_N)
     files.write_json(out / "report.json", report)
     return report
 
 
-def _plots(path: Path, model: train.Trainer, dataset: data.Dataset, x_trig: np.ndarray, cfg: Config,
-           report: dict[str, Any], is_poison_N: np.ndarray, score_N: np.ndarray) -> None:
+def _plots(path: Path, dataset: data.Dataset, x_trig: np.ndarray, pred_test: np.ndarray,
+           pred_trig: np.ndarray, cfg: Config, report: dict[str, Any], is_poison_N: np.ndarray,
+           score_N: np.ndarray) -> None:
+    # x_trig is the source-class test images in test-set order, so the rows line up.
+    source = dataset.y_test == cfg.source
     n = min(8, len(x_trig))
-    x_clean = dataset.x_test[dataset.y_test == cfg.source][:n]
-    pred_clean, _ = model.predict(x_clean) if n else (np.zeros(0, np.int32), None)
-    pred_trig, _ = model.predict(x_trig[:n]) if n else (np.zeros(0, np.int32), None)
-    plots.examples(path / "examples.png", x_clean, x_trig[:n], pred_clean, pred_trig,
-                   trigger_rc=(cfg.trigger_row, cfg.trigger_col))
+    plots.examples(path / "examples.png", dataset.x_test[source][:n], x_trig[:n], pred_test[source][:n],
+                   pred_trig[:n], trigger_rc=(cfg.trigger_row, cfg.trigger_col))
     classes = report["defense"]["classes"]
     plots.bic_curves(path / "bic.png", classes)
     plots.impurities(path / "impurity.png", classes, tau=cfg.tau, rule=cfg.rule)

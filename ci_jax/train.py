@@ -24,7 +24,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from ci_jax import files, models
+from ci_jax import files, metrics, models
 from ci_jax.config import Config
 from ci_jax.errors import UserError
 
@@ -156,7 +156,7 @@ class Trainer:
 
     def accuracy(self, x_NHWC: np.ndarray, y_N: np.ndarray) -> float:
         pred, _ = self.predict(x_NHWC)
-        return float((pred == y_N).mean()) if len(y_N) else 0.0
+        return metrics.accuracy(pred, y_N)
 
     # -- checkpoints ----------------------------------------------------------------------------
     def leaves(self) -> list[jax.Array]:

@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import math
 import time
+import warnings
 from typing import Any, Callable
 
 import jax
@@ -84,7 +85,6 @@ def make_filter(name: str, param: float = 0.0, seed: int = 0) -> Callable[[jax.A
 
 # -- clustering ---------------------------------------------------------------------------------
 def _fit(feats_ND: np.ndarray, k: int, cfg: Config) -> GaussianMixture:
-    import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         return GaussianMixture(k, covariance_type=cfg.covariance, reg_covar=cfg.reg_covar,
@@ -158,12 +158,9 @@ def flag(impurity_K: np.ndarray, k_of_comp: np.ndarray, rule: str, tau: float) -
     the mixture left whole has no candidate poison component (the authors' rule).
     top1: the single most impure component, whatever the scores (the public notebook's rule).
     """
-    flagged = np.zeros(len(impurity_K), bool)
     if rule == "top1":
-        flagged[int(np.argmax(impurity_K))] = True
-    else:
-        flagged = (impurity_K > tau) & (k_of_comp > 1)
-    return flagged
+        return np.arange(len(impurity_K)) == np.argmax(impurity_K)
+    return (impurity_K > tau) & (k_of_comp > 1)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
