@@ -18,6 +18,9 @@ from ci_jax.errors import UserError
 FILTERS: tuple[str, ...] = ("mean2", "mean3", "median3", "gaussian", "noise")
 RULES: tuple[str, ...] = ("threshold", "top1")
 BIC_SEARCHES: tuple[str, ...] = ("sweep", "ascent")
+DEFENSES: tuple[str, ...] = ("ci", "ac", "ss")
+AC_REDUCTIONS: tuple[str, ...] = ("pca", "ica")
+AC_RULES: tuple[str, ...] = ("size", "silhouette")
 COVARIANCES: tuple[str, ...] = ("full", "tied", "diag", "spherical")
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adam")
 SCHEDULES: tuple[str, ...] = ("constant", "onecycle", "cosine")
@@ -29,12 +32,16 @@ class Config:
     # data
     dataset: str = "mnist"
     # attack: the seed's single-pixel trigger, 1000 zeros relabelled as 'two'
-    trigger: str = "pixel"
-    trigger_row: int = 18
+    trigger: str = "pixel"  # pixel | patch | blend | chessboard
+    trigger_row: int = 18  # pixel: its position; patch: its top-left corner
     trigger_col: int = 24
-    amplitude: float = 0.25
-    clip: bool = False
-    source: int = 0
+    amplitude: float = 0.25  # pixel: value added
+    patch_size: int = 3  # patch: side of the checkerboard
+    blend_alpha: float = 0.2  # blend: weight of the random pattern
+    trigger_seed: int = 0  # blend: seed of the attacker's pattern
+    chess_delta: float = 0.1  # chessboard: +/- delta on alternating pixels
+    clip: bool = False  # pixel, chessboard: clip the result to [0, 1]
+    source: int = 0  # -1: every class but the target (all-to-one)
     target: int = 2
     n_poison: int = 1000
     selection: str = "first"
@@ -59,12 +66,23 @@ class Config:
     filter_param: float = 0.0  # gaussian: sigma (0 -> 1.0); noise: half-width of the uniform noise (0 -> 0.1)
     rule: str = "threshold"
     tau: float = 0.5
+    # which defense cleans the training set
+    defense: str = "ci"
+    # Activation Clustering (Chen et al. 2018)
+    ac_reduce: str = "pca"
+    ac_dims: int = 10
+    ac_rule: str = "size"
+    ac_size: float = 0.35  # flag the smaller of the 2 clusters when it holds less than this share
+    ac_silhouette: float = 0.1  # silhouette rule: ... and the split scores above this
+    # Spectral Signatures (Tran et al. 2018): remove the 1.5 * eps highest scores of each class
+    ss_eps: float = 0.1
 
 
 # Fields that determine the trained baseline; anything else (the defense) can change without
 # retraining it.
 TRAIN_FIELDS: tuple[str, ...] = (
-    "dataset", "trigger", "trigger_row", "trigger_col", "amplitude", "clip", "source", "target",
+    "dataset", "trigger", "trigger_row", "trigger_col", "amplitude", "patch_size", "blend_alpha",
+    "trigger_seed", "chess_delta", "clip", "source", "target",
     "n_poison", "selection", "model", "epochs", "batch_size", "optimizer", "lr", "momentum",
     "nesterov", "weight_decay", "schedule", "seed")
 
@@ -131,8 +149,12 @@ def validate(cfg: Config) -> None:
     _choice("rule", cfg.rule, RULES)
     _choice("bic_search", cfg.bic_search, BIC_SEARCHES)
     _choice("covariance", cfg.covariance, COVARIANCES)
+    _choice("defense", cfg.defense, DEFENSES)
+    _choice("ac_reduce", cfg.ac_reduce, AC_REDUCTIONS)
+    _choice("ac_rule", cfg.ac_rule, AC_RULES)
     positive = dict(epochs=cfg.epochs, batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size,
-                    k_max=cfg.k_max, lr=cfg.lr, reg_covar=cfg.reg_covar)
+                    k_max=cfg.k_max, lr=cfg.lr, reg_covar=cfg.reg_covar, patch_size=cfg.patch_size,
+                    ac_dims=cfg.ac_dims)
     for name, v in positive.items():
         if v <= 0:
             raise UserError(f"config field {name} = {v!r}: must be > 0")
@@ -141,6 +163,13 @@ def validate(cfg: Config) -> None:
             raise UserError(f"config field {name} = {getattr(cfg, name)!r}: must be >= 0")
     if cfg.amplitude <= 0:
         raise UserError(f"config field amplitude = {cfg.amplitude!r}: must be > 0")
+    for name, hi in (("blend_alpha", 1.0), ("chess_delta", 1.0), ("ac_size", 1.0), ("ss_eps", 2 / 3)):
+        if not 0 < getattr(cfg, name) <= hi:
+            raise UserError(f"config field {name} = {getattr(cfg, name)!r}: must be in (0, {hi:.4g}]")
+    if not -1 <= cfg.ac_silhouette <= 1:
+        raise UserError(f"config field ac_silhouette = {cfg.ac_silhouette!r}: must be in [-1, 1]")
+    if cfg.source < -1:
+        raise UserError(f"config field source = {cfg.source!r}: a class, or -1 for all but the target")
     if cfg.source == cfg.target:
         raise UserError(f"source and target are both class {cfg.source}: the attack must relabel to another class")
 

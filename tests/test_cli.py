@@ -291,6 +291,6 @@ def test_subprocess_bad_input_is_one_error_line_and_exit_2(tmp_path, idx_dir):
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.splitlines()
     assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("ci-jax: error: trigger pixel (40, 24)")
+    assert lines[0].startswith("ci-jax: error: trigger pixel at (40, 24)")
     assert proc.stdout == ""
     assert not (out / "report.json").exists()

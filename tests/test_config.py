@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from ci_jax import config
+from ci_jax import config, poison
 from ci_jax.config import Config
 from ci_jax.errors import UserError
 

@@ -55,7 +55,7 @@ def test_trigger_clips_to_one_when_asked():
 
 def test_default_trigger_is_the_seed_attack():
     assert PixelTrigger() == PixelTrigger(row=18, col=24, amplitude=0.25, clip=False)
-    assert poison.TRIGGERS == ("pixel",)
+    assert poison.TRIGGERS[0] == "pixel"
 
 
 def test_off_image_trigger_names_position_and_image_size():
@@ -167,7 +167,7 @@ def test_source_equal_to_target_rejected():
         _poison(source=2, target=2)
 
 
-@pytest.mark.parametrize("source,target", [(4, 1), (1, 4), (-1, 1), (1, -1)])
+@pytest.mark.parametrize("source,target", [(4, 1), (1, 4), (-2, 1), (1, -1)])
 def test_class_out_of_range_rejected(source, target):
     with pytest.raises(UserError, match=r"0\.\.3"):
         _poison(source=source, target=target)
@@ -189,10 +189,91 @@ def test_bad_trigger_rejected_before_poisoning():
 def test_triggered_test_set_holds_every_source_image_with_trigger():
     x_NHWC, y_N = _dataset(seed=1)
     trigger = PixelTrigger(row=2, col=3, amplitude=0.5)
-    xt_NHWC = poison.triggered_test_set(x_NHWC, y_N, source=2, trigger=trigger)
+    xt_NHWC, idx = poison.triggered_test_set(x_NHWC, y_N, source=2, trigger=trigger)
+    np.testing.assert_array_equal(idx, np.flatnonzero(y_N == 2))
 
     assert xt_NHWC.shape == (np.count_nonzero(y_N == 2), H, W, C)
     np.testing.assert_array_equal(xt_NHWC, trigger.apply(x_NHWC[y_N == 2]))
     delta_NHWC = xt_NHWC - x_NHWC[y_N == 2]
     np.testing.assert_allclose(delta_NHWC[:, 2, 3, :], 0.5, rtol=1e-6)
     assert np.count_nonzero(delta_NHWC) == xt_NHWC.shape[0] * C
+
+
+# --- the other triggers ------------------------------------------------------------------------
+
+
+def _changed(before_NHWC: np.ndarray, after_NHWC: np.ndarray) -> np.ndarray:
+    return np.argwhere(np.any(before_NHWC != after_NHWC, axis=(0, 3)))
+
+
+@pytest.mark.parametrize("row,col", [(0, 0), (0, 25), (25, 0), (25, 25), (10, 13)])
+def test_patch_is_a_checkerboard_exactly_at_its_position(row, col):
+    x_NHWC, _ = _dataset(c=3)
+    out_NHWC = poison.PatchTrigger(row=row, col=col, size=3).apply(x_NHWC)
+    want_HW = np.array([[1, 0, 1], [0, 1, 0], [1, 0, 1]], np.float32)
+    np.testing.assert_array_equal(out_NHWC[:, row:row + 3, col:col + 3, :],
+                                  np.broadcast_to(want_HW[None, :, :, None], (N, 3, 3, 3)))
+    rest = np.ones((H, W), bool)
+    rest[row:row + 3, col:col + 3] = False
+    np.testing.assert_array_equal(out_NHWC[:, rest], x_NHWC[:, rest])
+
+
+def test_patch_off_the_image_names_the_valid_range():
+    with pytest.raises(UserError, match=r"row in 0\.\.25 and col in 0\.\.25"):
+        poison.PatchTrigger(row=26, col=0, size=3).validate((H, W, C))
+    with pytest.raises(UserError, match="size"):
+        poison.PatchTrigger(size=0).validate((H, W, C))
+
+
+def test_blend_mixes_a_fixed_seeded_pattern_everywhere():
+    x_NHWC, _ = _dataset()
+    trig = poison.BlendTrigger(alpha=0.2, seed=3)
+    out_NHWC = trig.apply(x_NHWC)
+    pattern_HWC = np.random.default_rng(3).uniform(0, 1, (H, W, C)).astype(np.float32)
+    np.testing.assert_allclose(out_NHWC, 0.8 * x_NHWC + 0.2 * pattern_HWC[None], rtol=1e-6)
+    np.testing.assert_array_equal(out_NHWC, poison.BlendTrigger(alpha=0.2, seed=3).apply(x_NHWC))
+    assert not np.array_equal(out_NHWC, poison.BlendTrigger(alpha=0.2, seed=4).apply(x_NHWC))
+    assert out_NHWC.min() >= 0 and out_NHWC.max() <= 1
+    with pytest.raises(UserError, match="alpha"):
+        poison.BlendTrigger(alpha=1.5).validate((H, W, C))
+
+
+def test_chessboard_adds_plus_minus_delta_on_alternating_pixels():
+    x_NHWC, _ = _dataset(c=3)
+    x_NHWC = np.clip(x_NHWC, 0.2, 0.7)  # away from the edges: no clipping can happen
+    out_NHWC = poison.ChessboardTrigger(delta=0.05).apply(x_NHWC)
+    i, j = np.indices((H, W))
+    sign_HW = np.where((i + j) % 2 == 0, 1.0, -1.0)
+    np.testing.assert_allclose(out_NHWC - x_NHWC, np.broadcast_to(0.05 * sign_HW[None, :, :, None], x_NHWC.shape),
+                               atol=1e-6)
+    zeros_NHWC = np.zeros((2, H, W, 1), np.float32)
+    clipped_NHWC = poison.ChessboardTrigger(delta=0.05, clip=True).apply(zeros_NHWC)
+    np.testing.assert_allclose(clipped_NHWC[0, :, :, 0], np.where(sign_HW > 0, 0.05, 0.0), atol=1e-7)
+
+
+def test_make_trigger_builds_each_kind_from_the_config():
+    from ci_jax import config
+
+    assert poison.make_trigger(config.Config()) == poison.PixelTrigger(18, 24, 0.25, False)
+    cfg = config.Config(trigger="patch", trigger_row=1, trigger_col=2, patch_size=4)
+    assert poison.make_trigger(cfg) == poison.PatchTrigger(1, 2, 4)
+    assert poison.make_trigger(config.Config(trigger="blend", blend_alpha=0.3, trigger_seed=7)) == \
+        poison.BlendTrigger(0.3, 7)
+    assert poison.make_trigger(config.Config(trigger="chessboard", chess_delta=0.02, clip=True)) == \
+        poison.ChessboardTrigger(0.02, True)
+
+
+def test_all_to_one_poisons_every_class_but_the_target():
+    x_NHWC, y_N = _dataset()
+    ps = poison.poison_training_set(x_NHWC, y_N, source=-1, target=3, n=30,
+                                    trigger=poison.PatchTrigger(0, 0), num_classes=4)
+    assert set(y_N[ps.poison_idx]) == {0, 1, 2}
+    assert np.all(ps.y_N[ps.poison_idx] == 3)
+    with pytest.raises(UserError, match="only 30 images"):
+        poison.poison_training_set(x_NHWC, y_N, source=-1, target=3, n=31,
+                                   trigger=poison.PatchTrigger(0, 0), num_classes=4)
+    xt_NHWC, idx = poison.triggered_test_set(x_NHWC, y_N, source=-1, target=3,
+                                             trigger=poison.PatchTrigger(0, 0), num_classes=4)
+    np.testing.assert_array_equal(idx, np.flatnonzero(y_N != 3))
+    with pytest.raises(UserError, match="source class -2"):
+        poison.validate_attack(y_N, 4, (H, W, C), source=-2, target=3, n=1, trigger=poison.PatchTrigger(0, 0))

@@ -9,7 +9,6 @@ KL([1, 0] || [p, 1 - p]) = -log p, p the fraction of its images whose decision s
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 import time
@@ -24,6 +23,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.mixture import GaussianMixture
 
 from ci_jax.config import Config
+from ci_jax.defenses import Result
 
 # p = 0 would make -log p infinite; clamping p keeps the score finite and still the largest.
 P_FLOOR = 1e-12
@@ -163,15 +163,6 @@ def flag(impurity_K: np.ndarray, k_of_comp: np.ndarray, rule: str, tau: float) -
     return (impurity_K > tau) & (k_of_comp > 1)
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class Result:
-    """What every defense returns: per-sample suspicion, the kept mask, and a JSON report."""
-    score_N: np.ndarray
-    is_clean_N: np.ndarray
-    report: dict[str, Any]
-    timings_s: dict[str, float]
-
-
 def run(feats_ND: np.ndarray, pred_N: np.ndarray, pred_blur_N: np.ndarray, y_N: np.ndarray,
         num_classes: int, cfg: Config, is_poison_N: np.ndarray | None = None) -> Result:
     """The defense from features and decisions already computed (clean and filtered images)."""
@@ -196,11 +187,3 @@ def run(feats_ND: np.ndarray, pred_N: np.ndarray, pred_blur_N: np.ndarray, y_N: 
     return Result(score_N=imp_K[comp_N], is_clean_N=~removed_N, report=report,
                   timings_s={"gmm": t_gmm, "impurity": time.perf_counter() - t0 - t_gmm})
 
-
-def detect_poison(trainer, x_NHWC: np.ndarray, y_N: np.ndarray, num_classes: int,
-                  cfg: Config) -> tuple[dict[str, Any], np.ndarray]:
-    """ART's shape: (report, is_clean) for a trained model and its training set."""
-    pred_N, feats_ND = trainer.predict(x_NHWC)
-    pred_blur_N, _ = trainer.predict(x_NHWC, transform=make_filter(cfg.filter, cfg.filter_param, cfg.seed))
-    res = run(feats_ND, pred_N, pred_blur_N, y_N, num_classes, cfg)
-    return res.report, res.is_clean_N
