@@ -147,7 +147,7 @@ def test_range_boundaries_that_are_allowed(field, value):
     ("optimizer", "rmsprop", config.OPTIMIZERS),
     ("schedule", "step", config.SCHEDULES),
     ("selection", "last", config.SELECTIONS),
-    ("trigger", "patch", ("pixel",)),
+    ("trigger", "sticker", poison.TRIGGERS),
 ])
 def test_unknown_name_is_a_user_error_listing_the_choices(field, value, choices):
     with pytest.raises(UserError) as e:
