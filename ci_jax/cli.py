@@ -52,6 +52,15 @@ def _parser() -> argparse.ArgumentParser:
         else:
             fields.add_argument(flag, dest=f.name, type={"int": int, "float": float, "str": str}[f.type],
                                 default=None, metavar=f.type.upper())
+    sweep = sub.add_parser("sweep", help="many runs from a spec file; one CSV row per finished run")
+    sweep.add_argument("spec", help="YAML, JSON or Python (defining SPEC) sweep spec; see experiments/")
+    sweep.add_argument("--out", required=True, help="sweep directory (reused: finished runs are skipped)")
+    sweep.add_argument("--shard", default="0/1", metavar="I/N",
+                       help="run only shard I of N (0-based; whole baselines per shard), then `ci-jax merge`")
+    sweep.add_argument("--data-dir", help="directory with the dataset's files (as for `run`)")
+    sweep.add_argument("--plots", action="store_true", help="also draw each run's plots")
+    merge = sub.add_parser("merge", help="join a sharded sweep's CSVs and write its summary")
+    merge.add_argument("out", help="the sweep directory the shards wrote to")
     return p
 
 
@@ -76,26 +85,48 @@ def _config(args: argparse.Namespace):
     return config_lib.preset(args.preset, **overrides)
 
 
+def _run(args: argparse.Namespace) -> None:
+    cfg = _config(args)
+    from ci_jax import experiment
+
+    report = experiment.run(cfg, args.out, data_dir=args.data_dir, make_plots=not args.no_plots,
+                            baseline_from=args.baseline_from)
+    b, d, r = report["baseline"], report["defense"], report["retrained"]
+    print(f"baseline   clean {b['clean_acc']:.4f}  ASR {b['asr']:.4f}\n"
+          f"defense    {d['method']} removed {d['removed']}  TPR {d['tpr']:.4f}  FPR {d['fpr']:.4f}  "
+          f"precision {d['precision']:.4f}  AUC {d['auc']}\n"
+          f"retrained  clean {r['clean_acc']:.4f}  ASR {r['asr']:.4f}\n"
+          f"total {report['timings_s']['total']:.0f} s -> {os.path.join(args.out, 'report.json')}")
+
+
+def _sweep(args: argparse.Namespace) -> None:
+    from ci_jax import sweep
+
+    csv_path = sweep.run(args.spec, args.out, shard=sweep.parse_shard(args.shard), data_dir=args.data_dir,
+                         make_plots=args.plots)
+    print(f"results -> {csv_path}")
+    if (args.out and os.path.exists(os.path.join(args.out, "summary.md"))
+            and csv_path.name == "results.csv"):
+        print(open(os.path.join(args.out, "summary.md")).read())
+
+
+def _merge(args: argparse.Namespace) -> None:
+    from ci_jax import sweep
+
+    sweep.merge(args.out)
+    print(open(os.path.join(args.out, "summary.md")).read())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from ci_jax.errors import UserError
 
     args = _parser().parse_args(argv)
     try:
         _set_xla_flags()
-        cfg = _config(args)
-        from ci_jax import experiment
-
-        report = experiment.run(cfg, args.out, data_dir=args.data_dir, make_plots=not args.no_plots,
-                                baseline_from=args.baseline_from)
+        {"run": _run, "sweep": _sweep, "merge": _merge}[args.command](args)
     except UserError as e:
         print(f"ci-jax: error: {e}", file=sys.stderr)
         return 2
-    b, d, r = report["baseline"], report["defense"], report["retrained"]
-    print(f"baseline   clean {b['clean_acc']:.4f}  ASR {b['asr']:.4f}\n"
-          f"defense    removed {d['removed']}  TPR {d['tpr']:.4f}  FPR {d['fpr']:.4f}  "
-          f"precision {d['precision']:.4f}  AUC {d['auc']}\n"
-          f"retrained  clean {r['clean_acc']:.4f}  ASR {r['asr']:.4f}\n"
-          f"total {report['timings_s']['total']:.0f} s -> {os.path.join(args.out, 'report.json')}")
     return 0
 
 

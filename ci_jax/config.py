@@ -186,3 +186,20 @@ def fingerprint(cfg: Config, fields: tuple[str, ...]) -> str:
     """A short stable hash of the given fields: names a stage's identity in its checkpoint dir."""
     blob = json.dumps({k: getattr(cfg, k) for k in fields}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def load_file(path) -> dict[str, Any]:
+    """A JSON or YAML mapping from a file (by extension), or one UserError naming the file."""
+    import yaml
+
+    try:
+        text = open(path).read()
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}") from None
+    try:
+        obj = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as e:
+        raise UserError(f"{path} is not valid {'JSON' if str(path).endswith('.json') else 'YAML'}: {e}") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path}: expected a mapping at the top level")
+    return obj

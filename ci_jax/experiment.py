@@ -113,6 +113,8 @@ def run(cfg: Config, out: str | os.PathLike, *, data_dir: str | os.PathLike | No
         dataset = data.load(cfg.dataset, data_dir)
     poisoned, x_trig, trig_idx = prepare(cfg, dataset)
     timings["data"] = time.perf_counter() - t0
+    if out.is_dir():
+        files.clear_stale_tmp(out)  # a run directory has one writer: what a kill left is stale
     files.write_json(out / "config.json", config_lib.to_dict(cfg))
     image_shape = dataset.x_train.shape[1:]
     steps = lambda n: math.ceil(n / cfg.batch_size)

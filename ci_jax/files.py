@@ -40,3 +40,13 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 def read_json(path: str | os.PathLike) -> Any:
     with open(path) as f:
         return json.load(f)
+
+
+def clear_stale_tmp(directory: str | os.PathLike, name: str = "*") -> None:
+    """Removes temporary files that a killed writer left in `directory` (for files `name`).
+
+    Only for a directory (or file name) that this process alone writes: another writer's
+    temporary file would vanish under it.
+    """
+    for tmp in Path(directory).glob(f".{name}.*.tmp"):
+        tmp.unlink(missing_ok=True)

@@ -156,7 +156,8 @@ def impurities(path: PathLike, classes: list[dict], *, tau: float | None, rule: 
     _save(fig, path)
 
 
-def roc(path: PathLike, curves: dict[str, tuple[np.ndarray, np.ndarray, float | None]]) -> None:
+def roc(path: PathLike, curves: dict[str, tuple[np.ndarray, np.ndarray, float | None]],
+        title: str = "ROC") -> None:
     """One ROC line per detector score, with its AUC in the legend."""
     fig, ax = plt.subplots(figsize=(4.2, 4.0))
     ax.plot([0, 1], [0, 1], linestyle="--", color="0.6", linewidth=1.0)
@@ -169,6 +170,43 @@ def roc(path: PathLike, curves: dict[str, tuple[np.ndarray, np.ndarray, float | 
     ax.set_ylim(0.0, 1.0)
     ax.set_xlabel("false positive rate")
     ax.set_ylabel("true positive rate")
-    ax.set_title("ROC")
+    ax.set_title(title, fontsize=9)
     fig.tight_layout()
     _save(fig, path)
+
+
+def sweep_field(path: PathLike, field: str, series: dict[str, list[tuple[str, dict]]],
+                metric_names: tuple[str, ...]) -> None:
+    """One panel per metric: its mean over seeds (error bars: std) against the field's values,
+    one line per combination of the other varied fields."""
+    fig, axes = plt.subplots(1, len(metric_names), figsize=(3.2 * len(metric_names), 3.2), squeeze=False)
+    for ax, m in zip(axes[0], metric_names):
+        for label, points in series.items():
+            xs = [x for x, e in points if e[m] is not None]
+            if not xs:
+                continue
+            mean = [e[m][0] for _, e in points if e[m] is not None]
+            std = [e[m][1] for _, e in points if e[m] is not None]
+            numeric = all(_is_number(x) for x in xs)
+            pos = [float(x) for x in xs] if numeric else list(range(len(xs)))
+            ax.errorbar(pos, mean, yerr=std, marker="o", markersize=3, capsize=2, linewidth=1, label=label)
+            if not numeric:
+                ax.set_xticks(pos)
+                ax.set_xticklabels(xs, rotation=45, fontsize=7)
+        ax.set_xlabel(field)
+        ax.set_title(m, fontsize=9)
+        if numeric and len(xs) > 2 and min(float(x) for x in xs) > 0 and \
+                max(float(x) for x in xs) / min(float(x) for x in xs) >= 50:
+            ax.set_xscale("log")
+    if len(series) > 1:
+        axes[0, -1].legend(fontsize=6, loc="best")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _is_number(x) -> bool:
+    try:
+        float(x)
+        return True
+    except (TypeError, ValueError):
+        return False

@@ -1,0 +1,318 @@
+"""Sweeps: many runs from one spec, sharing every model they can, one CSV row per finished run.
+
+A spec (YAML, JSON, or a Python file defining SPEC) names a preset, base config fields, an
+optional list of `cases` (each a set of fields, with an optional `case` label), a `grid` of
+fields to vary (every combination), and the `seeds`. Runs = cases x grid x seeds.
+
+Runs that share data, attack, model, training and seed share one baseline under
+OUT/baselines/, trained once; its features pass is cached beside it. A finished run appends one
+row to the results CSV (rewritten atomically), so a restarted sweep skips exactly the runs
+already there. `shard=(i, n)` runs a deterministic 1/n of the baselines with all their runs,
+writing results-i-of-n.csv; `merge` joins the shards and writes the summary.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import itertools
+import math
+import os
+import re
+import runpy
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ci_jax import config as config_lib
+from ci_jax import files
+from ci_jax.config import Config
+from ci_jax.errors import UserError
+
+METRICS: tuple[str, ...] = ("clean_before", "asr_before", "removed", "tpr", "fpr", "precision", "auc",
+                            "clean_after", "asr_after", "seconds")
+SPEC_KEYS = {"name", "preset", "base", "cases", "grid", "seeds"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    run_id: str
+    cfg: Config
+    varied: dict[str, Any]  # the case label and the fields this run sets beyond the base
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    name: str
+    fields: tuple[str, ...]  # varied columns, in spec order ("case" first when cases are labelled)
+    runs: tuple[Run, ...]
+
+
+# -- spec ---------------------------------------------------------------------------------------
+def read_spec(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if path.suffix == ".py":
+        try:
+            spec = runpy.run_path(str(path)).get("SPEC")
+        except FileNotFoundError:
+            raise UserError(f"sweep spec {path} does not exist") from None
+        except Exception as e:  # a user's Python file: any error in it is theirs to fix
+            raise UserError(f"sweep spec {path} failed to run: {type(e).__name__}: {e}") from None
+        if not isinstance(spec, dict):
+            raise UserError(f"sweep spec {path}: define SPEC = {{...}} (a dict) in the file")
+        return spec
+    return config_lib.load_file(path)
+
+
+def expand(spec: dict[str, Any], where: str = "spec") -> Spec:
+    """The runs of a spec, in a fixed order: cases, then grid combinations, then seeds."""
+    unknown = set(spec) - SPEC_KEYS
+    if unknown:
+        raise UserError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; "
+                        f"a spec has {', '.join(sorted(SPEC_KEYS))}")
+    base = _mapping(spec.get("base", {}), f"{where}: base")
+    grid = _mapping(spec.get("grid", {}), f"{where}: grid")
+    cases = spec.get("cases", [{}])
+    if not isinstance(cases, list) or not cases or not all(isinstance(c, dict) for c in cases):
+        raise UserError(f"{where}: cases must be a non-empty list of mappings of config fields")
+    for field, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise UserError(f"{where}: grid.{field} must be a non-empty list of values")
+    seeds = spec.get("seeds", [0])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool)
+                                                           for s in seeds):
+        raise UserError(f"{where}: seeds must be a non-empty list of whole numbers")
+    if "seed" in grid or "seed" in base or any("seed" in c for c in cases):
+        raise UserError(f"{where}: set seeds with the top-level `seeds` list, not as a field")
+    labelled = any("case" in c for c in cases)
+    case_fields = list(dict.fromkeys(k for c in cases for k in c if k != "case"))
+    fields = (("case",) if labelled else ()) + tuple(case_fields) + tuple(f for f in grid if f not in case_fields)
+    preset = spec.get("preset", "default")
+    runs, seen = [], set()
+    for i, case in enumerate(cases):
+        label = str(case.get("case", i))
+        fields_of_case = {k: v for k, v in case.items() if k != "case"}
+        for combo in itertools.product(*grid.values()):
+            varied = {**fields_of_case, **dict(zip(grid, combo))}
+            for seed in seeds:
+                try:
+                    cfg = config_lib.preset(preset, **{**base, **varied, "seed": seed})
+                except UserError as e:
+                    raise UserError(f"{where}: case {label}, {varied}: {e}") from None
+                run_id = config_lib.fingerprint(cfg, tuple(f.name for f in dataclasses.fields(Config)))
+                if run_id in seen:
+                    continue  # e.g. a grid value equal to a case's own: one run, not two
+                seen.add(run_id)
+                row = ({"case": label} if labelled else {}) | {f: getattr(cfg, f) for f in fields if f != "case"}
+                runs.append(Run(run_id, cfg, row))
+    return Spec(str(spec.get("name", "sweep")), fields, tuple(runs))
+
+
+def _mapping(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise UserError(f"{where} must be a mapping of config fields")
+    return value
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'i/n' (0 <= i < n) -> (i, n)."""
+    m = re.fullmatch(r"(\d+)/(\d+)", text.strip())
+    if not m or not 0 <= int(m[1]) < int(m[2]):
+        raise UserError(f"--shard {text!r}: expected i/n with 0 <= i < n, e.g. 0/4 for the first of four")
+    return int(m[1]), int(m[2])
+
+
+def shard_runs(runs: tuple[Run, ...], i: int, n: int) -> list[Run]:
+    """Shard i of n: whole baselines go to one shard, so no two shards train the same model."""
+    keys = list(dict.fromkeys(config_lib.fingerprint(r.cfg, config_lib.TRAIN_FIELDS) for r in runs))
+    mine = {k for j, k in enumerate(keys) if j % n == i}
+    return [r for r in runs if config_lib.fingerprint(r.cfg, config_lib.TRAIN_FIELDS) in mine]
+
+
+# -- results CSV --------------------------------------------------------------------------------
+def columns(spec: Spec) -> list[str]:
+    return ["run_id", *spec.fields, "seed", *METRICS]
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def write_rows(path: Path, cols: list[str], rows: list[dict[str, Any]]) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
+    w.writeheader()
+    w.writerows({c: _cell(r.get(c)) for c in cols} for r in rows)
+    files.write_text(path, buf.getvalue())
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return repr(v)
+    return str(v)
+
+
+def row_of(run: Run, report: dict[str, Any]) -> dict[str, Any]:
+    b, d, r = report["baseline"], report["defense"], report["retrained"]
+    return {"run_id": run.run_id, **run.varied, "seed": run.cfg.seed,
+            "clean_before": b["clean_acc"], "asr_before": b["asr"], "removed": d["removed"],
+            "tpr": d["tpr"], "fpr": d["fpr"], "precision": d["precision"], "auc": d["auc"],
+            "clean_after": r["clean_acc"], "asr_after": r["asr"], "seconds": report["timings_s"]["total"]}
+
+
+def results_path(out: Path, i: int, n: int) -> Path:
+    return out / ("results.csv" if n == 1 else f"results-{i}-of-{n}.csv")
+
+
+# -- running ------------------------------------------------------------------------------------
+def run(spec_path: str | os.PathLike, out: str | os.PathLike, *, shard: tuple[int, int] = (0, 1),
+        data_dir: str | os.PathLike | None = None, make_plots: bool = False) -> Path:
+    """Runs (or resumes) this shard of the sweep; returns its results CSV."""
+    from ci_jax import data, experiment  # late: spec errors come before jax starts
+
+    out = Path(out)
+    raw = read_spec(spec_path)
+    spec = expand(raw, where=f"sweep spec {spec_path}")
+    files.write_json(out / "sweep.json", {"spec": raw, "fields": list(spec.fields),
+                                          "run_ids": [r.run_id for r in spec.runs]})
+    i, n = shard
+    csv_path = results_path(out, i, n)
+    files.clear_stale_tmp(out, csv_path.name)
+    rows = read_rows(csv_path)
+    done = {r["run_id"] for r in rows}
+    mine = shard_runs(spec.runs, i, n)
+    datasets: dict[str, Any] = {}
+    with tqdm(total=len(mine), desc=f"{spec.name} shard {i}/{n}" if n > 1 else spec.name, unit="run") as bar:
+        for r in mine:
+            if r.run_id not in done:
+                if r.cfg.dataset not in datasets:
+                    datasets[r.cfg.dataset] = data.load(r.cfg.dataset, data_dir)
+                tqdm.write(f"run {r.run_id}: {r.varied}, seed {r.cfg.seed}")
+                report = experiment.run(r.cfg, out / "runs" / r.run_id, dataset=datasets[r.cfg.dataset],
+                                        make_plots=make_plots, shared_dir=out)
+                rows.append(row_of(r, report))
+                write_rows(csv_path, columns(spec), rows)
+                done.add(r.run_id)
+            bar.update()
+    if n == 1:
+        summarize(out)
+    return csv_path
+
+
+def merge(out: str | os.PathLike) -> Path:
+    """Joins the shards' CSVs into results.csv (in spec order) and writes the summary."""
+    out = Path(out)
+    try:
+        meta = files.read_json(out / "sweep.json")
+    except (OSError, ValueError):
+        raise UserError(f"{out} holds no sweep (sweep.json missing): run `ci-jax sweep SPEC --out {out}` first") from None
+    by_id: dict[str, dict[str, str]] = {}
+    for path in sorted(out.glob("results-*-of-*.csv")) + [out / "results.csv"]:
+        for row in read_rows(path):
+            by_id.setdefault(row["run_id"], row)
+    rows = [by_id[i] for i in meta["run_ids"] if i in by_id]
+    missing = len(meta["run_ids"]) - len(rows)
+    if missing:
+        tqdm.write(f"merge: {missing} of {len(meta['run_ids'])} runs have no row yet (shards unfinished?)")
+    cols = ["run_id", *meta["fields"], "seed", *METRICS]
+    write_rows(out / "results.csv", cols, rows)
+    summarize(out)
+    return out / "results.csv"
+
+
+# -- summary ------------------------------------------------------------------------------------
+def _number(text: str) -> float:
+    return float(text) if text not in ("", None) else math.nan
+
+
+def aggregate(rows: list[dict[str, str]], fields: list[str]) -> list[dict[str, Any]]:
+    """One entry per combination of the varied fields: mean and std of each metric over seeds."""
+    groups: dict[tuple, list[dict[str, str]]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row[f] for f in fields), []).append(row)
+    table = []
+    for key, members in groups.items():
+        entry: dict[str, Any] = dict(zip(fields, key)) | {"seeds": len(members)}
+        for m in METRICS:
+            vals = np.array([_number(r[m]) for r in members])
+            ok = vals[~np.isnan(vals)]
+            entry[m] = (float(ok.mean()), float(ok.std())) if ok.size else None
+        table.append(entry)
+    return table
+
+
+def markdown(table: list[dict[str, Any]], fields: list[str]) -> str:
+    percent = {"clean_before", "asr_before", "tpr", "fpr", "precision", "clean_after", "asr_after"}
+    head = [*fields, "seeds", *METRICS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for e in table:
+        cells = [str(e[f]) for f in fields] + [str(e["seeds"])]
+        for m in METRICS:
+            if e[m] is None:
+                cells.append("n/a")
+                continue
+            mean, std = e[m]
+            if m in percent:
+                cells.append(f"{100 * mean:.2f} ± {100 * std:.2f} %")
+            elif m == "auc":
+                cells.append(f"{mean:.4f} ± {std:.4f}")
+            else:
+                cells.append(f"{mean:.0f} ± {std:.0f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def summarize(out: str | os.PathLike) -> dict[str, Any]:
+    """summary.md / summary.json (mean ± std over seeds), a plot per varied field, and an ROC
+    plot per attack when the defense varies."""
+    from ci_jax import metrics, plots
+
+    out = Path(out)
+    meta = files.read_json(out / "sweep.json")
+    fields = meta["fields"]
+    rows = read_rows(out / "results.csv")
+    table = aggregate(rows, fields)
+    files.write_json(out / "summary.json", {"fields": fields, "rows": table})
+    files.write_text(out / "summary.md", markdown(table, fields))
+    for field in fields:
+        if field == "case":
+            continue
+        others = [f for f in fields if f != field]
+        series: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+        for e in table:
+            label = ", ".join(f"{f}={e[f]}" for f in others) or "all"
+            series.setdefault(label, []).append((e[field], e))
+        plots.sweep_field(out / "plots" / f"{field}.png", field, series,
+                          ("tpr", "fpr", "clean_after", "asr_after"))
+    if "defense" in fields:
+        by_attack: dict[str, dict[str, tuple]] = {}
+        attack_fields = [f for f in fields if f != "defense"]
+        for row in rows:
+            attack = ", ".join(f"{f}={row[f]}" for f in attack_fields) or "attack"
+            by_attack.setdefault(attack, {}).setdefault(row["defense"], []).append(row["run_id"])
+        for attack, per_defense in by_attack.items():
+            curves = {}
+            for defense, run_ids in per_defense.items():
+                score, truth = [], []
+                for rid in run_ids:  # seeds pooled: one curve per defense
+                    with np.load(out / "runs" / rid / "defense.npz") as z:
+                        is_poison = np.zeros(len(z["score"]), bool)
+                        is_poison[z["poison_idx"]] = True
+                        score.append(z["score"])
+                        truth.append(is_poison)
+                s, t = np.concatenate(score), np.concatenate(truth)
+                if t.any() and not t.all():
+                    fpr, tpr = metrics.roc_curve(t, s)
+                    curves[defense] = (fpr, tpr, metrics.detection(t, np.zeros_like(t), s)["auc"])
+            if curves:
+                slug = re.sub(r"[^A-Za-z0-9]+", "_", attack).strip("_")
+                plots.roc(out / "plots" / f"roc_{slug}.png", curves, title=f"ROC: {attack}")
+    return {"fields": fields, "rows": table}
