@@ -59,6 +59,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="run only shard I of N (0-based; whole baselines per shard), then `ci-jax merge`")
     sweep.add_argument("--data-dir", help="directory with the dataset's files (as for `run`)")
     sweep.add_argument("--plots", action="store_true", help="also draw each run's plots")
+    sweep.add_argument("--models", metavar="DIR",
+                       help="keep trained models here instead of in --out: sweeps sharing it share models")
     merge = sub.add_parser("merge", help="join a sharded sweep's CSVs and write its summary")
     merge.add_argument("out", help="the sweep directory the shards wrote to")
     return p
@@ -103,7 +105,7 @@ def _sweep(args: argparse.Namespace) -> None:
     from ci_jax import sweep
 
     csv_path = sweep.run(args.spec, args.out, shard=sweep.parse_shard(args.shard), data_dir=args.data_dir,
-                         make_plots=args.plots)
+                         make_plots=args.plots, models_dir=args.models)
     print(f"results -> {csv_path}")
     if (args.out and os.path.exists(os.path.join(args.out, "summary.md"))
             and csv_path.name == "results.csv"):

@@ -149,7 +149,7 @@ def run(cfg: Config, out: str | os.PathLike, *, data_dir: str | os.PathLike | No
         return pred["pred"]
 
     result = defenses.run(cfg, passes["feats"], passes["pred"], poisoned.y_N, dataset.num_classes,
-                          filtered_pred, poisoned.is_poison_N)
+                          filtered_pred, poisoned.is_poison_N, cache_dir=baseline_dir, feats_key=train_key)
     if cfg.defense == "ci":
         timings["gmm"] = result.timings_s["gmm"]
         timings["impurity"] = timings.pop("filtered", 0.0) + result.timings_s["impurity"]

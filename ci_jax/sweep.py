@@ -5,7 +5,7 @@ optional list of `cases` (each a set of fields, with an optional `case` label), 
 fields to vary (every combination), and the `seeds`. Runs = cases x grid x seeds.
 
 Runs that share data, attack, model, training and seed share one baseline under
-OUT/baselines/, trained once; its features pass is cached beside it. A finished run appends one
+OUT/baselines/ (or MODELS/baselines/), trained once; its passes and mixtures are cached beside it. A finished run appends one
 row to the results CSV (rewritten atomically), so a restarted sweep skips exactly the runs
 already there. `shard=(i, n)` runs a deterministic 1/n of the baselines with all their runs,
 writing results-i-of-n.csv; `merge` joins the shards and writes the summary.
@@ -49,6 +49,7 @@ class Spec:
     name: str
     fields: tuple[str, ...]  # varied columns, in spec order ("case" first when cases are labelled)
     runs: tuple[Run, ...]
+    summary_fields: tuple[str, ...]  # what the summary groups by: a case's label stands for its fields
 
 
 # -- spec ---------------------------------------------------------------------------------------
@@ -108,7 +109,8 @@ def expand(spec: dict[str, Any], where: str = "spec") -> Spec:
                 seen.add(run_id)
                 row = ({"case": label} if labelled else {}) | {f: getattr(cfg, f) for f in fields if f != "case"}
                 runs.append(Run(run_id, cfg, row))
-    return Spec(str(spec.get("name", "sweep")), fields, tuple(runs))
+    summary = (("case",) + tuple(grid)) if labelled else fields
+    return Spec(str(spec.get("name", "sweep")), fields, tuple(runs), summary)
 
 
 def _mapping(value: Any, where: str) -> dict[str, Any]:
@@ -174,14 +176,20 @@ def results_path(out: Path, i: int, n: int) -> Path:
 
 # -- running ------------------------------------------------------------------------------------
 def run(spec_path: str | os.PathLike, out: str | os.PathLike, *, shard: tuple[int, int] = (0, 1),
-        data_dir: str | os.PathLike | None = None, make_plots: bool = False) -> Path:
-    """Runs (or resumes) this shard of the sweep; returns its results CSV."""
+        data_dir: str | os.PathLike | None = None, make_plots: bool = False,
+        models_dir: str | os.PathLike | None = None) -> Path:
+    """Runs (or resumes) this shard of the sweep; returns its results CSV.
+
+    models_dir: where the baselines and retrained models live (default: `out`); sweeps given
+    the same one share every model they have in common.
+    """
     from ci_jax import data, experiment  # late: spec errors come before jax starts
 
     out = Path(out)
     raw = read_spec(spec_path)
     spec = expand(raw, where=f"sweep spec {spec_path}")
     files.write_json(out / "sweep.json", {"spec": raw, "fields": list(spec.fields),
+                                          "summary_fields": list(spec.summary_fields),
                                           "run_ids": [r.run_id for r in spec.runs]})
     i, n = shard
     csv_path = results_path(out, i, n)
@@ -197,7 +205,7 @@ def run(spec_path: str | os.PathLike, out: str | os.PathLike, *, shard: tuple[in
                     datasets[r.cfg.dataset] = data.load(r.cfg.dataset, data_dir)
                 tqdm.write(f"run {r.run_id}: {r.varied}, seed {r.cfg.seed}")
                 report = experiment.run(r.cfg, out / "runs" / r.run_id, dataset=datasets[r.cfg.dataset],
-                                        make_plots=make_plots, shared_dir=out)
+                                        make_plots=make_plots, shared_dir=models_dir or out)
                 rows.append(row_of(r, report))
                 write_rows(csv_path, columns(spec), rows)
                 done.add(r.run_id)
@@ -277,7 +285,7 @@ def summarize(out: str | os.PathLike) -> dict[str, Any]:
 
     out = Path(out)
     meta = files.read_json(out / "sweep.json")
-    fields = meta["fields"]
+    fields = meta["summary_fields"]
     rows = read_rows(out / "results.csv")
     table = aggregate(rows, fields)
     files.write_json(out / "summary.json", {"fields": fields, "rows": table})

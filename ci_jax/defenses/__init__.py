@@ -7,6 +7,7 @@ mask of samples it keeps, and a JSON report. `run` picks the one a config names.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -21,17 +22,21 @@ class Result:
 
 
 def run(cfg, feats_ND: np.ndarray, pred_N: np.ndarray, y_N: np.ndarray, num_classes: int,
-        filtered_pred: Callable[[], np.ndarray], is_poison_N: np.ndarray | None = None) -> Result:
+        filtered_pred: Callable[[], np.ndarray], is_poison_N: np.ndarray | None = None,
+        cache_dir: Path | None = None, feats_key: str = "") -> Result:
     """The defense `cfg.defense` on a training set's features and predictions.
 
     filtered_pred: gives the predictions on filtered images; called only by defenses that need
     another model pass (CI), so that AC and SS cost nothing but their own clustering.
     is_poison_N: ground truth, only to count the poisons in each cluster of the report.
+    cache_dir, feats_key: where a defense may keep slow intermediate results (CI's mixtures),
+    and what identifies the features they came from.
     """
     from ci_jax.defenses import ac, ci, ss  # late: the modules import Result from here
 
     if cfg.defense == "ci":
-        return ci.run(feats_ND, pred_N, filtered_pred(), y_N, num_classes, cfg, is_poison_N)
+        cache = cache_dir / "gmm.json" if cache_dir is not None else None
+        return ci.run(feats_ND, pred_N, filtered_pred(), y_N, num_classes, cfg, is_poison_N, cache, feats_key)
     if cfg.defense == "ac":
         return ac.run(feats_ND, y_N, num_classes, cfg, is_poison_N)
     if cfg.defense == "ss":

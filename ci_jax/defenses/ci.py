@@ -9,10 +9,12 @@ KL([1, 0] || [p, 1 - p]) = -log p, p the fraction of its images whose decision s
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import time
 import warnings
+from pathlib import Path
 from typing import Any, Callable
 
 import jax
@@ -22,7 +24,8 @@ from joblib import Parallel, delayed
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.mixture import GaussianMixture
 
-from ci_jax.config import Config
+from ci_jax import files
+from ci_jax.config import Config, fingerprint
 from ci_jax.defenses import Result
 
 # p = 0 would make -log p infinite; clamping p keeps the score finite and still the largest.
@@ -138,6 +141,27 @@ def cluster(feats_ND: np.ndarray, y_N: np.ndarray, num_classes: int,
     return comp_N, classes
 
 
+GMM_FIELDS: tuple[str, ...] = ("bic_search", "k_max", "covariance", "reg_covar", "seed")
+
+
+def cluster_cached(feats_ND: np.ndarray, y_N: np.ndarray, num_classes: int, cfg: Config,
+                   cache: Path | None, feats_key: str = "") -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """`cluster`, kept in a JSON file keyed by the GMM settings and `feats_key` (what produced the
+    features): the slow host stage runs once however many impurity settings reuse it."""
+    key = f"{feats_key}-{fingerprint(cfg, GMM_FIELDS)}"
+    if cache is not None and cache.exists():
+        try:
+            saved = files.read_json(cache)
+            if saved["key"] == key and len(saved["comp"]) == len(y_N):
+                return np.asarray(saved["comp"], np.int64), saved["classes"]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # unreadable: fitted again and rewritten below
+    comp_N, classes = cluster(feats_ND, y_N, num_classes, cfg)
+    if cache is not None:
+        files.write_json(cache, {"key": key, "classes": classes, "comp": comp_N.tolist()})
+    return comp_N, classes
+
+
 # -- impurity and decision ----------------------------------------------------------------------
 @functools.partial(jax.jit, static_argnums=3)
 def impurity(pred_N: jax.Array, pred_blur_N: jax.Array, comp_N: jax.Array,
@@ -164,10 +188,16 @@ def flag(impurity_K: np.ndarray, k_of_comp: np.ndarray, rule: str, tau: float) -
 
 
 def run(feats_ND: np.ndarray, pred_N: np.ndarray, pred_blur_N: np.ndarray, y_N: np.ndarray,
-        num_classes: int, cfg: Config, is_poison_N: np.ndarray | None = None) -> Result:
-    """The defense from features and decisions already computed (clean and filtered images)."""
+        num_classes: int, cfg: Config, is_poison_N: np.ndarray | None = None,
+        cache: Path | None = None, feats_key: str = "") -> Result:
+    """The defense from features and decisions already computed (clean and filtered images).
+
+    cache, feats_key: where to keep the clustering, and what identifies the features
+    (see `cluster_cached`).
+    """
     t0 = time.perf_counter()
-    comp_N, classes = cluster(feats_ND, y_N, num_classes, cfg)
+    comp_N, classes = cluster_cached(feats_ND, y_N, num_classes, cfg, cache, feats_key)
+    classes = copy.deepcopy(classes)
     t_gmm = time.perf_counter() - t0
     n_comp = sum(c["k"] for c in classes)
     imp_K, size_K = impurity(jnp.asarray(pred_N), jnp.asarray(pred_blur_N), jnp.asarray(comp_N), n_comp)
