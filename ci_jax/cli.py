@@ -28,6 +28,17 @@ def _set_xla_flags() -> None:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={raw}".strip()
 
 
+def _compilation_cache() -> None:
+    """XLA's persistent compilation cache in $CI_JAX_CACHE_DIR (default ~/.cache/ci-jax/xla;
+    empty: off). Every run of a sweep builds new Trainers over the same programs: with the cache
+    only the first one compiles them."""
+    import jax
+
+    path = os.environ.get("CI_JAX_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "ci-jax", "xla"))
+    if path:
+        jax.config.update("jax_compilation_cache_dir", path)
+
+
 def _parser() -> argparse.ArgumentParser:
     from ci_jax import config as config_lib
 
@@ -125,6 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         _set_xla_flags()
+        _compilation_cache()
         {"run": _run, "sweep": _sweep, "merge": _merge}[args.command](args)
     except UserError as e:
         print(f"ci-jax: error: {e}", file=sys.stderr)

@@ -8,6 +8,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+from ci_jax import faults
+
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Calls write(tmp_path) for a temporary file beside `path`, then renames it over `path`."""
@@ -19,6 +21,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        faults.point(f"write:{path.name}")
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

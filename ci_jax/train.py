@@ -24,7 +24,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from ci_jax import files, metrics, models
+from ci_jax import faults, files, metrics, models
 from ci_jax.config import Config
 from ci_jax.errors import UserError
 
@@ -208,6 +208,7 @@ def train(trainer: Trainer, x_NHWC: np.ndarray, y_N: np.ndarray, ckpt_dir: str |
         loss = trainer.fit_epoch(x, y, epoch, desc)
         mngr.save(epoch + 1, args=ocp.args.StandardSave(trainer.leaves()))
         mngr.wait_until_finished()
+        faults.point(f"{desc}-epoch")
         tqdm.write(f"{desc}: epoch {epoch + 1}/{trainer.cfg.epochs} mean loss {loss:.4f}")
     mngr.close()
     seconds = time.perf_counter() - t0

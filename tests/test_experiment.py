@@ -97,3 +97,61 @@ def test_nothing_removed_reuses_the_baseline_as_the_retrained_model(ds, tmp_path
     assert report["retrained"] == {**report["baseline"], "checkpoint": "baseline"}
     assert report["timings_s"]["retrain"] == 0.0
     assert not (tmp_path / "clean" / "retrained").exists()
+
+
+# -- kill -9 and resume -------------------------------------------------------------------------
+RESUME_ARGS = ["--preset", "fast", "--epochs", "2", "--batch-size", "32", "--eval-batch-size", "128",
+               "--n-poison", "20", "--amplitude", "1.0", "--k-max", "3", "--covariance", "diag",
+               "--tau", "0.05", "--no-plots"]
+
+
+def _cli(out, data_dir, kill_at=None):
+    """The CLI in its own process group, as a scheduler runs a job; a killed run's leftover
+    workers (joblib's) are killed with the group, as a pre-empted job's are."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+
+    env = {k: v for k, v in os.environ.items() if k != "CI_JAX_KILL_AT"}
+    env["PYTHONPATH"] = os.pathsep.join([os.getcwd(), env.get("PYTHONPATH", "")])
+    if kill_at:
+        env["CI_JAX_KILL_AT"] = kill_at
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "ci_jax.cli", "run", "--data-dir", str(data_dir),
+                                 "--out", str(out), *RESUME_ARGS], env=env, stdout=log, stderr=log,
+                                start_new_session=True)
+        try:
+            proc.wait(timeout=600)
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        log.seek(0)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, "", log.read())
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(mnist_like_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("whole")
+    proc = _cli(out, mnist_like_dir)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["defense"]["removed"] > 0  # so that the retraining stage exists to be killed
+    return report
+
+
+@pytest.mark.parametrize("kill_at", ["baseline-epoch", "gmm", "retrain-epoch", "write:report.json"])
+def test_killed_run_resumes_to_the_same_report(kill_at, uninterrupted, mnist_like_dir, tmp_path):
+    killed = _cli(tmp_path, mnist_like_dir, kill_at)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert not (tmp_path / "report.json").exists()
+    resumed = _cli(tmp_path, mnist_like_dir)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert _without_timings(report) == _without_timings(uninterrupted)
+    if kill_at == "gmm":  # the finished baseline is reused, not retrained
+        assert report["timings_s"]["train_baseline"] == 0.0
+    assert not list(tmp_path.rglob("*.tmp"))

@@ -7,11 +7,10 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import yaml
 
-from ci_jax import config, data, sweep
+from ci_jax import config, sweep
 from ci_jax.errors import UserError
 
 BASE = dict(dataset="mnist", epochs=1, batch_size=32, eval_batch_size=128, n_poison=20, amplitude=1.0,
@@ -20,15 +19,8 @@ SPEC = {"name": "tiny", "preset": "fast", "base": BASE, "grid": {"tau": [0.5, 10
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    """A small synthetic task written as the four MNIST IDX files."""
-    ds = data.synthetic(n_train=400, n_test=100, seed=0)
-    d = tmp_path_factory.mktemp("mnist")
-    to_u8 = lambda x: np.round(x[..., 0] * 255).astype(np.uint8)
-    for stem, arr in zip(data.IDX_FILES, (to_u8(ds.x_train), ds.y_train.astype(np.uint8),
-                                           to_u8(ds.x_test), ds.y_test.astype(np.uint8))):
-        data.write_idx(d / f"{stem}.gz", arr)
-    return d
+def data_dir(mnist_like_dir):
+    return mnist_like_dir
 
 
 def _spec_file(tmp_path, spec=SPEC, name="spec.yaml"):

@@ -24,7 +24,7 @@ from joblib import Parallel, delayed
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.mixture import GaussianMixture
 
-from ci_jax import files
+from ci_jax import faults, files
 from ci_jax.config import Config, fingerprint
 from ci_jax.defenses import Result
 
@@ -157,6 +157,7 @@ def cluster_cached(feats_ND: np.ndarray, y_N: np.ndarray, num_classes: int, cfg:
         except (OSError, ValueError, KeyError, TypeError):
             pass  # unreadable: fitted again and rewritten below
     comp_N, classes = cluster(feats_ND, y_N, num_classes, cfg)
+    faults.point("gmm")
     if cache is not None:
         files.write_json(cache, {"key": key, "classes": classes, "comp": comp_N.tolist()})
     return comp_N, classes
