@@ -208,6 +208,19 @@ def test_load_idx_dir(tmp_path, name, gz):
     np.testing.assert_allclose(ds.x_test[..., 0], arrays["t10k-images-idx3-ubyte"] / 255, rtol=1e-6)
     np.testing.assert_array_equal(ds.y_train, arrays["train-labels-idx1-ubyte"])
     np.testing.assert_array_equal(ds.y_test, arrays["t10k-labels-idx1-ubyte"])
+    suffix = ".gz" if gz else ""
+    assert ds.files == tuple(str((tmp_path / f"{stem}{suffix}").resolve()) for stem in data.IDX_FILES)
+
+
+def test_dataset_files_are_absolute_even_for_a_relative_data_dir(tmp_path, monkeypatch):
+    _write_idx_set(tmp_path / "mnist")
+    monkeypatch.chdir(tmp_path)
+    ds = data.load("mnist", "mnist")
+    assert len(ds.files) == 4 and all(Path(f).is_absolute() and Path(f).is_file() for f in ds.files)
+
+
+def test_synthetic_dataset_has_no_files():
+    assert data.synthetic(n_train=20, n_test=10).files == ()
 
 
 def test_load_prefers_gz(tmp_path):
@@ -349,6 +362,8 @@ def test_load_cifar10_binary(tmp_path, subdir):
     # Pixel (row 5, col 7) of channel 2 of the first record of batch 2, now NHWC.
     assert ds.x_train[3, 5, 7, 2] == pytest.approx(x_NCHW[0, 2, 5, 7] / 255)
     np.testing.assert_array_equal(ds.y_test, written["test_batch.bin"][1])
+    root = (tmp_path / subdir if subdir else tmp_path).resolve()
+    assert ds.files == tuple(str(root / f) for f in (*data.CIFAR_TRAIN_FILES, data.CIFAR_TEST_FILE))
 
 
 def test_cifar10_bad_size_and_missing_file(tmp_path):
