@@ -16,8 +16,9 @@ import socket
 import struct
 import urllib.request
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
-from typing import BinaryIO, Callable, Sequence
+from typing import BinaryIO, Callable
 
 import numpy as np
 
