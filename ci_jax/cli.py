@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 from typing import Sequence
@@ -48,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     run.add_argument("--preset", default="default", choices=sorted(config_lib.PRESETS),
                      help="base settings; 'seed' = the public notebook's exact recipe")
-    run.add_argument("--config", help="JSON file of config fields, applied over the preset")
+    run.add_argument("--config", help="JSON or YAML file of config fields, applied over the preset")
     run.add_argument("--out", default="runs/default", help="run directory (reused: resumes and reuses checkpoints)")
     run.add_argument("--data-dir", help="directory with the dataset's files (else $CI_JAX_DATA_DIR, "
                                         "else tensorflow-datasets)")
@@ -79,19 +78,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _config(args: argparse.Namespace):
     from ci_jax import config as config_lib
-    from ci_jax.errors import UserError
 
-    overrides = {}
-    if args.config:
-        try:
-            with open(args.config) as f:
-                overrides = json.load(f)
-        except OSError as e:
-            raise UserError(f"cannot read config file {args.config}: {e.strerror}") from None
-        except json.JSONDecodeError as e:
-            raise UserError(f"config file {args.config} is not valid JSON: {e}") from None
-        if not isinstance(overrides, dict):
-            raise UserError(f"config file {args.config}: expected a JSON object of config fields")
+    overrides = config_lib.load_file(args.config) if args.config else {}
     for f in dataclasses.fields(config_lib.Config):
         if getattr(args, f.name) is not None:
             overrides[f.name] = getattr(args, f.name)

@@ -11,7 +11,14 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
+import re
+import reprlib
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 from ci_jax.errors import UserError
 
@@ -115,7 +122,8 @@ def replace(cfg: Config, **overrides: Any) -> Config:
     names = {f.name for f in dataclasses.fields(Config)}
     unknown = sorted(set(overrides) - names)
     if unknown:
-        raise UserError(f"unknown config field(s) {', '.join(unknown)}: valid fields are {', '.join(sorted(names))}")
+        shown = ", ".join(_show(k) for k in unknown[:5]) + (", ..." if len(unknown) > 5 else "")
+        raise UserError(f"unknown config field(s) {shown}: valid fields are {', '.join(sorted(names))}")
     cfg = dataclasses.replace(cfg, **overrides)
     validate(cfg)
     # 1 and 1.0 are the same setting: normalise so that config.json and fingerprints agree.
@@ -125,18 +133,80 @@ def replace(cfg: Config, **overrides: Any) -> Config:
 
 def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise UserError(f"unknown {name} {value!r}: choose one of {', '.join(choices)}")
+        raise UserError(f"unknown {name} {_show(value)}: choose one of {', '.join(choices)}")
+
+
+# Seeds, counts and sizes end up in int32 arrays and in numpy/sklearn seeds (< 2^32), so an int
+# beyond this is a typo, and rejecting it here beats an OverflowError deep inside a library.
+INT_MAX = 2**31 - 1
+# Per numeric field: (lowest, highest, is the lowest itself allowed). Bounds without a field here
+# are data-dependent (trigger position, classes) and are checked against the data.
+_RANGES: dict[str, tuple[float, float, bool]] = {
+    "epochs": (1, INT_MAX, True), "batch_size": (1, INT_MAX, True),
+    "eval_batch_size": (1, INT_MAX, True), "k_max": (1, INT_MAX, True),
+    "n_poison": (0, INT_MAX, True), "seed": (0, INT_MAX, True),
+    "lr": (0.0, math.inf, False), "reg_covar": (0.0, math.inf, False),
+    "amplitude": (0.0, math.inf, False), "weight_decay": (0.0, math.inf, True),
+    "tau": (0.0, math.inf, True), "momentum": (0.0, math.inf, True),
+    # The gaussian filter's kernel radius is 2 sigma: beyond the image size a larger sigma changes
+    # nothing, and a huge one would allocate a huge kernel.
+    "filter_param": (0.0, 100.0, True),
+    "patch_size": (1, INT_MAX, True), "trigger_seed": (0, INT_MAX, True),
+    "blend_alpha": (0.0, 1.0, False), "chess_delta": (0.0, 1.0, False),
+    "source": (-1, INT_MAX, True),  # -1: every class but the target
+    "ac_dims": (1, INT_MAX, True), "ac_size": (0.0, 1.0, False), "ac_silhouette": (-1.0, 1.0, True),
+    "ss_eps": (0.0, 2 / 3, False),  # 1.5 eps of each class is removed: at most all of it
+}
+_TYPE_WORDS = {"int": "an int (a whole number)", "float": "a number", "bool": "true or false",
+               "str": "a string"}
+
+
+class _Repr(reprlib.Repr):
+    """Bounded repr: a config file may hold a million-digit int, a huge string or a deep list."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxstring, self.maxother, self.maxlong, self.maxlevel = 60, 60, 40, 3
+
+    def repr_int(self, x: int, level: int) -> str:
+        if x.bit_length() > 10_000:  # str() refuses ints beyond 4300 digits
+            return f"<int of {x.bit_length()} bits>"
+        return super().repr_int(x, level)
+
+
+_show = _Repr().repr
+
+
+def _range_text(low: float, high: float, inclusive: bool) -> str:
+    if high == math.inf:
+        return f"must be {'>=' if inclusive else '>'} {low}"
+    return f"must be from {low} to {high}" if inclusive else f"must be > {low} and <= {high}"
+
+
+def _check_field(name: str, kind: str, v: Any) -> None:
+    # bool is an int subclass, so True would pass as 1 for an int or float field.
+    want = {"int": int, "float": (int, float), "bool": bool, "str": str}[kind]
+    if isinstance(v, bool) and kind != "bool" or not isinstance(v, want):
+        raise UserError(f"config field {name} = {_show(v)}: expected {_TYPE_WORDS[kind]}, "
+                        f"got {type(v).__name__}")
+    if kind == "float":
+        try:
+            finite = math.isfinite(v)
+        except OverflowError:  # an int too large for a float
+            finite = False
+        if not finite:
+            raise UserError(f"config field {name} = {_show(v)}: expected a finite number")
+    if kind not in ("int", "float"):
+        return
+    low, high, inclusive = _RANGES.get(name, (-INT_MAX - 1, INT_MAX, True))
+    if not (low <= v if inclusive else low < v) or v > high:
+        raise UserError(f"config field {name} = {_show(v)}: {_range_text(low, high, inclusive)}")
 
 
 def validate(cfg: Config) -> None:
     """Checks types, ranges and names of every field; data-dependent checks live with the data."""
     for f in dataclasses.fields(Config):
-        v = getattr(cfg, f.name)
-        want = {"int": int, "float": (int, float), "bool": bool, "str": str}[f.type]
-        if isinstance(v, bool) and f.type != "bool" or not isinstance(v, want):
-            raise UserError(f"config field {f.name} = {v!r}: expected {f.type}")
-        if f.type == "float" and not math.isfinite(v):
-            raise UserError(f"config field {f.name} = {v!r}: expected a finite number")
+        _check_field(f.name, f.type, getattr(cfg, f.name))
     from ci_jax import data, models, poison  # late: keeps `config` importable without jax
 
     _choice("dataset", cfg.dataset, data.DATASETS)
@@ -152,24 +222,6 @@ def validate(cfg: Config) -> None:
     _choice("defense", cfg.defense, DEFENSES)
     _choice("ac_reduce", cfg.ac_reduce, AC_REDUCTIONS)
     _choice("ac_rule", cfg.ac_rule, AC_RULES)
-    positive = dict(epochs=cfg.epochs, batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size,
-                    k_max=cfg.k_max, lr=cfg.lr, reg_covar=cfg.reg_covar, patch_size=cfg.patch_size,
-                    ac_dims=cfg.ac_dims)
-    for name, v in positive.items():
-        if v <= 0:
-            raise UserError(f"config field {name} = {v!r}: must be > 0")
-    for name in ("n_poison", "weight_decay", "tau", "filter_param", "momentum"):
-        if getattr(cfg, name) < 0:
-            raise UserError(f"config field {name} = {getattr(cfg, name)!r}: must be >= 0")
-    if cfg.amplitude <= 0:
-        raise UserError(f"config field amplitude = {cfg.amplitude!r}: must be > 0")
-    for name, hi in (("blend_alpha", 1.0), ("chess_delta", 1.0), ("ac_size", 1.0), ("ss_eps", 2 / 3)):
-        if not 0 < getattr(cfg, name) <= hi:
-            raise UserError(f"config field {name} = {getattr(cfg, name)!r}: must be in (0, {hi:.4g}]")
-    if not -1 <= cfg.ac_silhouette <= 1:
-        raise UserError(f"config field ac_silhouette = {cfg.ac_silhouette!r}: must be in [-1, 1]")
-    if cfg.source < -1:
-        raise UserError(f"config field source = {cfg.source!r}: a class, or -1 for all but the target")
     if cfg.source == cfg.target:
         raise UserError(f"source and target are both class {cfg.source}: the attack must relabel to another class")
 
@@ -178,8 +230,71 @@ def to_dict(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def from_dict(d: dict[str, Any]) -> Config:
+def from_dict(d: Mapping[str, Any]) -> Config:
+    if not isinstance(d, Mapping):
+        raise UserError(f"config: expected a mapping of field names to values, got {type(d).__name__}")
+    # ** would raise TypeError on a non-string key (YAML reads `1: 2` as an int key).
+    bad = [k for k in d if not isinstance(k, str)]
+    if bad:
+        raise UserError(f"unknown config field(s) {', '.join(_show(k) for k in bad[:5])}: "
+                        "field names are strings")
     return replace(Config(), **d)
+
+
+def load_file(path: str | os.PathLike) -> dict[str, Any]:
+    """The config fields in a JSON (.json) or YAML (.yaml, .yml) file, not yet validated."""
+    path = Path(path)
+    kind = {".json": "JSON", ".yaml": "YAML", ".yml": "YAML"}.get(path.suffix.lower())
+    if kind is None:
+        raise UserError(f"config file {path}: unknown extension {path.suffix!r}: "
+                        "name it .json, .yaml or .yml")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise UserError(f"cannot read config file {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"config file {path} is not UTF-8 text (bad byte at offset {e.start}): "
+                        "is it the right file?") from None
+    try:
+        d = json.loads(text) if kind == "JSON" else yaml.load(text, Loader=_YamlLoader)
+    except json.JSONDecodeError as e:
+        raise UserError(f"config file {path} is not valid JSON: {e.msg} at line {e.lineno}, "
+                        f"column {e.colno}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or type(e).__name__
+        raise UserError(f"config file {path} is not valid YAML: {_one_line(problem)}{where}") from None
+    except (ValueError, RecursionError) as e:
+        # ValueError: an int too long for int() or a bad YAML date; RecursionError: absurd nesting.
+        raise UserError(f"config file {path} is not valid {kind}: {type(e).__name__}: "
+                        f"{_one_line(str(e))}") from None
+    if not isinstance(d, dict):
+        what = "a JSON object" if kind == "JSON" else "a YAML mapping"
+        got = "nothing" if d is None else type(d).__name__
+        raise UserError(f"config file {path}: expected {what} of config fields, got {got}")
+    bad = [k for k in d if not isinstance(k, str)]
+    if bad:
+        raise UserError(f"config file {path}: key {_show(bad[0])} is not a config field name")
+    return d
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader that also reads `1e-3` as a float.
+
+    PyYAML follows YAML 1.1, where a float needs a dot (1.0e-3): `lr: 1e-3` would be the string
+    '1e-3' and fail validation with a puzzling type error.
+    """
+
+
+_YamlLoader.add_implicit_resolver(  # copies SafeLoader's resolvers first, leaving them as they are
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def _one_line(text: str) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def fingerprint(cfg: Config, fields: tuple[str, ...]) -> str:
@@ -187,19 +302,3 @@ def fingerprint(cfg: Config, fields: tuple[str, ...]) -> str:
     blob = json.dumps({k: getattr(cfg, k) for k in fields}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
-
-def load_file(path) -> dict[str, Any]:
-    """A JSON or YAML mapping from a file (by extension), or one UserError naming the file."""
-    import yaml
-
-    try:
-        text = open(path).read()
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {e.strerror}") from None
-    try:
-        obj = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
-    except (ValueError, yaml.YAMLError) as e:
-        raise UserError(f"{path} is not valid {'JSON' if str(path).endswith('.json') else 'YAML'}: {e}") from None
-    if not isinstance(obj, dict):
-        raise UserError(f"{path}: expected a mapping at the top level")
-    return obj

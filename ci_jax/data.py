@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import math
 import os
 import socket
 import struct
 import urllib.request
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Callable
+from typing import BinaryIO, Callable
 
 import numpy as np
 
@@ -39,6 +41,7 @@ CIFAR_SUBDIR = "cifar-10-batches-bin"  # what cifar-10-binary.tar.gz extracts to
 CIFAR_RECORD_BYTES = 1 + 3 * 32 * 32
 
 _IDX_UBYTE = 0x08
+_MAX_EXCESS_COUNTED = 1 << 26
 _GET_DATA_DIR = (
     "pass --data-dir DIR holding {what}, or omit it to download with tensorflow-datasets"
 )
@@ -55,6 +58,9 @@ class Dataset:
     x_test: np.ndarray = dataclasses.field(repr=False)
     y_test: np.ndarray = dataclasses.field(repr=False)
     num_classes: int
+    # Absolute paths of the files the arrays were read from; () when they came from elsewhere
+    # (tfds, synthetic). Lets provenance.record hash exactly what a run used.
+    files: tuple[str, ...] = ()
 
 
 def load(name: str, data_dir: str | os.PathLike | None = None) -> Dataset:
@@ -83,55 +89,96 @@ def load(name: str, data_dir: str | os.PathLike | None = None) -> Dataset:
 
 
 def read_idx(path: str | os.PathLike, ndim: int | None = None) -> np.ndarray:
-    """Reads one uint8 IDX file (gzipped if the name ends in .gz); `ndim` checks the rank."""
+    """Reads one uint8 IDX file (gzipped if the name ends in .gz); `ndim` checks the rank.
+
+    Streams the file: the header is checked first and at most the bytes it announces (plus one,
+    to notice a file that is too long) are read, so a corrupt header or a gzip bomb cannot make
+    us allocate more than the file really holds.
+    """
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        with open(path, "rb") as f:
+            if path.suffix != ".gz":
+                return _read_idx_stream(f, path, ndim)
+            try:
+                with gzip.GzipFile(fileobj=f) as gz:
+                    return _read_idx_stream(gz, path, ndim)
+            except (OSError, EOFError, zlib.error) as e:
+                raise UserError(
+                    f"{path}: not a valid gzip file ({_one_line(e)}); re-download it, or store it "
+                    f"uncompressed without the .gz suffix"
+                ) from None
     except FileNotFoundError:
         raise UserError(f"{path}: no such file; check the path or re-download it") from None
-    if path.suffix == ".gz":
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error) as e:
-            raise UserError(
-                f"{path}: not a valid gzip file ({e}); re-download it, or store it uncompressed "
-                f"without the .gz suffix"
-            ) from None
-    return _parse_idx(raw, path, ndim)
+    except OSError as e:
+        raise UserError(f"{path}: cannot read it ({e.strerror or e}); check the path") from None
 
 
-def _parse_idx(raw: bytes, path: Path, ndim: int | None) -> np.ndarray:
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
-        magic = raw[:4].hex() or "empty"
+def _read_idx_stream(f: BinaryIO, path: Path, ndim: int | None) -> np.ndarray:
+    head = _read_at_most(f, 4)
+    if len(head) < 4 or head[0] != 0 or head[1] != 0:
+        magic = head.hex() or "empty"
         raise UserError(
             f"{path}: not an IDX file (magic number 0x{magic}, expected 0x000008NN); "
             f"check that it is the right file and not an HTML error page or an archive"
         )
-    if raw[2] != _IDX_UBYTE:
+    if head[2] != _IDX_UBYTE:
         raise UserError(
-            f"{path}: IDX data type 0x{raw[2]:02x} is not supported, only 0x08 (unsigned byte)"
+            f"{path}: IDX data type 0x{head[2]:02x} is not supported, only 0x08 (unsigned byte)"
         )
-    rank = raw[3]
+    rank = head[3]
     if ndim is not None and rank != ndim:
         raise UserError(
             f"{path}: has {rank} dimensions, expected {ndim} "
             f"({'images' if ndim == 3 else 'labels' if ndim == 1 else 'data'}); "
             f"check that the file is not swapped with another one"
         )
-    header_len = 4 + 4 * rank
-    if len(raw) < header_len:
-        raise UserError(f"{path}: truncated inside its {header_len}-byte header; re-download it")
-    shape = struct.unpack(f">{rank}I", raw[4:header_len])
-    expected = int(np.prod(shape, dtype=np.int64))
-    got = len(raw) - header_len
-    if got != expected:
-        problem = "truncated" if got < expected else "too long"
-        dims = "x".join(map(str, shape))
+    dims = _read_at_most(f, 4 * rank)
+    if len(dims) < 4 * rank:
+        raise UserError(f"{path}: truncated inside its {4 + 4 * rank}-byte header; re-download it")
+    shape = struct.unpack(f">{rank}I", dims)
+    expected = math.prod(shape)  # exact: np.prod would wrap around in int64 for a garbled header
+    data = _read_at_most(f, expected + 1)
+    if len(data) != expected:
+        problem, got = "truncated", str(len(data))
+        if len(data) > expected:
+            # Count the excess, but stop somewhere: a gzip bomb must not keep us busy.
+            rest = _count_rest(f, _MAX_EXCESS_COUNTED)
+            problem, got = "too long", str(len(data) + rest)
+            if rest > _MAX_EXCESS_COUNTED:
+                got = f"over {len(data) + _MAX_EXCESS_COUNTED}"
         raise UserError(
-            f"{path}: {problem}: header says {dims} = {expected} bytes of data, file has {got}; "
-            f"re-download it"
+            f"{path}: {problem}: header says {'x'.join(map(str, shape))} = {expected} bytes of "
+            f"data, file has {got}; re-download it"
         )
-    return np.frombuffer(raw, dtype=np.uint8, offset=header_len).reshape(shape)
+    try:
+        return np.frombuffer(data, dtype=np.uint8).reshape(shape)
+    except ValueError:  # e.g. 0 x 2^21 x 2^21 x 2^21: empty, yet beyond what numpy can index
+        raise UserError(f"{path}: header's shape {'x'.join(map(str, shape))} is not a usable "
+                        f"array shape; the file is corrupt, re-download it") from None
+
+
+def _read_at_most(f: BinaryIO, n: int, chunk: int = 1 << 20) -> bytes:
+    # In chunks: f.read(n) may allocate n bytes up front, and n comes from an untrusted header.
+    parts, left = [], n
+    while left > 0:
+        part = f.read(min(chunk, left))
+        if not part:
+            break
+        parts.append(part)
+        left -= len(part)
+    return b"".join(parts)
+
+
+def _count_rest(f: BinaryIO, limit: int, chunk: int = 1 << 20) -> int:
+    """How many bytes are left, counting no further than just past `limit`."""
+    n = 0
+    while n <= limit:
+        part = f.read(chunk)
+        if not part:
+            break
+        n += len(part)
+    return n
 
 
 def write_idx(path: str | os.PathLike, array_uint8: np.ndarray) -> None:
@@ -152,7 +199,7 @@ def write_idx(path: str | os.PathLike, array_uint8: np.ndarray) -> None:
 
 def _load_idx_dir(name: str, data_dir: Path) -> Dataset:
     root = _find_dir(name, [data_dir, data_dir / name], _idx_candidates, _IDX_WHAT)
-    arrays = {}
+    arrays, paths = {}, []
     for stem in IDX_FILES:
         path = _idx_path(root, stem)
         if path is None:
@@ -161,11 +208,13 @@ def _load_idx_dir(name: str, data_dir: Path) -> Dataset:
                 + _GET_DATA_DIR.format(what=_IDX_WHAT)
             )
         arrays[stem] = (path, read_idx(path, ndim=1 if "labels" in stem else 3))
+        paths.append(path)
     x_train_NHW, y_train_N = _check_idx_pair(arrays["train-images-idx3-ubyte"],
                                              arrays["train-labels-idx1-ubyte"])
     x_test_NHW, y_test_N = _check_idx_pair(arrays["t10k-images-idx3-ubyte"],
                                            arrays["t10k-labels-idx1-ubyte"])
-    return _to_dataset(name, x_train_NHW[..., None], y_train_N, x_test_NHW[..., None], y_test_N)
+    return _to_dataset(name, x_train_NHW[..., None], y_train_N, x_test_NHW[..., None], y_test_N,
+                       files=paths)
 
 
 def _idx_path(root: Path, stem: str) -> Path | None:
@@ -227,7 +276,8 @@ def _load_cifar10_dir(data_dir: Path) -> Dataset:
     x_train_NHWC = np.concatenate([x for x, _ in train])
     y_train_N = np.concatenate([y for _, y in train])
     x_test_NHWC, y_test_N = _read_cifar_bin(root / CIFAR_TEST_FILE)
-    return _to_dataset("cifar10", x_train_NHWC, y_train_N, x_test_NHWC, y_test_N)
+    paths = [root / f for f in (*CIFAR_TRAIN_FILES, CIFAR_TEST_FILE)]
+    return _to_dataset("cifar10", x_train_NHWC, y_train_N, x_test_NHWC, y_test_N, files=paths)
 
 
 def _cifar_candidates(root: Path) -> list[Path]:
@@ -340,7 +390,8 @@ def _one_line(e: BaseException) -> str:
 # ---------------------------------------------------------------- common
 
 
-def _to_dataset(name, x_train_NHWC, y_train_N, x_test_NHWC, y_test_N) -> Dataset:
+def _to_dataset(name, x_train_NHWC, y_train_N, x_test_NHWC, y_test_N,
+                files: Sequence[Path] = ()) -> Dataset:
     return Dataset(
         name=name,
         x_train=_to_float(x_train_NHWC),
@@ -348,6 +399,7 @@ def _to_dataset(name, x_train_NHWC, y_train_N, x_test_NHWC, y_test_N) -> Dataset
         x_test=_to_float(x_test_NHWC),
         y_test=np.asarray(y_test_N, dtype=np.int32),
         num_classes=NUM_CLASSES,
+        files=tuple(str(Path(p).resolve()) for p in files),
     )
 
 

@@ -1,7 +1,8 @@
 """One experiment: load -> poison -> train baseline -> defend -> remove -> retrain -> evaluate.
 
-A run directory holds `config.json`, `report.json`, `plots/`, and the Orbax checkpoints of the
-`baseline/` and `retrained/` models. Each stage's checkpoint is keyed by what produced it, so a
+A run directory holds `config.json`, `provenance.json` (library versions, device, data hash),
+`report.json`, `defense.npz`, `plots/`, and the Orbax checkpoints of the `baseline/` and
+`retrained/` models. Each stage's checkpoint is keyed by what produced it, so a
 rerun resumes an interrupted stage and reuses a finished one: changing only defense settings
 retrains nothing but the cleaned model (and not even that if the removal is the same).
 """
@@ -20,7 +21,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ci_jax import config as config_lib
-from ci_jax import data, defenses, files, metrics, plots, poison, train
+from ci_jax import data, defenses, files, metrics, plots, poison, provenance, train
 from ci_jax.config import Config
 from ci_jax.defenses import ci
 from ci_jax.errors import UserError
@@ -116,6 +117,7 @@ def run(cfg: Config, out: str | os.PathLike, *, data_dir: str | os.PathLike | No
     if out.is_dir():
         files.clear_stale_tmp(out)  # a run directory has one writer: what a kill left is stale
     files.write_json(out / "config.json", config_lib.to_dict(cfg))
+    files.write_json(out / "provenance.json", provenance.record(dataset))
     image_shape = dataset.x_train.shape[1:]
     steps = lambda n: math.ceil(n / cfg.batch_size)
 

@@ -175,30 +175,87 @@ def _manager(ckpt_dir: Path) -> ocp.CheckpointManager:
         max_to_keep=1, enable_async_checkpointing=False))
 
 
+def _damaged(ckpt_dir: Path, what: str) -> UserError:
+    return UserError(f"checkpoint directory {ckpt_dir} is damaged ({what}): delete that directory "
+                     f"to train this model again from scratch")
+
+
+def _read_marker(ckpt_dir: Path, name: str) -> dict[str, Any] | None:
+    """key.json / done.json as a dict with a "key"; None if absent; UserError if unreadable."""
+    path = ckpt_dir / name
+    if not path.exists():
+        return None
+    try:
+        d = files.read_json(path)
+    except (OSError, ValueError) as e:  # ValueError: bad JSON or bad UTF-8
+        raise _damaged(ckpt_dir, f"{name} is unreadable: {type(e).__name__}") from None
+    if not isinstance(d, dict) or not isinstance(d.get("key"), str):
+        raise _damaged(ckpt_dir, f"{name} does not hold a key")
+    return d
+
+
+def _restore(mngr: ocp.CheckpointManager, trainer: Trainer, ckpt_dir: Path) -> int:
+    """Loads the latest finalized step into `trainer`; returns it (0 when there is none).
+
+    Orbax lists only finalized steps (saved under a temporary name, then renamed), so what a
+    killed save left behind is never seen here; a finalized step that fails to restore was
+    damaged afterwards (a deleted or truncated file).
+    """
+    latest = None
+    try:
+        latest = mngr.latest_step()
+        if latest is None:
+            return 0
+        restored = mngr.restore(latest, args=ocp.args.StandardRestore(
+            [ocp.utils.to_shape_dtype_struct(np.asarray(l)) for l in trainer.leaves()]))
+    except Exception as e:  # tensorstore, JSON, OSError, ...: the list of ways to fail is open
+        step = f"epoch {latest}" if latest is not None else "its step list"
+        raise _damaged(ckpt_dir, f"cannot restore {step}: {type(e).__name__}: "
+                                 f"{_one_line(str(e))}") from e
+    # Training stops before saving a non-finite loss, so non-finite weights mean damaged bytes.
+    if not all(np.isfinite(np.asarray(l)).all() for l in restored if jnp.issubdtype(l.dtype, jnp.inexact)):
+        raise _damaged(ckpt_dir, f"epoch {latest} holds non-finite weights")
+    trainer.load_leaves(restored)
+    return latest
+
+
+def _one_line(text: str, limit: int = 200) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def train(trainer: Trainer, x_NHWC: np.ndarray, y_N: np.ndarray, ckpt_dir: str | os.PathLike,
           key: str, desc: str = "train") -> dict[str, Any]:
     """Trains to cfg.epochs, resuming from ckpt_dir; a finished run with the same key is reused.
 
     `key` names what was trained (config fingerprint, training set); a directory holding a
-    different key is stale and is cleared.
+    different key is stale and is cleared. A damaged directory (unreadable key.json or done.json,
+    a checkpoint that fails to restore) is a UserError that says to delete it.
     Returns {"reused": bool, "resumed_from_epoch": int, "seconds": float, "images_per_s": float}.
     """
     ckpt_dir = Path(ckpt_dir)
-    meta_path, done_path = ckpt_dir / "key.json", ckpt_dir / "done.json"
-    if meta_path.exists() and files.read_json(meta_path).get("key") != key:
+    meta = _read_marker(ckpt_dir, "key.json")
+    if meta is not None and meta["key"] != key:
         shutil.rmtree(ckpt_dir)
+    elif meta is None and ((ckpt_dir / "orbax").exists() or (ckpt_dir / "done.json").exists()):
+        # key.json is written before anything else: without it, whose weights these are is unknown.
+        raise _damaged(ckpt_dir, "key.json is missing")
+    done = _read_marker(ckpt_dir, "done.json")
+    if done is not None and done["key"] != key:
+        raise _damaged(ckpt_dir, "done.json and key.json disagree")
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    files.write_json(meta_path, {"key": key})
+    files.write_json(ckpt_dir / "key.json", {"key": key})
     mngr = _manager(ckpt_dir / "orbax")
-    start_epoch = 0
-    latest = mngr.latest_step()
-    if latest is not None:
-        restored = mngr.restore(latest, args=ocp.args.StandardRestore(
-            [ocp.utils.to_shape_dtype_struct(np.asarray(l)) for l in trainer.leaves()]))
-        trainer.load_leaves(restored)
-        start_epoch = latest
-    if done_path.exists() and start_epoch == trainer.cfg.epochs:
-        mngr.close()
+    try:
+        return _train(trainer, mngr, x_NHWC, y_N, ckpt_dir, key, done is not None, desc)
+    finally:
+        mngr.close()  # also after a failure: leaves no Orbax threads behind
+
+
+def _train(trainer: Trainer, mngr: ocp.CheckpointManager, x_NHWC: np.ndarray, y_N: np.ndarray,
+           ckpt_dir: Path, key: str, done: bool, desc: str) -> dict[str, Any]:
+    start_epoch = _restore(mngr, trainer, ckpt_dir)
+    if done and start_epoch == trainer.cfg.epochs:
         return {"reused": True, "resumed_from_epoch": start_epoch, "seconds": 0.0, "images_per_s": None}
     _check_divisible(trainer.cfg.batch_size, "batch_size")
     x = jax.device_put(jnp.asarray(x_NHWC), trainer.replicated)
@@ -210,9 +267,8 @@ def train(trainer: Trainer, x_NHWC: np.ndarray, y_N: np.ndarray, ckpt_dir: str |
         mngr.wait_until_finished()
         faults.point(f"{desc}-epoch")
         tqdm.write(f"{desc}: epoch {epoch + 1}/{trainer.cfg.epochs} mean loss {loss:.4f}")
-    mngr.close()
     seconds = time.perf_counter() - t0
     n_img = (trainer.cfg.epochs - start_epoch) * math.ceil(len(y_N) / trainer.cfg.batch_size) * trainer.cfg.batch_size
-    files.write_json(done_path, {"key": key, "epochs": trainer.cfg.epochs})
+    files.write_json(ckpt_dir / "done.json", {"key": key, "epochs": trainer.cfg.epochs})
     return {"reused": False, "resumed_from_epoch": start_epoch, "seconds": seconds,
             "images_per_s": n_img / seconds if seconds > 0 else None}

@@ -44,7 +44,8 @@ def ascent_fit(mixture_ND):
 
 
 def test_sweep_picks_the_true_k_and_tries_every_k(sweep_fit):
-    gmm, bics = sweep_fit
+    gmm, bics, note = sweep_fit
+    assert note is None
     assert gmm.n_components == 3
     assert len(bics) == 6
     assert all(math.isfinite(b) for b in bics)
@@ -52,7 +53,7 @@ def test_sweep_picks_the_true_k_and_tries_every_k(sweep_fit):
 
 
 def test_ascent_picks_the_true_k_and_stops_after_two_non_improvements(ascent_fit, sweep_fit):
-    gmm, bics = ascent_fit
+    gmm, bics, _ = ascent_fit
     assert gmm.n_components == 3
     assert len(bics) < 10
     # k = 1, 2, 3 improve; k = 4 and 5 do not -> stop there.
@@ -66,7 +67,7 @@ def test_ascent_picks_the_true_k_and_stops_after_two_non_improvements(ascent_fit
 @pytest.mark.parametrize("search", ["sweep", "ascent"])
 def test_one_gaussian_gives_k_1(search):
     x_ND = np.random.default_rng(1).normal(0.0, 1.0, (150, D))
-    gmm, bics = ci.choose_k(x_ND, _cfg(bic_search=search, k_max=3 if search == "sweep" else 10))
+    gmm, bics, _ = ci.choose_k(x_ND, _cfg(bic_search=search, k_max=3 if search == "sweep" else 10))
     assert gmm.n_components == 1
     assert int(np.argmin(bics)) == 0
     assert len(bics) == 3  # ascent: k = 2 and 3 fail to improve; sweep: k_max
@@ -75,14 +76,15 @@ def test_one_gaussian_gives_k_1(search):
 @pytest.mark.parametrize("search", ["sweep", "ascent"])
 def test_k_never_exceeds_the_number_of_points(search):
     x_ND = np.random.default_rng(2).normal(0.0, 1.0, (3, D))
-    gmm, bics = ci.choose_k(x_ND, _cfg(bic_search=search, k_max=10, reg_covar=1e-3))
+    gmm, bics, note = ci.choose_k(x_ND, _cfg(bic_search=search, k_max=10, reg_covar=1e-3))
     assert 1 <= gmm.n_components <= 3
     assert len(bics) <= 3
+    assert "k capped at 3" in note
 
 
 def test_single_point_class_is_one_component():
-    gmm, bics = ci.choose_k(np.ones((1, D)), _cfg(bic_search="sweep", k_max=10))
-    assert gmm is None and bics == []
+    gmm, bics, note = ci.choose_k(np.ones((1, D)), _cfg(bic_search="sweep", k_max=10))
+    assert gmm is None and bics == [] and "too few" in note
     feats = np.concatenate([np.random.default_rng(0).normal(size=(50, D)), np.ones((1, D))])
     y = np.array([0] * 50 + [1])
     comp, classes = ci.cluster(feats, y, 2, _cfg(bic_search="sweep", k_max=3))
@@ -91,23 +93,118 @@ def test_single_point_class_is_one_component():
 
 
 def test_k_max_1_fits_one_component(mixture_ND):
-    gmm, bics = ci.choose_k(mixture_ND, _cfg(bic_search="sweep", k_max=1))
+    gmm, bics, _ = ci.choose_k(mixture_ND, _cfg(bic_search="sweep", k_max=1))
     assert gmm.n_components == 1 and len(bics) == 1
 
 
 @pytest.mark.parametrize("covariance", ["diag", "spherical", "tied"])
 def test_other_covariance_types_also_find_the_mixture(mixture_ND, covariance):
-    gmm, _ = ci.choose_k(mixture_ND, _cfg(bic_search="ascent", k_max=5, covariance=covariance))
+    gmm, _, _ = ci.choose_k(mixture_ND, _cfg(bic_search="ascent", k_max=5, covariance=covariance))
     assert gmm.covariance_type == covariance
     assert gmm.n_components == 3
 
 
 def test_choose_k_is_deterministic_for_a_seed(mixture_ND):
     cfg = _cfg(bic_search="sweep", k_max=3, seed=3)
-    g1, b1 = ci.choose_k(mixture_ND, cfg)
-    g2, b2 = ci.choose_k(mixture_ND, cfg)
+    g1, b1, _ = ci.choose_k(mixture_ND, cfg)
+    g2, b2, _ = ci.choose_k(mixture_ND, cfg)
     assert b1 == b2
     np.testing.assert_array_equal(g1.predict(mixture_ND), g2.predict(mixture_ND))
+
+
+# --- degenerate classes: no crash, a fallback, and a note that says what happened ----------------
+
+
+def _degenerate(name: str) -> np.ndarray:
+    rng = np.random.default_rng(7)
+    if name == "fewer_than_k":
+        return rng.normal(size=(3, D))
+    if name == "identical_rows":
+        return np.full((40, D), 0.37)
+    if name == "duplicated_rows":  # 3 distinct vectors, each many times
+        return np.repeat(rng.normal(size=(3, D)) * 5, [30, 20, 10], axis=0)
+    if name == "constant_feature":  # one feature identical across the class
+        return np.c_[rng.normal(size=(100, D - 1)), np.full(100, 7.0)]
+    if name == "huge_scale":  # real blobs, but at 1e30: reg_covar no longer keeps covariances sane
+        return _mixture(n_per=30, seed=1) * 1e30
+    if name == "nan":
+        x = rng.normal(size=(50, D))
+        x[3, 1] = np.nan
+        return x
+    if name == "inf":
+        x = rng.normal(size=(50, D))
+        x[7, 0] = np.inf
+        return x
+    raise KeyError(name)
+
+
+DEGENERATE = ["fewer_than_k", "identical_rows", "duplicated_rows", "constant_feature", "huge_scale",
+              "nan", "inf"]
+
+
+@pytest.mark.parametrize("covariance", ["full", "diag"])
+@pytest.mark.parametrize("name", DEGENERATE)
+def test_degenerate_class_does_not_crash(name, covariance):
+    x_ND = _degenerate(name)
+    gmm, bics, _ = ci.choose_k(x_ND, _cfg(bic_search="sweep", k_max=10, covariance=covariance))
+    assert all(math.isfinite(b) for b in bics)
+    if gmm is not None:
+        assert gmm.n_components <= len(np.unique(x_ND, axis=0))
+        assert gmm.predict(x_ND).shape == (len(x_ND),)
+
+
+@pytest.mark.parametrize("name, k, note", [
+    ("identical_rows", None, "all 40 images have identical features"),
+    ("duplicated_rows", 3, "only 3 distinct feature vectors: k capped at 3"),
+    ("fewer_than_k", None, "k capped at 3"),
+    ("nan", None, "NaN or inf"),
+    ("inf", None, "NaN or inf"),
+])
+def test_degenerate_class_notes(name, k, note):
+    gmm, _, got = ci.choose_k(_degenerate(name), _cfg(bic_search="sweep", k_max=10))
+    assert note in got
+    if k is not None:
+        assert gmm.n_components == k
+
+
+def test_a_k_that_cannot_be_fitted_ends_the_search_with_the_best_smaller_k():
+    # Full covariances of 1e30-scale blobs: some k > 1 fails in sklearn ("ill-defined empirical
+    # covariance"); the search stops there and keeps the best k before it.
+    gmm, bics, note = ci.choose_k(_degenerate("huge_scale"), _cfg(bic_search="sweep", k_max=10))
+    assert "could not be fitted" in note and "kept the best smaller fit" in note
+    failed_k = int(note.split("k=")[1].split(" ")[0])
+    assert len(bics) == failed_k - 1 and gmm.n_components == int(np.argmin(bics)) + 1
+
+
+def test_a_class_where_even_k_1_fails_is_one_component(monkeypatch):
+    def fails(feats_ND, k, cfg):
+        raise ValueError("Fitting the mixture model failed. Try something else.")
+
+    monkeypatch.setattr(ci, "_fit", fails)
+    gmm, bics, note = ci.choose_k(_mixture(n_per=20), _cfg(k_max=4))
+    assert gmm is None and bics == []
+    assert note == "k=1 could not be fitted (Fitting the mixture model failed); kept as one component"
+
+
+def test_cluster_reports_degenerate_classes_and_stays_json():
+    import json
+
+    rng = np.random.default_rng(0)
+    blocks = [rng.normal(size=(60, D)), _degenerate("identical_rows"), _degenerate("nan"),
+              _degenerate("duplicated_rows"), _degenerate("fewer_than_k")]
+    feats = np.concatenate(blocks)
+    y = np.concatenate([np.full(len(b), i) for i, b in enumerate(blocks)])
+    comp, classes = ci.cluster(feats, y, 5, _cfg(bic_search="ascent", k_max=10))
+    assert (comp >= 0).all()
+    notes = {c["label"]: c.get("note") for c in classes}
+    assert "identical features" in notes[1] and "NaN" in notes[2]
+    assert "k capped at 3" in notes[3] and "k capped at 3" in notes[4]
+    assert classes[1]["k"] == classes[2]["k"] == 1
+    json.dumps(classes, allow_nan=False)
+    # The defense end to end still runs and scores every sample.
+    pred = np.zeros(len(y), np.int32)
+    res = ci.run(feats, pred, pred, y, 5, _cfg(bic_search="ascent", k_max=10))
+    assert res.score_N.shape == y.shape and np.isfinite(res.score_N).all()
 
 
 # --- cluster -----------------------------------------------------------------------------------

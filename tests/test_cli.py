@@ -196,6 +196,20 @@ def test_config_file_unknown_field_and_wrong_type(capsys, tmp_path, idx_dir):
     assert "k_max" in _fail(capsys, tmp_path, "--config", str(cfg), data_dir=idx_dir)
 
 
+def test_yaml_config_file_is_applied(capsys, tmp_path, idx_dir):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("# the attack, off the image\ntrigger_row: 40\nn_poison: 5\nlr: 1e-3\n")
+    msg = _fail(capsys, tmp_path, "--config", str(cfg), data_dir=idx_dir)
+    assert "trigger" in msg and "40" in msg
+
+
+def test_yaml_config_file_that_is_not_yaml(capsys, tmp_path, idx_dir):
+    cfg = tmp_path / "cfg.yml"
+    cfg.write_text("tau: 0.5\nk_max: [3\n")
+    msg = _fail(capsys, tmp_path, "--config", str(cfg), data_dir=idx_dir)
+    assert str(cfg) in msg and "not valid YAML" in msg and "line" in msg
+
+
 def test_flags_override_the_config_file(capsys, tmp_path, idx_dir):
     # The file's bad tau is replaced by the flag's; what is left is the attack error.
     cfg = tmp_path / "cfg.json"

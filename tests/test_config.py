@@ -1,13 +1,15 @@
 """Config: presets, validation of every field (types, ranges, names), round trip, fingerprint."""
 
 import dataclasses
+from datetime import timedelta
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from ci_jax import config, poison
 from ci_jax.config import Config
 from ci_jax.errors import UserError
-
 
 # --- presets -----------------------------------------------------------------------------------
 
@@ -258,3 +260,203 @@ def test_fingerprint_same_for_int_and_float_spelling_of_a_float_field():
     b = config.replace(Config(), amplitude=1.0)    # e.g. --amplitude 1
     assert a == b
     assert _fp(a) == _fp(b)
+
+
+# --- wrong types and ranges, exhaustively: only UserError, naming the field ----------------------
+
+
+@pytest.mark.parametrize("field, value", [
+    ("k_max", [3]), ("tau", {"value": 0.5}), ("lr", None), ("batch_size", "32"),
+    ("seed", 1.0), ("amplitude", "0.25"), ("epochs", [])])
+def test_wrong_type_message_says_what_was_expected(field, value):
+    with pytest.raises(UserError, match=rf"\b{field}\b.*expected") as e:
+        config.replace(Config(), **{field: value})
+    assert type(value).__name__ in str(e.value)
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("k_max", 0, "from 1 to 2147483647"), ("batch_size", 0, "from 1 to"), ("tau", -0.1, ">= 0"),
+    ("amplitude", -1, "> 0"),
+    ("seed", -1, "from 0 to"), ("filter_param", 1e6, "from 0.0 to 100.0")])
+def test_out_of_range_message_gives_the_range(field, value, expected):
+    with pytest.raises(UserError, match=rf"\b{field}\b") as e:
+        config.replace(Config(), **{field: value})
+    assert expected in str(e.value)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("seed", 2**31), ("k_max", 10**30), ("batch_size", 2**64), ("trigger_row", -(10**20)),
+    ("source", 10**12),
+    ("tau", 10**400),          # finite int, but no float holds it: float() would overflow
+    ("lr", -(10**400)),
+    ("n_poison", 10**5000),    # more digits than str(int) converts: even repr() would raise
+    ("amplitude", 10**5000)], ids=lambda v: v if isinstance(v, str) else f"{v.bit_length()}bits")
+def test_huge_int_is_a_user_error_naming_the_field(field, value):
+    with pytest.raises(UserError, match=rf"\b{field}\b") as e:
+        config.replace(Config(), **{field: value})
+    assert len(str(e.value)) < 300
+
+
+def test_largest_allowed_int():
+    assert config.replace(Config(), seed=config.INT_MAX).seed == config.INT_MAX
+
+
+def test_long_string_value_is_shortened_in_the_message():
+    with pytest.raises(UserError, match="model") as e:
+        config.replace(Config(), model="x" * 10_000)
+    assert len(str(e.value)) < 300
+
+
+@pytest.mark.parametrize("d", [[("tau", 0.5)], "tau=0.5", None, 3])
+def test_from_dict_of_a_non_mapping_is_a_user_error(d):
+    with pytest.raises(UserError, match="mapping"):
+        config.from_dict(d)
+
+
+def test_from_dict_with_a_non_string_key_is_a_user_error():
+    with pytest.raises(UserError, match="field"):
+        config.from_dict({1: 2})
+    with pytest.raises(UserError, match="field"):
+        config.from_dict({None: "x", "tau": 0.5})
+
+
+# --- load_file -----------------------------------------------------------------------------------
+
+
+def test_load_json_and_yaml_files(tmp_path):
+    (tmp_path / "a.json").write_text('{"tau": 0.3, "model": "cnn"}')
+    (tmp_path / "b.yaml").write_text("# comment\ntau: 0.3\nmodel: cnn\nclip: true\n")
+    (tmp_path / "c.YML").write_text("tau: 0.3\n")
+    assert config.load_file(tmp_path / "a.json") == {"tau": 0.3, "model": "cnn"}
+    assert config.load_file(tmp_path / "b.yaml") == {"tau": 0.3, "model": "cnn", "clip": True}
+    assert config.load_file(str(tmp_path / "c.YML")) == {"tau": 0.3}
+
+
+def test_yaml_exponent_without_a_dot_is_a_float(tmp_path):
+    # PyYAML alone reads `1e-3` as the string '1e-3' (YAML 1.1 wants `1.0e-3`).
+    (tmp_path / "c.yaml").write_text("lr: 1e-3\nreg_covar: 2E+1\nseed: 7\nmodel: 1e3x\n")
+    d = config.load_file(tmp_path / "c.yaml")
+    assert d == {"lr": 1e-3, "reg_covar": 20.0, "seed": 7, "model": "1e3x"}
+    assert type(d["seed"]) is int
+    import yaml
+
+    assert yaml.safe_load("lr: 1e-3") == {"lr": "1e-3"}  # the stock loader is left as it was
+
+
+def _load_error(path) -> str:
+    with pytest.raises(UserError) as e:
+        config.load_file(path)
+    msg = str(e.value)
+    assert str(path) in msg and "\n" not in msg
+    return msg
+
+
+def test_load_file_missing_unreadable_or_wrong_extension(tmp_path):
+    assert "cannot read" in _load_error(tmp_path / "nope.yaml")
+    (tmp_path / "dir.json").mkdir()
+    assert "cannot read" in _load_error(tmp_path / "dir.json")
+    (tmp_path / "cfg.toml").write_text("tau = 0.5")
+    assert ".toml" in _load_error(tmp_path / "cfg.toml")
+
+
+def test_invalid_json_gives_the_line(tmp_path):
+    (tmp_path / "c.json").write_text('{\n  "tau": 0.5,\n  "k_max": ,\n}')
+    msg = _load_error(tmp_path / "c.json")
+    assert "not valid JSON" in msg and "line 3" in msg
+
+
+def test_invalid_yaml_gives_the_line(tmp_path):
+    (tmp_path / "c.yaml").write_text("tau: 0.5\nk_max: [1, 2\nseed: 3\n")
+    msg = _load_error(tmp_path / "c.yaml")
+    assert "not valid YAML" in msg and "line" in msg
+
+
+@pytest.mark.parametrize("name, text, expected", [
+    ("c.json", "[1, 2]", "JSON object"), ("c.json", '"tau"', "JSON object"),
+    ("c.yaml", "- tau\n- 0.5\n", "YAML mapping"), ("c.yaml", "", "nothing"),
+    ("c.yaml", "0.5", "YAML mapping")])
+def test_top_level_not_a_mapping(tmp_path, name, text, expected):
+    (tmp_path / name).write_text(text)
+    assert expected in _load_error(tmp_path / name)
+
+
+def test_non_utf8_non_string_key_and_huge_int(tmp_path):
+    (tmp_path / "a.json").write_bytes(b'{"tau": "\xff"}')
+    assert "UTF-8" in _load_error(tmp_path / "a.json")
+    (tmp_path / "b.yaml").write_text("1: 2\n")
+    assert "key 1" in _load_error(tmp_path / "b.yaml")
+    (tmp_path / "c.json").write_text('{"seed": ' + "9" * 5000 + "}")
+    _load_error(tmp_path / "c.json")
+    (tmp_path / "d.yaml").write_text("seed: " + "9" * 5000 + "\n")
+    _load_error(tmp_path / "d.yaml")
+    (tmp_path / "e.json").write_text("[" * 100_000)
+    _load_error(tmp_path / "e.json")
+
+
+# --- fuzzing: whatever comes in, only a Config or one UserError comes out ------------------------
+
+FIELDS = [f.name for f in dataclasses.fields(Config)]
+_SCALARS = (st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20)
+            | st.sampled_from([-(10**400), 2**31, 2**63, float("nan"), "", "1e-3", "0",
+                               *config.FILTERS, "cnn", "sgd"])
+            # Too many digits for repr(): built lazily, as hypothesis reprs its strategies.
+            | st.integers(4301, 4400).map(lambda n: 10**n))
+_JSONISH = st.recursive(_SCALARS, lambda inner: st.lists(inner, max_size=3)
+                        | st.dictionaries(st.text(max_size=5), inner, max_size=3), max_leaves=6)
+_KEYS = st.sampled_from(FIELDS) | st.text(max_size=12) | st.integers() | st.none()
+FUZZ = settings(max_examples=300, deadline=timedelta(seconds=2),
+                suppress_health_check=[HealthCheck.too_slow])
+
+
+@FUZZ
+@given(st.dictionaries(_KEYS, _JSONISH, max_size=6))
+def test_fuzz_from_dict_gives_a_config_or_one_user_error(d):
+    try:
+        cfg = config.from_dict(d)
+    except UserError as e:
+        assert "\n" not in str(e) and len(str(e)) < 1000
+    else:
+        config.validate(cfg)
+
+
+@FUZZ
+@given(st.dictionaries(st.sampled_from(FIELDS), _SCALARS, min_size=1, max_size=4))
+def test_fuzz_every_field_with_scalars(d):
+    try:
+        cfg = config.from_dict(d)
+    except UserError as e:
+        assert "\n" not in str(e)
+    else:
+        config.validate(cfg)
+
+
+@pytest.fixture(scope="module")
+def fuzz_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("fuzz")
+
+
+def _load_and_build(path):
+    try:
+        d = config.load_file(path)
+    except UserError as e:
+        assert str(path) in str(e) and "\n" not in str(e)
+        return
+    assert isinstance(d, dict)
+    try:
+        config.from_dict(d)
+    except UserError:
+        pass
+
+
+_VALID_YAML = "tau: 0.5\nk_max: 4\nmodel: cnn\nlr: 1e-3\nclip: true\nfilter: [median3]\n"
+
+
+@FUZZ
+@given(st.sampled_from([".json", ".yaml", ".yml"]),
+       st.binary(max_size=200) | st.text(max_size=200).map(str.encode)
+       | st.builds(lambda i, b: _VALID_YAML.encode()[:i] + b, st.integers(0, len(_VALID_YAML)),
+                   st.binary(max_size=8)))
+def test_fuzz_load_file_gives_a_dict_or_one_user_error(fuzz_dir, suffix, raw):
+    path = fuzz_dir / f"cfg{suffix}"
+    path.write_bytes(raw)
+    _load_and_build(path)

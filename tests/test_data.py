@@ -1,8 +1,11 @@
 import gzip
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from ci_jax import data
 from ci_jax.errors import UserError
@@ -70,6 +73,124 @@ def test_read_idx_reports_extra_bytes(tmp_path):
         data.read_idx(path)
 
 
+def test_read_idx_of_a_directory_is_a_user_error(tmp_path):
+    (tmp_path / "dir.gz").mkdir()
+    with pytest.raises(UserError, match="dir.gz: cannot read"):
+        data.read_idx(tmp_path / "dir.gz")
+
+
+def test_read_idx_counts_a_long_excess_only_so_far(tmp_path):
+    path = tmp_path / "bomb-idx.gz"
+    # 1 byte announced, 80 MB of zeros behind it: about 80 kB compressed.
+    path.write_bytes(gzip.compress(bytes([0, 0, 8, 1, 0, 0, 0, 1, 7]) + bytes(80 << 20), 1))
+    with pytest.raises(UserError, match=r"too long: .* file has over \d+"):
+        data.read_idx(path)
+
+
+@pytest.mark.parametrize("suffix", ["", ".gz"])
+@pytest.mark.parametrize("shape", [(2**31,), (2**32 - 1,) * 4, (65536, 65536, 2)])
+def test_huge_header_fails_the_length_check_without_allocating(tmp_path, suffix, shape):
+    import tracemalloc
+
+    raw = bytes([0, 0, 8, len(shape)]) + b"".join(d.to_bytes(4, "big") for d in shape) + bytes(10)
+    path = tmp_path / f"huge-idx{suffix}"
+    path.write_bytes(gzip.compress(raw) if suffix else raw)
+    tracemalloc.start()
+    try:
+        with pytest.raises(UserError, match="truncated: header says .* file has 10"):
+            data.read_idx(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20
+
+
+def test_empty_array_with_an_unindexable_shape_is_a_user_error(tmp_path):
+    # Found by test_fuzz_headers: 0 bytes of data match the header, but numpy refuses the shape.
+    path = tmp_path / "empty-idx"
+    path.write_bytes(bytes([0, 0, 8, 4]) + b"".join(d.to_bytes(4, "big") for d in (0, 2**21, 2**21, 2**21)))
+    with pytest.raises(UserError, match="empty-idx: header's shape 0x2097152x2097152x2097152"):
+        data.read_idx(path)
+
+
+# --- fuzzing: any bytes give an array that matches its header, or one UserError naming the file
+
+FUZZ = settings(max_examples=150, deadline=timedelta(seconds=2),
+                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+_VALID = np.arange(60, dtype=np.uint8).reshape(3, 4, 5)
+_VALID_RAW = bytes([0, 0, 8, 3, 0, 0, 0, 3, 0, 0, 0, 4, 0, 0, 0, 5]) + _VALID.tobytes()
+
+
+@pytest.fixture(scope="module")
+def fuzz_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("idx_fuzz")
+
+
+def _read_or_user_error(path: Path, raw_idx: bytes | None) -> None:
+    """`raw_idx`: the uncompressed bytes when known, to check a returned array against them."""
+    try:
+        arr = data.read_idx(path)
+    except UserError as e:
+        assert str(path) in str(e) and "\n" not in str(e)
+        return
+    assert arr.dtype == np.uint8
+    if raw_idx is not None:
+        header_len = 4 + 4 * raw_idx[3]
+        assert arr.shape == tuple(int.from_bytes(raw_idx[4 + 4 * i:8 + 4 * i], "big")
+                                  for i in range(raw_idx[3]))
+        assert arr.tobytes() == raw_idx[header_len:]
+
+
+def _mutate(raw: bytes, cut: int, edits: list[tuple[int, int]], tail: bytes) -> bytes:
+    b = bytearray(raw[:cut])
+    for i, v in edits:
+        if b:
+            b[i % len(b)] = v
+    return bytes(b) + tail
+
+
+_MUTATIONS = st.tuples(st.integers(0, len(_VALID_RAW)),
+                       st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), max_size=3),
+                       st.binary(max_size=6))
+
+
+@FUZZ
+@given(st.binary(max_size=300), st.booleans())
+def test_fuzz_random_bytes(fuzz_dir, raw, gz):
+    path = fuzz_dir / ("random-idx.gz" if gz else "random-idx")
+    path.write_bytes(raw)
+    _read_or_user_error(path, None if gz else raw)
+
+
+@FUZZ
+@given(_MUTATIONS, st.sampled_from(["raw", "gz of garbled", "garbled gz"]))
+def test_fuzz_garbled_valid_file(fuzz_dir, mutation, how):
+    if how == "garbled gz":
+        raw_idx, content = None, _mutate(gzip.compress(_VALID_RAW, mtime=0), *mutation)
+    else:
+        raw_idx = _mutate(_VALID_RAW, *mutation)
+        content = gzip.compress(raw_idx) if how == "gz of garbled" else raw_idx
+    path = fuzz_dir / ("garbled-idx" + ("" if how == "raw" else ".gz"))
+    path.write_bytes(content)
+    _read_or_user_error(path, raw_idx)
+
+
+@FUZZ
+@given(st.lists(st.integers(0, 2**32 - 1) | st.integers(0, 6), max_size=5), st.binary(max_size=64),
+       st.booleans())
+def test_fuzz_headers(fuzz_dir, dims, payload, gz):
+    raw = bytes([0, 0, 8, len(dims)]) + b"".join(d.to_bytes(4, "big") for d in dims) + payload
+    path = fuzz_dir / ("header-idx.gz" if gz else "header-idx")
+    path.write_bytes(gzip.compress(raw) if gz else raw)
+    _read_or_user_error(path, raw)
+
+
+def test_valid_file_reads_back_through_the_fuzz_check(fuzz_dir):
+    for name, content in (("ok-idx", _VALID_RAW), ("ok-idx.gz", gzip.compress(_VALID_RAW))):
+        (fuzz_dir / name).write_bytes(content)
+        np.testing.assert_array_equal(data.read_idx(fuzz_dir / name), _VALID)
+
+
 # ---------------------------------------------------------------- load() from a data dir
 
 
@@ -87,6 +208,19 @@ def test_load_idx_dir(tmp_path, name, gz):
     np.testing.assert_allclose(ds.x_test[..., 0], arrays["t10k-images-idx3-ubyte"] / 255, rtol=1e-6)
     np.testing.assert_array_equal(ds.y_train, arrays["train-labels-idx1-ubyte"])
     np.testing.assert_array_equal(ds.y_test, arrays["t10k-labels-idx1-ubyte"])
+    suffix = ".gz" if gz else ""
+    assert ds.files == tuple(str((tmp_path / f"{stem}{suffix}").resolve()) for stem in data.IDX_FILES)
+
+
+def test_dataset_files_are_absolute_even_for_a_relative_data_dir(tmp_path, monkeypatch):
+    _write_idx_set(tmp_path / "mnist")
+    monkeypatch.chdir(tmp_path)
+    ds = data.load("mnist", "mnist")
+    assert len(ds.files) == 4 and all(Path(f).is_absolute() and Path(f).is_file() for f in ds.files)
+
+
+def test_synthetic_dataset_has_no_files():
+    assert data.synthetic(n_train=20, n_test=10).files == ()
 
 
 def test_load_prefers_gz(tmp_path):
@@ -228,6 +362,8 @@ def test_load_cifar10_binary(tmp_path, subdir):
     # Pixel (row 5, col 7) of channel 2 of the first record of batch 2, now NHWC.
     assert ds.x_train[3, 5, 7, 2] == pytest.approx(x_NCHW[0, 2, 5, 7] / 255)
     np.testing.assert_array_equal(ds.y_test, written["test_batch.bin"][1])
+    root = (tmp_path / subdir if subdir else tmp_path).resolve()
+    assert ds.files == tuple(str(root / f) for f in (*data.CIFAR_TRAIN_FILES, data.CIFAR_TEST_FILE))
 
 
 def test_cifar10_bad_size_and_missing_file(tmp_path):

@@ -1,4 +1,5 @@
 import math
+import shutil
 
 import jax
 import numpy as np
@@ -109,3 +110,99 @@ def test_divergence_is_reported_with_step_and_lr(ds, tmp_path):
     cfg = _cfg()
     with pytest.raises(UserError, match=r"diverged.*step \d+.*lr"):
         train.train(_trainer(cfg, ds), x, ds.y_train, tmp_path / "d", key="k")
+
+
+def test_huge_lr_stops_with_the_step_and_lr(ds, tmp_path):
+    cfg = _cfg(lr=1e30, schedule="constant")
+    with pytest.raises(UserError, match=r"diverged: loss is (nan|inf|-inf) at step \d+ \(lr 1e\+30\)"):
+        train.train(_trainer(cfg, ds), ds.x_train, ds.y_train, tmp_path / "d", key="k")
+    assert not (tmp_path / "d" / "done.json").exists()
+
+
+def test_inf_loss_stops_training_too(ds, tmp_path, monkeypatch):
+    # An overflowing loss is +inf, not NaN; isfinite must catch it as well. Forced here, since a
+    # real overflow usually turns into NaN a step later.
+    import jax.numpy as jnp
+    import optax
+
+    monkeypatch.setattr(optax, "softmax_cross_entropy_with_integer_labels",
+                        lambda logits, labels: jnp.full(labels.shape, jnp.inf))
+    cfg = _cfg(lr=0.5)
+    with pytest.raises(UserError, match=r"loss is inf at step 15 \(lr 0\.5\)"):
+        train.train(_trainer(cfg, ds), ds.x_train, ds.y_train, tmp_path / "d", key="k")
+
+
+# --- damaged checkpoint directories ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained_dir(ds, tmp_path_factory):
+    """A finished one-epoch checkpoint directory, key "k"; copy it before damaging it."""
+    path = tmp_path_factory.mktemp("trained") / "ckpt"
+    train.train(_trainer(_cfg(), ds), ds.x_train, ds.y_train, path, key="k")
+    return path
+
+
+def _step_dir(ckpt):
+    return ckpt / "orbax" / "1"
+
+
+def _largest_file(ckpt):
+    return max((p for p in _step_dir(ckpt).rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+DAMAGE = {
+    "weights_truncated": lambda c: _truncate(_largest_file(c)),
+    "weights_deleted": lambda c: _largest_file(c).unlink(),
+    "metadata_deleted": lambda c: next(_step_dir(c).rglob("_METADATA")).unlink(),
+    "metadata_garbage": lambda c: next(_step_dir(c).rglob("_METADATA")).write_text("{garbage"),
+    "manifest_truncated": lambda c: _truncate(next(_step_dir(c).glob("*/manifest.ocdbt"))),
+    "key_garbage": lambda c: (c / "key.json").write_bytes(b"\x00\xff{"),
+    "key_not_an_object": lambda c: (c / "key.json").write_text("[1, 2]"),
+    "key_missing": lambda c: (c / "key.json").unlink(),
+    "done_garbage": lambda c: (c / "done.json").write_text('{"key": '),
+    "done_other_key": lambda c: (c / "done.json").write_text('{"key": "other", "epochs": 1}'),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE.values(), ids=DAMAGE.keys())
+def test_damaged_checkpoint_is_one_user_error_saying_to_delete_it(ds, trained_dir, tmp_path, damage):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(trained_dir, ckpt)
+    damage(ckpt)
+    with pytest.raises(UserError) as e:
+        train.train(_trainer(_cfg(), ds), ds.x_train, ds.y_train, ckpt, key="k")
+    msg = str(e.value)
+    assert f"checkpoint directory {ckpt} is damaged" in msg and "delete that directory" in msg
+    assert "\n" not in msg and len(msg) < 500
+
+
+def test_unfinished_save_beside_a_finished_step_is_ignored(ds, trained_dir, tmp_path):
+    # A save killed midway leaves Orbax's temporary directory; Orbax lists only renamed
+    # (finalized) steps, so the run goes on from the finished one.
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(trained_dir, ckpt)
+    tmp_step = ckpt / "orbax" / "2.orbax-checkpoint-tmp-1234"
+    shutil.copytree(_step_dir(ckpt), tmp_step)
+    _truncate(max((p for p in tmp_step.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size))
+    fresh = _trainer(_cfg(), ds)
+    info = train.train(fresh, ds.x_train, ds.y_train, ckpt, key="k")
+    assert info["reused"] and info["resumed_from_epoch"] == 1
+    reference = _trainer(_cfg(), ds)
+    train.train(reference, ds.x_train, ds.y_train, trained_dir, key="k")
+    for a, b in zip(fresh.leaves(), reference.leaves()):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_stale_key_still_clears_a_damaged_directory(ds, trained_dir, tmp_path):
+    # A directory of another key is cleared unread, damaged or not.
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(trained_dir, ckpt)
+    _truncate(_largest_file(ckpt))
+    (ckpt / "key.json").write_text('{"key": "old"}')
+    info = train.train(_trainer(_cfg(), ds), ds.x_train, ds.y_train, ckpt, key="k")
+    assert info["resumed_from_epoch"] == 0 and not info["reused"]

@@ -94,20 +94,42 @@ def _fit(feats_ND: np.ndarray, k: int, cfg: Config) -> GaussianMixture:
                                random_state=cfg.seed).fit(feats_ND)
 
 
-def choose_k(feats_ND: np.ndarray, cfg: Config) -> tuple[GaussianMixture | None, list[float]]:
+def choose_k(feats_ND: np.ndarray, cfg: Config) -> tuple[GaussianMixture | None, list[float], str | None]:
     """Fits mixtures of 1, 2, ... components and keeps the one with the lowest BIC.
 
     `sweep` tries every k up to k_max; `ascent` (the authors' code) stops once BIC has failed to
-    improve twice in a row. k never exceeds the number of points. A class of fewer than two
-    points cannot be fitted: (None, []) means "one component".
+    improve twice in a row. k never exceeds the number of distinct feature vectors, and a k whose
+    fit fails (a covariance that cannot be factorised, e.g. features of a huge scale) ends the
+    search with the best k so far. Returns (mixture, BIC per k tried, note); the note says why
+    the search was cut short, and a mixture of None means "one component" (too few points,
+    identical or non-finite features, or no k could be fitted).
     """
-    if len(feats_ND) < 2:
-        return None, []
-    k_cap = min(cfg.k_max, len(feats_ND))
-    best, best_bic, bics, fails = None, math.inf, [], 0
+    n = len(feats_ND)
+    if n < 2:
+        return None, [], f"{n} image(s): too few to fit a mixture, kept as one component"
+    if not np.isfinite(feats_ND).all():
+        return None, [], "features contain NaN or inf: kept as one component"
+    n_distinct = len(np.unique(feats_ND, axis=0))
+    if n_distinct < 2:
+        return None, [], f"all {n} images have identical features: kept as one component"
+    notes = []
+    k_cap = min(cfg.k_max, n_distinct)
+    if k_cap < cfg.k_max:
+        notes.append(f"only {n_distinct} distinct feature vectors: k capped at {k_cap}")
+    best, best_bic, bics, fails, cut_short = None, math.inf, [], 0, False
     for k in range(1, k_cap + 1):
-        gmm = _fit(feats_ND, k, cfg)
-        bic = float(gmm.bic(feats_ND))
+        try:
+            gmm = _fit(feats_ND, k, cfg)
+            bic = float(gmm.bic(feats_ND))
+        except (ValueError, np.linalg.LinAlgError) as e:  # sklearn: "ill-defined empirical covariance"
+            first_sentence = " ".join(str(e).split()).split(". ")[0][:150] or type(e).__name__
+            notes.append(f"k={k} could not be fitted ({first_sentence})")
+            cut_short = True
+            break
+        if not math.isfinite(bic):  # kept out of `bics`: the report is strict JSON
+            notes.append(f"k={k} gave a non-finite BIC")
+            cut_short = True
+            break
         bics.append(bic)
         if bic < best_bic:
             best, best_bic, fails = gmm, bic, 0
@@ -115,27 +137,32 @@ def choose_k(feats_ND: np.ndarray, cfg: Config) -> tuple[GaussianMixture | None,
             fails += 1
             if cfg.bic_search == "ascent" and fails == 2:
                 break
-    return best, bics
+    if best is None:
+        notes.append("kept as one component")
+    elif cut_short:
+        notes.append(f"kept the best smaller fit, k={best.n_components}")
+    return best, bics, "; ".join(notes) or None
 
 
 def cluster(feats_ND: np.ndarray, y_N: np.ndarray, num_classes: int,
             cfg: Config) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """Global component id of every sample, and per class its BIC values and chosen k.
 
-    Classes are independent, so their fits run in parallel processes on the host.
+    Classes are independent, so their fits run in parallel processes on the host. A class whose
+    fit was cut short or fell back to one component carries a "note" saying why.
     """
     labels = [c for c in range(num_classes) if np.any(y_N == c)]
     results = Parallel(n_jobs=-1, prefer="processes")(
         delayed(choose_k)(feats_ND[y_N == c].astype(np.float64), cfg) for c in labels)
     comp_N = np.full(len(y_N), -1, np.int64)
     classes, offset = [], 0
-    for c, (gmm, bics) in zip(labels, results):
+    for c, (gmm, bics, note) in zip(labels, results):
         idx = np.flatnonzero(y_N == c)
         k = gmm.n_components if gmm is not None else 1
         comp_N[idx] = offset + (gmm.predict(feats_ND[idx].astype(np.float64)) if gmm is not None else 0)
         entry = {"label": c, "k": k, "bic": bics, "offset": offset}
-        if gmm is None:
-            entry["note"] = f"{len(idx)} image(s): too few to fit a mixture, kept as one component"
+        if note:
+            entry["note"] = note
         classes.append(entry)
         offset += k
     return comp_N, classes
