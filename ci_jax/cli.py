@@ -52,6 +52,10 @@ def _parser() -> argparse.ArgumentParser:
         else:
             fields.add_argument(flag, dest=f.name, type={"int": int, "float": float, "str": str}[f.type],
                                 default=None, metavar=f.type.upper())
+    bench = sub.add_parser("bench", help="throughput of every stage, per model and batch size")
+    from ci_jax import bench as bench_lib
+
+    bench_lib.add_arguments(bench)
     return p
 
 
@@ -82,6 +86,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         _set_xla_flags()
+        if args.command == "bench":
+            from ci_jax import bench, train
+
+            train.init_distributed()
+            bench.run(args)
+            return 0
         cfg = _config(args)
         from ci_jax import experiment
 

@@ -1,4 +1,7 @@
 import math
+import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -109,3 +112,41 @@ def test_divergence_is_reported_with_step_and_lr(ds, tmp_path):
     cfg = _cfg()
     with pytest.raises(UserError, match=r"diverged.*step \d+.*lr"):
         train.train(_trainer(cfg, ds), x, ds.y_train, tmp_path / "d", key="k")
+
+
+# One process per device count: XLA fixes the number of forced CPU devices when it starts.
+_SHARDED_RUN = """
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=" + sys.argv[1]
+import jax, numpy as np
+from ci_jax import config, data, train
+assert jax.device_count() == int(sys.argv[1])
+ds = data.synthetic(n_train=128, n_test=72, seed=0)
+cfg = config.preset("fast", model="resnet20", epochs=1, batch_size=16, eval_batch_size=16)
+t = train.Trainer(cfg, ds.x_train.shape[1:], ds.num_classes, steps_per_epoch=8)
+x, y = jax.device_put((jax.numpy.asarray(ds.x_train), jax.numpy.asarray(ds.y_train)), t.replicated)
+loss = t.fit_epoch(x, y, 0, "sharded")
+pred, feats = t.predict(ds.x_test)
+np.savez(sys.argv[2], loss=loss, pred=pred, feats=feats,
+         params=np.concatenate([np.ravel(l) for l in jax.tree.leaves(t.state[0])]))
+"""
+
+
+def _sharded_run(devices: int, out) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "CI_JAX_CPU_DEVICES")}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(train.__file__)))  # this checkout's ci_jax
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    subprocess.run([sys.executable, "-c", _SHARDED_RUN, str(devices), str(out)], env=env, check=True,
+                   timeout=300, capture_output=True)
+    with np.load(out) as z:
+        return dict(z)
+
+
+def test_four_devices_match_one(tmp_path):
+    """Data-parallel training (BatchNorm statistics and gradients all-reduced), the features pass
+    and predictions give the one-device results, up to float summation order."""
+    one, four = _sharded_run(1, tmp_path / "one.npz"), _sharded_run(4, tmp_path / "four.npz")
+    np.testing.assert_allclose(four["loss"], one["loss"], rtol=1e-4)
+    np.testing.assert_allclose(four["params"], one["params"], rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(four["feats"], one["feats"], rtol=1e-3, atol=1e-3)
+    np.testing.assert_array_equal(four["pred"], one["pred"])
