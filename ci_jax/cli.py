@@ -73,6 +73,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="keep trained models here instead of in --out: sweeps sharing it share models")
     merge = sub.add_parser("merge", help="join a sharded sweep's CSVs and write its summary")
     merge.add_argument("out", help="the sweep directory the shards wrote to")
+    bench = sub.add_parser("bench", help="throughput of every stage, per model and batch size")
+    from ci_jax import bench as bench_lib
+
+    bench_lib.add_arguments(bench)
     return p
 
 
@@ -118,6 +122,12 @@ def _merge(args: argparse.Namespace) -> None:
     print(open(os.path.join(args.out, "summary.md")).read())
 
 
+def _bench(args: argparse.Namespace) -> None:
+    from ci_jax import bench
+
+    bench.run(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from ci_jax.errors import UserError
 
@@ -125,7 +135,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         _set_xla_flags()
         _compilation_cache()
-        {"run": _run, "sweep": _sweep, "merge": _merge}[args.command](args)
+        if args.command != "merge":
+            from ci_jax import train
+
+            train.init_distributed()  # a no-op unless launched as a multi-process job
+        {"run": _run, "sweep": _sweep, "merge": _merge, "bench": _bench}[args.command](args)
     except UserError as e:
         print(f"ci-jax: error: {e}", file=sys.stderr)
         return 2

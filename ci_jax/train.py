@@ -4,6 +4,11 @@ The data set lives on the devices (replicated: MNIST-size sets fit everywhere); 
 gathers its batch there, so no images cross from the host inside a loop. Batches are sharded
 over a 1-D `data` mesh axis and parameters are replicated, so the same code runs on one CPU,
 several forced CPU devices, or a GPU/TPU host.
+
+Multi-host: launch one process per host with the same command and call `init_distributed()`
+first (the `ci-jax` commands do); `jax.devices()` then lists every host's devices, the mesh spans
+them all, and each process feeds the same replicated data set. Results that leave the devices
+(`predict`) are gathered from every process.
 """
 
 from __future__ import annotations
@@ -29,6 +34,53 @@ from ci_jax.config import Config
 from ci_jax.errors import UserError
 
 LOG_EVERY = 25  # steps between loss read-backs: each one syncs host and device
+
+
+def init_distributed() -> bool:
+    """Joins a multi-process JAX job when the environment describes one; True if it did.
+
+    Recognised: an explicit launch (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID,
+    optionally JAX_LOCAL_DEVICE_IDS), or a Slurm (`srun`) / Open MPI (`mpirun`) launch of more
+    than one task, whose variables jax reads itself. A plain single-process run does nothing.
+    Must run before JAX touches a device.
+    """
+    if jax.distributed.is_initialized():
+        return True
+    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        jax.distributed.initialize(num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+                                   process_id=int(os.environ["JAX_PROCESS_ID"]))
+        return True
+    if int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1 or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
+        jax.distributed.initialize()
+        return True
+    return False
+
+
+def _to_host(a: jax.Array) -> np.ndarray:
+    if jax.process_count() == 1:
+        return np.asarray(a)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(a, tiled=True))
+
+
+def max_in_flight() -> int | None:
+    """How many multi-device programs may be queued at once; None: no limit.
+
+    XLA:CPU runs each device's part of a program on one shared thread pool. With many programs
+    queued, one device's part can wait at an all-reduce for a partner part that is never
+    scheduled: a chain of 3000 dependent 2-device steps (matmul + all-reduce) aborted at the
+    rendezvous ("Termination timeout ... exceeded", only 1 of 2 threads arrived) every time,
+    and never with at most 2 in flight. GPUs and TPUs queue each device's work on its own stream.
+    """
+    return 2 if jax.default_backend() == "cpu" and jax.device_count() > 1 else None
+
+
+def throttle(pending: list[Any]) -> None:
+    """Waits for the result queued max_in_flight() calls ago; call after each dispatch."""
+    k = max_in_flight()
+    if k is not None and len(pending) > k:
+        jax.block_until_ready(pending[-1 - k])
 
 
 def mesh() -> Mesh:
@@ -124,6 +176,7 @@ class Trainer:
             for i in range(steps):
                 self.state, loss = self._train_step(self.state, x_NHWC, y_N, idx_SB, i)
                 losses.append(loss)
+                throttle(losses)
                 if (i + 1) % LOG_EVERY == 0 or i + 1 == steps:
                     last = float(loss)
                     if not math.isfinite(last):
@@ -148,11 +201,13 @@ class Trainer:
             x = jnp.pad(x, ((0, steps * b - n),) + ((0, 0),) * (x.ndim - 1))
         x = jax.device_put(x, self.replicated)
         model_state = self.state[0]
-        outs = [self._forward(model_state, x, i * b, b, transform)
-                for i in tqdm(range(steps), desc=desc, leave=False, disable=desc is None)]
+        outs = []
+        for i in tqdm(range(steps), desc=desc, leave=False, disable=desc is None):
+            outs.append(self._forward(model_state, x, i * b, b, transform))
+            throttle(outs)
         pred = jnp.concatenate([o[0] for o in outs])[:n]
         feats = jnp.concatenate([o[1] for o in outs])[:n]
-        return np.asarray(pred), np.asarray(feats)
+        return _to_host(pred), _to_host(feats)
 
     def accuracy(self, x_NHWC: np.ndarray, y_N: np.ndarray) -> float:
         pred, _ = self.predict(x_NHWC)

@@ -63,3 +63,13 @@ def test_same_seed_same_init():
 def test_unknown_model():
     with pytest.raises(UserError, match="unknown model 'vgg'.*resnet20"):
         models.create("vgg", 1, 10, seed=0)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="an XLA:CPU setting")
+def test_cpu_convolutions_use_eigen_not_ynnpack():
+    """ci_jax turns XLA:CPU's YNNPACK convolutions off (slower for these shapes, see ci_jax/__init__.py)."""
+    x = jnp.ones((128, 28, 28, 16))  # small batches go to Eigen either way
+    w = jnp.ones((3, 3, 16, 16))
+    grad = jax.jit(jax.grad(lambda x, w: jnp.sum(models._conv(x, w, 1, ((1, 1), (1, 1)))), (0, 1)))
+    hlo = grad.lower(x, w).compile().as_text()
+    assert "convolution" in hlo and "__ynn_fusion" not in hlo

@@ -1,5 +1,8 @@
 import math
 import shutil
+import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -206,3 +209,41 @@ def test_stale_key_still_clears_a_damaged_directory(ds, trained_dir, tmp_path):
     (ckpt / "key.json").write_text('{"key": "old"}')
     info = train.train(_trainer(_cfg(), ds), ds.x_train, ds.y_train, ckpt, key="k")
     assert info["resumed_from_epoch"] == 0 and not info["reused"]
+# One process per device count: XLA fixes the number of forced CPU devices when it starts.
+_SHARDED_RUN = """
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=" + sys.argv[1]
+import jax, numpy as np
+from ci_jax import config, data, train
+assert jax.device_count() == int(sys.argv[1])
+ds = data.synthetic(n_train=128, n_test=72, seed=0)
+# SGD, not Adam: Adam turns summation-order noise in near-zero gradients into lr-sized steps.
+cfg = config.preset("fast", model="resnet20", epochs=1, batch_size=16, eval_batch_size=16, optimizer="sgd", lr=0.005)
+t = train.Trainer(cfg, ds.x_train.shape[1:], ds.num_classes, steps_per_epoch=8)
+x, y = jax.device_put((jax.numpy.asarray(ds.x_train), jax.numpy.asarray(ds.y_train)), t.replicated)
+loss = t.fit_epoch(x, y, 0, "sharded")
+pred, feats = t.predict(ds.x_test)
+np.savez(sys.argv[2], loss=loss, pred=pred, feats=feats,
+         params=np.concatenate([np.ravel(l) for l in jax.tree.leaves(t.state[0])]))
+"""
+
+
+def _sharded_run(devices: int, out) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "CI_JAX_CPU_DEVICES")}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(train.__file__)))  # this checkout's ci_jax
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    subprocess.run([sys.executable, "-c", _SHARDED_RUN, str(devices), str(out)], env=env, check=True,
+                   timeout=300, capture_output=True)
+    with np.load(out) as z:
+        return dict(z)
+
+
+def test_four_devices_match_one(tmp_path):
+    """Data-parallel training (BatchNorm statistics and gradients all-reduced), the features pass
+    and predictions give the one-device results, up to float summation order."""
+    one, four = _sharded_run(1, tmp_path / "one.npz"), _sharded_run(4, tmp_path / "four.npz")
+    # Measured: loss 3e-5 relative, weights and features within 0.2 % of their largest value.
+    np.testing.assert_allclose(four["loss"], one["loss"], rtol=1e-4)
+    for k in ("params", "feats"):
+        np.testing.assert_allclose(four[k], one[k], rtol=1e-3, atol=1e-2 * np.abs(one[k]).max())
+    np.testing.assert_array_equal(four["pred"], one["pred"])

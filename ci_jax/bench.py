@@ -1,0 +1,279 @@
+"""`ci-jax bench`: throughput of every stage of an experiment, per model and batch size.
+
+Stages: the train step, the features+predictions pass, the filtered (blurred) pass, the per-class
+GMM/BIC fits of the CI defense, and an end-to-end estimate: the sum of the stages for the
+default experiment on the full training set (train baseline + features pass + filtered pass +
+GMM + retrain, plus the two test-set passes); it runs no whole experiment.
+
+Each jitted stage is compiled once, timed apart from the steady state, and its FLOPs are read
+from XLA's cost analysis of the compiled program, so achieved GFLOP/s can be set against the fp32
+matmul peak that the bench measures on the same device (a large jnp.dot). Timings end on
+block_until_ready, so the same code times CPU, GPU and TPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ci_jax import config, data, files
+from ci_jax.errors import UserError
+
+# ci_jax.train (flax, optax, orbax: seconds to import) is imported where used: the CLI builds
+# this module's parser on every command.
+
+QUICK = dict(batch_sizes=(32,), eval_batch_sizes=(64,), steps=3, pass_images=128, gmm_images=600,
+             peak_n=512)
+FULL = dict(batch_sizes=(32, 128, 256), eval_batch_sizes=(256, 1024), steps=20, pass_images=8192,
+            gmm_images=60000, peak_n=4096)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--models", nargs="+", default=["resnet20", "cnn"], metavar="MODEL")
+    p.add_argument("--batch-sizes", nargs="+", type=int, metavar="B", help="train batch sizes")
+    p.add_argument("--eval-batch-sizes", nargs="+", type=int, metavar="B", help="batch sizes of the passes")
+    p.add_argument("--steps", type=int, help="timed train steps per repeat")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats; the best is reported")
+    p.add_argument("--pass-images", type=int, help="images per timed pass")
+    p.add_argument("--gmm-images", type=int, help="features the GMM stage clusters (60,000 = MNIST)")
+    p.add_argument("--data-dir", help="MNIST IDX directory (else synthetic images)")
+    p.add_argument("--run", metavar="RUN_DIR",
+                   help="finished `ci-jax run` directory: the GMM clusters its baseline's features "
+                        "(else those of a freshly initialised model)")
+    p.add_argument("--quick", action="store_true", help="tiny settings: a smoke test, not a measurement")
+    p.add_argument("--out", help="write the results here as JSON")
+
+
+# -- measuring ----------------------------------------------------------------------------------
+def _best_time(fn: Callable[[], Any], repeats: int) -> float:
+    """Best wall time of fn() over repeats, each ended by block_until_ready."""
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _compile(jitted, *args) -> tuple[Any, float, float | None]:
+    """(compiled, seconds to lower and compile, FLOPs per call by XLA's cost analysis)."""
+    t0 = time.perf_counter()
+    compiled = jitted.lower(*args).compile()
+    seconds = time.perf_counter() - t0
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):  # older jax: one dict per program
+        cost = cost[0] if cost else None
+    flops = cost.get("flops") if cost else None
+    # Under SPMD the compiled program is one device's share: scale to the whole batch.
+    return compiled, seconds, None if flops is None or flops <= 0 else float(flops) * jax.device_count()
+
+
+def matmul_peak_gflops(n: int = 4096, repeats: int = 5) -> float:
+    """Achieved fp32 GFLOP/s of an n x n x n jnp.dot on the default device (default precision)."""
+    a_NN = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    b_NN = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    dot = jax.jit(jnp.dot)
+    dot(a_NN, b_NN).block_until_ready()
+    calls = max(1, int(2e11 // (2 * n ** 3)) if jax.default_backend() != "cpu" else 1)
+    seconds = _best_time(lambda: [dot(a_NN, b_NN) for _ in range(calls)][-1], repeats)
+    return 2 * n ** 3 * calls / seconds / 1e9
+
+
+def _rates(images: int, seconds: float, flops_per_image: float | None, peak: float) -> dict[str, Any]:
+    gflops = flops_per_image * images / seconds / 1e9 if flops_per_image else None
+    return {"images_per_s": images / seconds, "gflops": gflops,
+            "pct_of_peak": 100 * gflops / peak if gflops else None}
+
+
+# -- stages -------------------------------------------------------------------------------------
+def _trainer(model: str, batch: int, eval_batch: int, image_shape, num_classes: int):
+    from ci_jax import train
+
+    cfg = config.preset("default", model=model, batch_size=batch, eval_batch_size=eval_batch)
+    return train.Trainer(cfg, image_shape, num_classes, steps_per_epoch=1000)
+
+
+def bench_train(model: str, batch: int, x_NHWC: jax.Array, y_N: jax.Array, num_classes: int,
+                steps: int, repeats: int, peak: float) -> dict[str, Any]:
+    """The jitted train step as `Trainer.fit_epoch` runs it, `steps` steps per timed repeat."""
+    from ci_jax import train
+
+    t = _trainer(model, batch, batch, x_NHWC.shape[1:], num_classes)
+    x_NHWC, y_N = jax.device_put((x_NHWC, y_N), t.replicated)
+    idx_SB = t.epoch_indices(x_NHWC.shape[0], 0)
+    step_fn, compile_s, flops = _compile(t._train_step, t.state, x_NHWC, y_N, idx_SB, 0)
+
+    def run():
+        losses = []
+        for i in range(steps):
+            t.state, loss = step_fn(t.state, x_NHWC, y_N, idx_SB, i % idx_SB.shape[0])
+            losses.append(loss)
+            train.throttle(losses)
+        return losses
+
+    jax.block_until_ready(run())  # warm-up: first-call allocations
+    seconds = _best_time(run, repeats)
+    return {"stage": "train", "model": model, "batch": batch, "compile_s": compile_s,
+            "flops_per_image": flops / batch if flops else None,
+            **_rates(steps * batch, seconds, flops / batch if flops else None, peak)}
+
+
+def bench_pass(model: str, eval_batch: int, x_NHWC: np.ndarray, num_classes: int, repeats: int,
+               peak: float, transform: Callable | None = None) -> dict[str, Any]:
+    """`Trainer.predict` over x_NHWC (features + predictions), optionally through a filter."""
+    t = _trainer(model, 32, eval_batch, x_NHWC.shape[1:], num_classes)
+    x_dev = jax.device_put(jnp.asarray(x_NHWC[:eval_batch]), t.replicated)
+    _, compile_s, flops = _compile(t._forward, t.state[0], x_dev, 0, eval_batch, transform)
+    t.predict(x_NHWC[:eval_batch], transform)  # warm-up through predict's own jit cache
+    seconds = _best_time(lambda: t.predict(x_NHWC, transform), repeats)
+    per_image = flops / eval_batch if flops else None
+    return {"stage": "filtered" if transform else "features", "model": model, "batch": eval_batch,
+            "compile_s": compile_s, "flops_per_image": per_image,
+            **_rates(len(x_NHWC), seconds, per_image, peak)}
+
+
+def bench_gmm(feats_ND: np.ndarray, y_N: np.ndarray, num_classes: int, source: str) -> dict[str, Any]:
+    """`ci.cluster` as the defense runs it: per class, parallel processes, BIC search."""
+    from ci_jax.defenses import ci
+
+    cfg = config.preset("default")
+    t0 = time.perf_counter()
+    _, classes = ci.cluster(feats_ND, y_N, num_classes, cfg)
+    seconds = time.perf_counter() - t0
+    fits = sum(max(1, len(c["bic"])) for c in classes)
+    return {"stage": "gmm", "features": int(feats_ND.shape[0]), "dim": int(feats_ND.shape[1]),
+            "source": source, "bic_search": cfg.bic_search, "seconds": seconds, "fits": fits,
+            "fits_per_s": fits / seconds, "k_per_class": [c["k"] for c in classes]}
+
+
+def _gmm_features(args, ds: data.Dataset, n: int, eval_batch: int) -> tuple[np.ndarray, np.ndarray, str]:
+    """(feats_ND, y_N, source): a finished run's baseline features, else a fresh resnet20's."""
+    if not args.run:
+        reps = math.ceil(n / len(ds.y_train))
+        x, y = np.concatenate([ds.x_train] * reps)[:n], np.concatenate([ds.y_train] * reps)[:n]
+        t = _trainer("resnet20", 32, eval_batch, x.shape[1:], ds.num_classes)
+        return t.predict(x)[1], y, "random-init resnet20"
+    from ci_jax import experiment, train
+
+    try:
+        cfg = config.from_dict(files.read_json(os.path.join(args.run, "config.json")))
+    except (OSError, ValueError) as e:
+        raise UserError(f"--run {args.run}: no config.json there ({e})") from None
+    ckpt = os.path.join(args.run, "baseline")
+    key = config.fingerprint(cfg, config.TRAIN_FIELDS)
+    if not os.path.exists(os.path.join(ckpt, "done.json")) or files.read_json(os.path.join(ckpt, "done.json")).get("key") != key:
+        raise UserError(f"--run {args.run}: no finished baseline there; run `ci-jax run` on it first")
+    cfg = config.replace(cfg, eval_batch_size=eval_batch)
+    poisoned, _ = experiment.prepare(cfg, ds)
+    t = train.Trainer(cfg, ds.x_train.shape[1:], ds.num_classes, math.ceil(len(poisoned.y_N) / cfg.batch_size))
+    train.train(t, poisoned.x_NHWC, poisoned.y_N, ckpt, key)  # restores: done.json matches
+    x, y = poisoned.x_NHWC[:n], poisoned.y_N[:n]
+    return t.predict(x)[1], y, f"trained baseline of {args.run} ({cfg.model})"
+
+
+def end_to_end(results: list[dict[str, Any]], n_train: int, n_test: int, gmm_s: float | None,
+               model: str, epochs: int = 1) -> dict[str, Any] | None:
+    """Seconds of the default experiment on this data, from each stage's best throughput."""
+    def best(stage):
+        rates = [r["images_per_s"] for r in results if r["stage"] == stage and r["model"] == model]
+        return max(rates) if rates else None
+
+    tr, fe, fi = best("train"), best("features"), best("filtered")
+    if None in (tr, fe, fi, gmm_s):
+        return None
+    parts = {"train_baseline": epochs * n_train / tr, "features": n_train / fe, "filtered": n_train / fi,
+             "gmm": gmm_s, "retrain": epochs * n_train / tr, "test_passes": 2 * n_test / fe}
+    return {"stage": "end_to_end", "model": model, "kind": "sum of stages (estimate)",
+            "images": n_train, "seconds": sum(parts.values()), "parts_s": parts}
+
+
+def device_info() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
+    except OSError:
+        pass
+    d = jax.devices()[0]
+    return {"platform": d.platform, "kind": d.device_kind, "count": jax.device_count(),
+            "processes": jax.process_count(), "host_cpu": cpu, "host_cores": os.cpu_count(),
+            "xla_flags": os.environ.get("XLA_FLAGS", ""), "jax": jax.__version__}
+
+
+# -- command ------------------------------------------------------------------------------------
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """All stages for args.models x batch sizes; prints a table, writes args.out if given."""
+    s = {**(QUICK if args.quick else FULL)}
+    for k in ("batch_sizes", "eval_batch_sizes", "steps", "pass_images", "gmm_images"):
+        if getattr(args, k, None):
+            s[k] = getattr(args, k)
+    for b in (*s["batch_sizes"], *s["eval_batch_sizes"]):
+        if b < 1 or b % jax.device_count():
+            raise UserError(f"batch size {b} does not split over {jax.device_count()} devices")
+    from ci_jax import models
+    from ci_jax.defenses import ci
+
+    bad = [m for m in args.models if m not in models.MODELS]
+    if bad:
+        raise UserError(f"unknown model(s) {', '.join(bad)}: choose from {', '.join(models.MODELS)}")
+    ds = data.load("mnist", args.data_dir) if args.data_dir else data.synthetic(n_train=2000, n_test=500)
+    blur = ci.make_filter(config.preset("default").filter)
+    peak = matmul_peak_gflops(s["peak_n"])
+    x_dev = jnp.asarray(ds.x_train)
+    y_dev = jnp.asarray(ds.y_train, jnp.int32)
+    reps = math.ceil(s["pass_images"] / len(ds.y_train))
+    x_pass = np.concatenate([ds.x_train] * reps)[: s["pass_images"]]
+    results: list[dict[str, Any]] = []
+    for model in args.models:
+        for b in s["batch_sizes"]:
+            results.append(bench_train(model, b, x_dev, y_dev, ds.num_classes, s["steps"], args.repeats, peak))
+            _print_row(results[-1])
+        for b in s["eval_batch_sizes"]:
+            for transform in (None, blur):
+                results.append(bench_pass(model, b, x_pass, ds.num_classes, args.repeats, peak, transform))
+                _print_row(results[-1])
+    feats, y, source = _gmm_features(args, ds, s["gmm_images"], max(s["eval_batch_sizes"]))
+    gmm = bench_gmm(feats, y, ds.num_classes, source)
+    _print_row(gmm)
+    n_train = 60000 if args.data_dir else len(ds.y_train)
+    n_test = 10000 if args.data_dir else len(ds.y_test)
+    for model in args.models:
+        e2e = end_to_end(results, n_train, n_test, gmm["seconds"] * n_train / gmm["features"]
+                         if gmm["features"] != n_train else gmm["seconds"], model)
+        if e2e:
+            results.append(e2e)
+            _print_row(e2e)
+    report = {"device": device_info(), "fp32_matmul_peak_gflops": peak, "quick": bool(args.quick),
+              "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in s.items()},
+              "repeats": args.repeats, "data": "mnist" if args.data_dir else "synthetic",
+              "stages": results + [gmm]}
+    if args.out:
+        files.write_json(args.out, report)
+    print(f"device {report['device']['kind']} x{jax.device_count()} ({jax.default_backend()}), "
+          f"fp32 matmul peak {peak:.0f} GFLOP/s" + (f" -> {args.out}" if args.out else ""))
+    return report
+
+
+def _fmt(v, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def _print_row(r: dict[str, Any]) -> None:
+    if r["stage"] == "gmm":
+        print(f"{'gmm':10s} {r['features']:>6d} x {r['dim']:<3d} {r['seconds']:8.1f} s  "
+              f"{r['fits_per_s']:.2f} fits/s  k={r['k_per_class']}  ({r['source']})", flush=True)
+    elif r["stage"] == "end_to_end":
+        print(f"{'end2end':10s} {r['model']:9s} {r['seconds']:8.0f} s  ({r['kind']}, {r['images']} images)",
+              flush=True)
+    else:
+        print(f"{r['stage']:10s} {r['model']:9s} B={r['batch']:<5d} {r['images_per_s']:9.0f} img/s  "
+              f"compile {r['compile_s']:5.1f} s  {_fmt(r['gflops'], '6.1f')} GFLOP/s "
+              f"({_fmt(r['pct_of_peak'], '.0f')} % of peak)", flush=True)

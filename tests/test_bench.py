@@ -1,0 +1,59 @@
+"""`ci-jax bench` on tiny settings: every stage is measured and reported, nothing is trained for long."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from ci_jax import bench, cli
+
+TINY = ["bench", "--quick", "--models", "cnn", "--batch-sizes", "8", "--eval-batch-sizes", "16",
+        "--steps", "2", "--repeats", "1", "--pass-images", "32", "--gmm-images", "300"]
+
+
+def test_quick_bench_reports_every_stage(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert cli.main(TINY + ["--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["device"]["kind"] and report["device"]["count"] == jax.device_count()
+    assert report["fp32_matmul_peak_gflops"] > 0
+    stages = {s["stage"]: s for s in report["stages"]}
+    assert set(stages) == {"train", "features", "filtered", "gmm", "end_to_end"}
+    for name in ("train", "features", "filtered"):
+        s = stages[name]
+        assert s["model"] == "cnn" and s["images_per_s"] > 0 and s["compile_s"] > 0
+        assert s["flops_per_image"] > 0 and 0 < s["pct_of_peak"]
+    # A train step costs more than the forward pass it contains.
+    assert stages["train"]["flops_per_image"] > 2 * stages["features"]["flops_per_image"]
+    gmm = stages["gmm"]  # ResNet-20 features, as the default experiment clusters
+    assert gmm["features"] == 300 and gmm["dim"] == 64 and gmm["fits"] >= 10 and gmm["fits_per_s"] > 0
+    assert stages["end_to_end"]["seconds"] > gmm["seconds"]
+    table = capsys.readouterr().out
+    assert "train      cnn" in table and "fits/s" in table and str(out) in table
+
+
+def test_compiled_flops_come_from_cost_analysis():
+    n = 64
+    a = jnp.ones((n, n))
+    _, seconds, flops = bench._compile(jax.jit(jnp.dot), a, a)
+    assert seconds > 0 and flops == pytest.approx(2 * n ** 3 * jax.device_count(), rel=0.01)
+
+
+def test_end_to_end_is_the_sum_of_the_stages():
+    rows = [{"stage": "train", "model": "m", "images_per_s": 100.0},
+            {"stage": "train", "model": "m", "images_per_s": 200.0},  # the best batch size counts
+            {"stage": "features", "model": "m", "images_per_s": 1000.0},
+            {"stage": "filtered", "model": "m", "images_per_s": 500.0}]
+    e2e = bench.end_to_end(rows, n_train=1000, n_test=100, gmm_s=7.0, model="m")
+    assert e2e["parts_s"] == {"train_baseline": 5.0, "features": 1.0, "filtered": 2.0, "gmm": 7.0,
+                              "retrain": 5.0, "test_passes": 0.2}
+    assert e2e["seconds"] == pytest.approx(20.2)
+    assert bench.end_to_end(rows, 1000, 100, None, "m") is None
+
+
+@pytest.mark.parametrize("bad", [["--batch-sizes", "0"], ["--models", "vgg"]])
+def test_bad_settings_are_one_error_line(bad, capsys):
+    assert cli.main(TINY + bad) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ci-jax: error:")
