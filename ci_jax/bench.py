@@ -276,4 +276,4 @@ def _print_row(r: dict[str, Any]) -> None:
     else:
         print(f"{r['stage']:10s} {r['model']:9s} B={r['batch']:<5d} {r['images_per_s']:9.0f} img/s  "
               f"compile {r['compile_s']:5.1f} s  {_fmt(r['gflops'], '6.1f')} GFLOP/s "
-              f"({_fmt(r['pct_of_peak'], '.0f')} % of peak)", flush=True)
+              f"({_fmt(r['pct_of_peak'], '.2g')} % of peak)", flush=True)
