@@ -116,8 +116,6 @@ def run(cfg: Config, out: str | os.PathLike, *, data_dir: str | os.PathLike | No
     timings["data"] = time.perf_counter() - t0
     if out.is_dir():
         files.clear_stale_tmp(out)  # a run directory has one writer: what a kill left is stale
-    files.write_json(out / "config.json", config_lib.to_dict(cfg))
-    files.write_json(out / "provenance.json", provenance.record(dataset))
     image_shape = dataset.x_train.shape[1:]
     steps = lambda n: math.ceil(n / cfg.batch_size)
 
@@ -130,6 +128,10 @@ def run(cfg: Config, out: str | os.PathLike, *, data_dir: str | os.PathLike | No
     baseline = train.Trainer(cfg, image_shape, dataset.num_classes, steps(len(poisoned.y_N)))
     info = train.train(baseline, poisoned.x_NHWC, poisoned.y_N, baseline_dir, train_key, desc="baseline")
     timings["train_baseline"] = info["seconds"]
+    # Written once the baseline's checkpoints have proved readable: bad input of any kind (data,
+    # attack, config, a damaged checkpoint) stops the run before it writes anything of its own.
+    files.write_json(out / "config.json", config_lib.to_dict(cfg))
+    files.write_json(out / "provenance.json", provenance.record(dataset))
 
     # One pass of the baseline over the training set (features and decisions for the defenses)
     # and the test sets; cached beside its checkpoint for every defense that reuses it.

@@ -155,3 +155,18 @@ def test_killed_run_resumes_to_the_same_report(kill_at, uninterrupted, mnist_lik
     if kill_at == "gmm":  # the finished baseline is reused, not retrained
         assert report["timings_s"]["train_baseline"] == 0.0
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_damaged_baseline_checkpoint_is_an_error_before_anything_is_written(first_run, ds, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(first_run[0], out)
+    step = out / "baseline" / "orbax" / "3"
+    biggest = max((p for p in step.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    biggest.write_bytes(biggest.read_bytes()[:100])
+    for name in ("config.json", "provenance.json", "report.json"):
+        (out / name).unlink()
+    with pytest.raises(UserError, match="baseline"):
+        experiment.run(config.preset("fast", **CFG), out, dataset=ds)
+    assert not any((out / name).exists() for name in ("config.json", "provenance.json", "report.json"))
