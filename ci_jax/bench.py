@@ -64,16 +64,21 @@ def _best_time(fn: Callable[[], Any], repeats: int) -> float:
 
 
 def _compile(jitted, *args) -> tuple[Any, float, float | None]:
-    """(compiled, seconds to lower and compile, FLOPs per call by XLA's cost analysis)."""
+    """(compiled, seconds to lower and compile, FLOPs per call by XLA's cost analysis).
+
+    FLOPs come from the lowered program, before backend passes: after them a GPU's convolutions
+    are cuDNN custom calls that the analysis does not count, and under SPMD the compiled program
+    is one device's share. The lowered one is the whole computation on every backend.
+    """
     t0 = time.perf_counter()
-    compiled = jitted.lower(*args).compile()
+    lowered = jitted.lower(*args)
+    compiled = lowered.compile()
     seconds = time.perf_counter() - t0
-    cost = compiled.cost_analysis()
+    cost = lowered.cost_analysis()
     if isinstance(cost, (list, tuple)):  # older jax: one dict per program
         cost = cost[0] if cost else None
     flops = cost.get("flops") if cost else None
-    # Under SPMD the compiled program is one device's share: scale to the whole batch.
-    return compiled, seconds, None if flops is None or flops <= 0 else float(flops) * jax.device_count()
+    return compiled, seconds, None if flops is None or flops <= 0 else float(flops)
 
 
 def matmul_peak_gflops(n: int = 4096, repeats: int = 5) -> float:
