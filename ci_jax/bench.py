@@ -177,7 +177,7 @@ def _gmm_features(args, ds: data.Dataset, n: int, eval_batch: int) -> tuple[np.n
     if not os.path.exists(os.path.join(ckpt, "done.json")) or files.read_json(os.path.join(ckpt, "done.json")).get("key") != key:
         raise UserError(f"--run {args.run}: no finished baseline there; run `ci-jax run` on it first")
     cfg = config.replace(cfg, eval_batch_size=eval_batch)
-    poisoned, _ = experiment.prepare(cfg, ds)
+    poisoned, _, _ = experiment.prepare(cfg, ds)
     t = train.Trainer(cfg, ds.x_train.shape[1:], ds.num_classes, math.ceil(len(poisoned.y_N) / cfg.batch_size))
     train.train(t, poisoned.x_NHWC, poisoned.y_N, ckpt, key)  # restores: done.json matches
     x, y = poisoned.x_NHWC[:n], poisoned.y_N[:n]
