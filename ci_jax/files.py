@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from ci_jax import faults
 
@@ -53,3 +54,25 @@ def clear_stale_tmp(directory: str | os.PathLike, name: str = "*") -> None:
     """
     for tmp in Path(directory).glob(f".{name}.*.tmp"):
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def exclusive(lock_path: str | os.PathLike) -> Iterator[None]:
+    """Holds an exclusive advisory lock on lock_path (created if missing) for the block.
+
+    POSIX flock: released by the kernel when the holder dies, even by kill -9, so a killed run
+    never leaves a lock behind. Without fcntl (Windows) the block runs unlocked.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    lock_path = Path(lock_path)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)

@@ -285,10 +285,18 @@ def train(trainer: Trainer, x_NHWC: np.ndarray, y_N: np.ndarray, ckpt_dir: str |
 
     `key` names what was trained (config fingerprint, training set); a directory holding a
     different key is stale and is cleared. A damaged directory (unreadable key.json or done.json,
-    a checkpoint that fails to restore) is a UserError that says to delete it.
+    a checkpoint that fails to restore) is a UserError that says to delete it. Processes that
+    share ckpt_dir (sweeps sharing --models) take turns: the second one reuses what the first
+    trained instead of training into the same files at the same time.
     Returns {"reused": bool, "resumed_from_epoch": int, "seconds": float, "images_per_s": float}.
     """
     ckpt_dir = Path(ckpt_dir)
+    with files.exclusive(ckpt_dir.parent / f".{ckpt_dir.name}.lock"):
+        return _train_locked(trainer, x_NHWC, y_N, ckpt_dir, key, desc)
+
+
+def _train_locked(trainer: Trainer, x_NHWC: np.ndarray, y_N: np.ndarray, ckpt_dir: Path, key: str,
+                  desc: str) -> dict[str, Any]:
     meta = _read_marker(ckpt_dir, "key.json")
     if meta is not None and meta["key"] != key:
         shutil.rmtree(ckpt_dir)

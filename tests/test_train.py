@@ -247,3 +247,21 @@ def test_four_devices_match_one(tmp_path):
     for k in ("params", "feats"):
         np.testing.assert_allclose(four[k], one[k], rtol=1e-3, atol=1e-2 * np.abs(one[k]).max())
     np.testing.assert_array_equal(four["pred"], one["pred"])
+
+
+def test_a_second_process_waits_for_the_first_and_reuses_its_model(ds, trained_dir, tmp_path):
+    import threading
+
+    from ci_jax import files
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(trained_dir, ckpt)
+    result = {}
+    with files.exclusive(tmp_path / ".ckpt.lock"):  # as if another process were training it
+        t = threading.Thread(target=lambda: result.update(
+            train.train(_trainer(_cfg(), ds), ds.x_train, ds.y_train, ckpt, key="k")))
+        t.start()
+        t.join(timeout=2.0)
+        assert t.is_alive() and not result  # blocked on the lock
+    t.join(timeout=120)
+    assert result["reused"] is True
