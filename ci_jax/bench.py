@@ -172,16 +172,14 @@ def _gmm_features(args, ds: data.Dataset, n: int, eval_batch: int) -> tuple[np.n
         cfg = config.from_dict(files.read_json(os.path.join(args.run, "config.json")))
     except (OSError, ValueError) as e:
         raise UserError(f"--run {args.run}: no config.json there ({e})") from None
-    ckpt = os.path.join(args.run, "baseline")
-    key = config.fingerprint(cfg, config.TRAIN_FIELDS)
-    if not os.path.exists(os.path.join(ckpt, "done.json")) or files.read_json(os.path.join(ckpt, "done.json")).get("key") != key:
-        raise UserError(f"--run {args.run}: no finished baseline there; run `ci-jax run` on it first")
     cfg = config.replace(cfg, eval_batch_size=eval_batch)
-    poisoned, _, _ = experiment.prepare(cfg, ds)
+    key = config.fingerprint(cfg, config.TRAIN_FIELDS)
+    ckpt = experiment.finished_baseline(args.run, cfg, key, flag="--run")
+    poisoned, x_trig, _ = experiment.prepare(cfg, ds)
     t = train.Trainer(cfg, ds.x_train.shape[1:], ds.num_classes, math.ceil(len(poisoned.y_N) / cfg.batch_size))
-    train.train(t, poisoned.x_NHWC, poisoned.y_N, ckpt, key)  # restores: done.json matches
-    x, y = poisoned.x_NHWC[:n], poisoned.y_N[:n]
-    return t.predict(x)[1], y, f"trained baseline of {args.run} ({cfg.model})"
+    train.train(t, poisoned.x_NHWC, poisoned.y_N, ckpt, key)  # restores: the baseline is finished
+    passes = experiment.baseline_passes(t, poisoned, ds, x_trig, ckpt, key)  # the run's cached pass
+    return passes["feats"][:n], poisoned.y_N[:n], f"trained baseline of {args.run} ({cfg.model})"
 
 
 def end_to_end(results: list[dict[str, Any]], n_train: int, n_test: int, gmm_s: float | None,
@@ -207,9 +205,9 @@ def device_info() -> dict[str, Any]:
             cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
     except OSError:
         pass
-    d = jax.devices()[0]
-    return {"platform": d.platform, "kind": d.device_kind, "count": jax.device_count(),
-            "processes": jax.process_count(), "host_cpu": cpu, "host_cores": os.cpu_count(),
+    from ci_jax import provenance
+
+    return {**provenance.device(), "processes": jax.process_count(), "host_cpu": cpu, "host_cores": os.cpu_count(),
             "xla_flags": os.environ.get("XLA_FLAGS", ""), "jax": jax.__version__}
 
 

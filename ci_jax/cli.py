@@ -1,4 +1,5 @@
-"""`ci-jax run`: the CI experiment from the command line; every config field is a flag."""
+"""The `ci-jax` command: `run` (one experiment; every config field is a flag), `sweep` and
+`merge` (many runs from a spec), `bench` (throughput per stage)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,11 @@ from typing import Sequence
 def _set_xla_flags() -> None:
     """Splits the CPU into $CI_JAX_CPU_DEVICES data-parallel XLA devices (default 1).
 
-    Two devices on two cores trained ResNet-20 ~1.5x faster here (one XLA:CPU device does not
-    keep two cores busy), but XLA:CPU's in-process all-reduce aborted a run twice ("Termination
-    timeout ... 40 seconds exceeded" at a rendezvous), so it is opt-in. Must run before jax starts
-    its backends; it shapes only the CPU platform, and a user's own XLA_FLAGS setting wins.
+    Not the default: with XLA:CPU's Eigen convolutions (see ci_jax/__init__.py) one device
+    trained ResNet-20 as fast as two on this 2-core machine. (Deeply queued programs deadlocked
+    XLA:CPU's in-process all-reduce; `train.throttle` keeps at most two in flight.) Must run
+    before jax starts its backends; it shapes only the CPU platform, and a user's own XLA_FLAGS
+    setting wins.
     """
     from ci_jax.errors import UserError
 
@@ -110,8 +112,7 @@ def _sweep(args: argparse.Namespace) -> None:
     csv_path = sweep.run(args.spec, args.out, shard=sweep.parse_shard(args.shard), data_dir=args.data_dir,
                          make_plots=args.plots, models_dir=args.models)
     print(f"results -> {csv_path}")
-    if (args.out and os.path.exists(os.path.join(args.out, "summary.md"))
-            and csv_path.name == "results.csv"):
+    if csv_path.name == "results.csv":  # the whole sweep, summarised (a shard waits for merge)
         print(open(os.path.join(args.out, "summary.md")).read())
 
 

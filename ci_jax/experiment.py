@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import jax
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -63,13 +62,21 @@ def _cached(path: Path, key: str, compute: Callable[[], dict[str, np.ndarray]]) 
     return arrays
 
 
-def _model_pass(trainer: train.Trainer, poisoned: poison.PoisonedSet, dataset: data.Dataset,
-                x_trig: np.ndarray) -> dict[str, np.ndarray]:
-    """Everything the evaluation and the defenses need from one model, in one go."""
-    pred_N, feats_ND = trainer.predict(poisoned.x_NHWC, desc="features")
-    pred_test, _ = trainer.predict(dataset.x_test, desc="test")
-    pred_trig = trainer.predict(x_trig, desc="triggered")[0] if len(x_trig) else np.zeros(0, np.int32)
-    return {"pred": pred_N, "feats": feats_ND, "pred_test": pred_test, "pred_trig": pred_trig}
+def _test_pass(trainer: train.Trainer, dataset: data.Dataset, x_trig: np.ndarray) -> dict[str, np.ndarray]:
+    """A model's decisions on the clean test set and on the triggered source-class images."""
+    return {"pred_test": trainer.predict(dataset.x_test, desc="test")[0],
+            "pred_trig": trainer.predict(x_trig, desc="triggered")[0]}
+
+
+def baseline_passes(baseline: train.Trainer, poisoned: poison.PoisonedSet, dataset: data.Dataset,
+                    x_trig: np.ndarray, baseline_dir: Path, key: str) -> dict[str, np.ndarray]:
+    """Everything the evaluation and the defenses need from the baseline, computed in one go and
+    cached beside its checkpoint (passes.npz): features and decisions of the training set,
+    decisions on the test sets."""
+    def compute() -> dict[str, np.ndarray]:
+        pred_N, feats_ND = baseline.predict(poisoned.x_NHWC, desc="features")
+        return {"pred": pred_N, "feats": feats_ND, **_test_pass(baseline, dataset, x_trig)}
+    return _cached(baseline_dir / "passes.npz", key, compute)
 
 
 def _scores(pred_test: np.ndarray, pred_trig: np.ndarray, dataset: data.Dataset, target: int) -> dict[str, float]:
@@ -77,18 +84,19 @@ def _scores(pred_test: np.ndarray, pred_trig: np.ndarray, dataset: data.Dataset,
             "asr": metrics.attack_success_rate(pred_trig, target)}
 
 
-def _shared_baseline(run_dir: str | os.PathLike, cfg: Config, key: str) -> Path:
-    """The finished baseline of another run, checked to be trained exactly as `cfg` asks."""
+def finished_baseline(run_dir: str | os.PathLike, cfg: Config, key: str, flag: str = "--baseline-from") -> Path:
+    """The finished baseline of another run, checked to be trained exactly as `cfg` asks; errors
+    name the command-line `flag` that pointed there."""
     path = Path(run_dir) / "baseline"
     try:
         done = files.read_json(path / "done.json")
         other = config_lib.from_dict(files.read_json(Path(run_dir) / "config.json"))
     except (OSError, ValueError) as e:
-        raise UserError(f"--baseline-from {run_dir}: no finished baseline there ({e}); "
+        raise UserError(f"{flag} {run_dir}: no finished baseline there ({e}); "
                         "run `ci-jax run` on it first") from None
     if done.get("key") != key:
         diff = [f for f in config_lib.TRAIN_FIELDS if getattr(other, f) != getattr(cfg, f)]
-        raise UserError(f"--baseline-from {run_dir}: its baseline was trained with other settings "
+        raise UserError(f"{flag} {run_dir}: its baseline was trained with other settings "
                         f"({', '.join(diff) or 'unknown fields'} differ): only defense settings may change")
     return path
 
@@ -122,7 +130,7 @@ def run(cfg: Config, out: str | os.PathLike, *, data_dir: str | os.PathLike | No
     # Baseline: trained once per training config, resumed if interrupted.
     train_key = config_lib.fingerprint(cfg, config_lib.TRAIN_FIELDS)
     if baseline_from:
-        baseline_dir = _shared_baseline(baseline_from, cfg, train_key)
+        baseline_dir = finished_baseline(baseline_from, cfg, train_key)
     else:
         baseline_dir = Path(shared_dir) / "baselines" / train_key if shared_dir else out / "baseline"
     baseline = train.Trainer(cfg, image_shape, dataset.num_classes, steps(len(poisoned.y_N)))
@@ -133,11 +141,8 @@ def run(cfg: Config, out: str | os.PathLike, *, data_dir: str | os.PathLike | No
     files.write_json(out / "config.json", config_lib.to_dict(cfg))
     files.write_json(out / "provenance.json", provenance.record(dataset))
 
-    # One pass of the baseline over the training set (features and decisions for the defenses)
-    # and the test sets; cached beside its checkpoint for every defense that reuses it.
     t0 = time.perf_counter()
-    passes = _cached(baseline_dir / "passes.npz", train_key,
-                     lambda: _model_pass(baseline, poisoned, dataset, x_trig))
+    passes = baseline_passes(baseline, poisoned, dataset, x_trig, baseline_dir, train_key)
     timings["features"] = time.perf_counter() - t0
     before = _scores(passes["pred_test"], passes["pred_trig"], dataset, cfg.target)
     tqdm.write(f"baseline: clean acc {before['clean_acc']:.4f}, ASR {before['asr']:.4f}"
@@ -146,8 +151,8 @@ def run(cfg: Config, out: str | os.PathLike, *, data_dir: str | os.PathLike | No
     def filtered_pred() -> np.ndarray:
         t0 = time.perf_counter()
         blur = ci.make_filter(cfg.filter, cfg.filter_param, cfg.seed)
-        fkey = f"{train_key}-{cfg.filter}-{cfg.filter_param}"
-        pred = _cached(baseline_dir / f"filtered-{cfg.filter}.npz", fkey,
+        # One file per filter setting: a sweep over sigmas keeps each, instead of overwriting one.
+        pred = _cached(baseline_dir / f"filtered-{cfg.filter}-{cfg.filter_param}.npz", train_key,
                        lambda: {"pred": baseline.predict(poisoned.x_NHWC, transform=blur, desc="filtered")[0]})
         timings["filtered"] = time.perf_counter() - t0
         return pred["pred"]
@@ -178,9 +183,7 @@ def run(cfg: Config, out: str | os.PathLike, *, data_dir: str | os.PathLike | No
         info = train.train(retrained, poisoned.x_NHWC[keep], poisoned.y_N[keep], retrained_dir,
                            retrain_key, desc="retrain")
         timings["retrain"] = info["seconds"]
-        evals = _cached(retrained_dir / "eval.npz", retrain_key, lambda: {
-            "pred_test": retrained.predict(dataset.x_test, desc="test")[0],
-            "pred_trig": retrained.predict(x_trig, desc="triggered")[0] if len(x_trig) else np.zeros(0, np.int32)})
+        evals = _cached(retrained_dir / "eval.npz", retrain_key, lambda: _test_pass(retrained, dataset, x_trig))
         after = _scores(evals["pred_test"], evals["pred_trig"], dataset, cfg.target)
     tqdm.write(f"retrained: clean acc {after['clean_acc']:.4f}, ASR {after['asr']:.4f}")
     timings["total"] = time.perf_counter() - t_start
@@ -191,8 +194,7 @@ def run(cfg: Config, out: str | os.PathLike, *, data_dir: str | os.PathLike | No
         "baseline": {**before, "checkpoint": os.path.relpath(baseline_dir, out)},
         "defense": {"method": cfg.defense, **detection, **extra},
         "retrained": {**after, "checkpoint": os.path.relpath(retrained_dir, out)},
-        "device": {"platform": jax.default_backend(), "kind": jax.devices()[0].device_kind,
-                   "count": jax.device_count()},
+        "device": provenance.device(),
         "timings_s": timings,
     }
     if make_plots:

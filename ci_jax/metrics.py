@@ -42,16 +42,22 @@ def detection(is_poison_N: np.ndarray, removed_N: np.ndarray, score_N: np.ndarra
     removed_poison = int(np.count_nonzero(removed_N & is_poison_N))
     removed_clean = n_removed - removed_poison
 
-    auc = None
-    if 0 < n_poison < is_poison_N.size:
-        auc = float(sklearn.metrics.roc_auc_score(is_poison_N, score_N.astype(np.float64)))
     return {
         "removed": n_removed,
         "tpr": _ratio(removed_poison, n_poison),
         "fpr": _ratio(removed_clean, n_clean),
         "precision": _ratio(removed_poison, n_removed),
-        "auc": auc,
+        "auc": roc_auc(is_poison_N, score_N),
     }
+
+
+def roc_auc(is_poison_N: np.ndarray, score_N: np.ndarray) -> float | None:
+    """ROC AUC of a suspicion score; None when only one class is present (undefined there)."""
+    is_poison_N, score_N = _same_shape(is_poison_N, score_N)
+    is_poison_N = is_poison_N.astype(bool)
+    if is_poison_N.all() or not is_poison_N.any():
+        return None
+    return float(sklearn.metrics.roc_auc_score(is_poison_N, score_N.astype(np.float64)))
 
 
 def roc_curve(is_poison_N: np.ndarray, score_N: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -28,10 +28,15 @@ def record(dataset: data.Dataset) -> dict[str, Any]:
     return {
         "python": platform.python_version(),
         "packages": {name: _version(name) for name in PACKAGES},
-        "device": {"platform": jax.default_backend(), "kind": jax.devices()[0].device_kind,
-                   "count": jax.device_count()},
+        "device": device(),
         "data": _data(dataset),
     }
+
+
+def device() -> dict[str, Any]:
+    """The backend, the kind of its first device, and how many devices the run spans."""
+    return {"platform": jax.default_backend(), "kind": jax.devices()[0].device_kind,
+            "count": jax.device_count()}
 
 
 def _version(dist: str) -> str | None:

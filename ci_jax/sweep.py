@@ -319,7 +319,7 @@ def summarize(out: str | os.PathLike) -> dict[str, Any]:
                 s, t = np.concatenate(score), np.concatenate(truth)
                 if t.any() and not t.all():
                     fpr, tpr = metrics.roc_curve(t, s)
-                    curves[defense] = (fpr, tpr, metrics.detection(t, np.zeros_like(t), s)["auc"])
+                    curves[defense] = (fpr, tpr, metrics.roc_auc(t, s))
             if curves:
                 slug = re.sub(r"[^A-Za-z0-9]+", "_", attack).strip("_")
                 plots.roc(out / "plots" / f"roc_{slug}.png", curves, title=f"ROC: {attack}")

@@ -195,7 +195,7 @@ class Trainer:
         b = self.cfg.eval_batch_size
         _check_divisible(b, "eval_batch_size")
         n = x_NHWC.shape[0]
-        steps = math.ceil(n / b)
+        steps = max(1, math.ceil(n / b))  # one padded batch for n = 0: empty outputs of the right shapes
         x = jnp.asarray(x_NHWC)
         if steps * b != n:
             x = jnp.pad(x, ((0, steps * b - n),) + ((0, 0),) * (x.ndim - 1))

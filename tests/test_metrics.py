@@ -70,3 +70,9 @@ def test_roc_curve_endpoints():
     assert fpr[0] == 0.0 and tpr[0] == 0.0
     assert fpr[-1] == 1.0 and tpr[-1] == 1.0
     assert np.any((fpr == 0.0) & (tpr == 1.0))  # a perfect score reaches the corner
+
+
+def test_roc_auc_is_none_with_one_class_present():
+    assert metrics.roc_auc(np.array([0, 0, 1, 1]), np.array([0.1, 0.2, 0.8, 0.9])) == 1.0
+    assert metrics.roc_auc(np.zeros(3, bool), np.arange(3.0)) is None
+    assert metrics.roc_auc(np.ones(3, bool), np.arange(3.0)) is None

@@ -265,3 +265,9 @@ def test_a_second_process_waits_for_the_first_and_reuses_its_model(ds, trained_d
         assert t.is_alive() and not result  # blocked on the lock
     t.join(timeout=120)
     assert result["reused"] is True
+
+
+def test_predict_on_no_images_gives_empty_outputs_of_the_right_shapes(ds):
+    t = _trainer(_cfg(), ds)
+    pred, feats = t.predict(ds.x_test[:0])
+    assert pred.shape == (0,) and feats.shape == (0, t.predict(ds.x_test[:1])[1].shape[1])
