@@ -32,7 +32,7 @@ from ci_jax.errors import UserError
 
 QUICK = dict(batch_sizes=(32,), eval_batch_sizes=(64,), steps=3, pass_images=128, gmm_images=600,
              peak_n=512)
-FULL = dict(batch_sizes=(32, 128, 256), eval_batch_sizes=(256, 1024), steps=20, pass_images=8192,
+FULL = dict(batch_sizes=(16, 32, 128), eval_batch_sizes=(64, 512), steps=20, pass_images=8192,
             gmm_images=60000, peak_n=4096)
 
 
@@ -48,6 +48,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", metavar="RUN_DIR",
                    help="finished `ci-jax run` directory: the GMM clusters its baseline's features "
                         "(else those of a freshly initialised model)")
+    p.add_argument("--convs", action="store_true",
+                   help="also time each convolution of the model alone (forward, input and kernel "
+                        "gradients) at each train batch size: a ceiling the train step cannot beat")
     p.add_argument("--quick", action="store_true", help="tiny settings: a smoke test, not a measurement")
     p.add_argument("--out", help="write the results here as JSON")
 
@@ -145,6 +148,85 @@ def bench_pass(model: str, eval_batch: int, x_NHWC: np.ndarray, num_classes: int
             **_rates(len(x_NHWC), seconds, per_image, peak)}
 
 
+def _conv_eqns(jaxpr) -> list[Any]:
+    """Every conv_general_dilated in a jaxpr, including those inside custom_vjp and jit calls."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "conv_general_dilated":
+            found.append(eqn)
+        for v in eqn.params.values():
+            for sub in v if isinstance(v, (list, tuple)) else (v,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    found.extend(_conv_eqns(inner))
+    return found
+
+
+def model_convs(model: str, batch: int, image_shape, num_classes: int) -> list[dict[str, Any]]:
+    """The distinct convolutions of one forward pass: shapes, parameters and how often each occurs."""
+    from flax import nnx
+
+    from ci_jax import models
+
+    graphdef, state = nnx.split(models.create(model, image_shape[-1], num_classes, seed=0,
+                                              image_size=image_shape[0]))
+    x = jax.ShapeDtypeStruct((batch, *image_shape), jnp.float32)
+    jaxpr = jax.make_jaxpr(lambda s, x: nnx.merge(graphdef, s)(x))(state, x).jaxpr
+    convs: dict[tuple, dict[str, Any]] = {}
+    for eqn in _conv_eqns(jaxpr):
+        lhs, rhs = (tuple(v.aval.shape) for v in eqn.invars)
+        p = {k: eqn.params[k] for k in ("window_strides", "padding", "lhs_dilation", "rhs_dilation",
+                                         "dimension_numbers", "feature_group_count")}
+        key = (lhs, rhs, repr(p))
+        if key not in convs:
+            convs[key] = {"lhs": lhs, "rhs": rhs, "out": tuple(eqn.outvars[0].aval.shape), "params": p,
+                          "count": 0, "is_input": lhs == (batch, *image_shape)}
+        convs[key]["count"] += 1
+    return list(convs.values())
+
+
+def bench_convs(model: str, batch: int, image_shape, num_classes: int, repeats: int,
+                peak: float) -> dict[str, Any]:
+    """Each convolution alone, jitted: forward, input gradient, kernel gradient.
+
+    The sum over the model's convolutions is what one train step would cost if it did nothing
+    else: batch / that sum bounds the train step's images/s from above, whatever the rest of the
+    step (BatchNorm, ReLU, the optimizer) is made to cost. The first layer's input gradient is
+    left out: the train step never computes it (images take no gradient).
+    """
+    key = jax.random.key(0)
+    rows, train_s, pass_s = [], 0.0, 0.0
+    for c in model_convs(model, batch, image_shape, num_classes):
+        p = c["params"]
+        conv = lambda x, w: jax.lax.conv_general_dilated(x, w, p["window_strides"], p["padding"],
+                                                         p["lhs_dilation"], p["rhs_dilation"],
+                                                         p["dimension_numbers"], p["feature_group_count"])
+        x = jax.random.normal(key, c["lhs"], jnp.float32)
+        w = jax.random.normal(key, c["rhs"], jnp.float32)
+        g = jax.random.normal(key, c["out"], jnp.float32)
+        fns = {"forward": jax.jit(conv),
+               "input_grad": jax.jit(lambda x, w, g: jax.vjp(lambda x: conv(x, w), x)[1](g)[0]),
+               "kernel_grad": jax.jit(lambda x, w, g: jax.vjp(lambda w: conv(x, w), w)[1](g)[0])}
+        flops = 2 * math.prod(c["out"]) * math.prod(c["rhs"]) / c["out"][-1]  # MACs x 2, NHWC/HWIO
+        row = {"lhs": list(c["lhs"]), "rhs": list(c["rhs"]), "strides": list(p["window_strides"]),
+               "count": c["count"]}
+        for name, fn in fns.items():
+            if name == "input_grad" and c["is_input"]:
+                continue
+            args = (x, w) if name == "forward" else (x, w, g)
+            jax.block_until_ready(fn(*args))
+            reps = max(1, int(0.05 // max(_best_time(lambda: fn(*args), 1), 1e-6)))
+            s = _best_time(lambda: [fn(*args) for _ in range(reps)][-1], repeats) / reps
+            row[f"{name}_ms"] = 1e3 * s
+            row[f"{name}_gflops"] = flops / s / 1e9
+            train_s += c["count"] * s
+            pass_s += c["count"] * s if name == "forward" else 0.0
+        rows.append(row)
+    return {"stage": "convs", "model": model, "batch": batch, "convs": rows,
+            "train_ceiling_images_per_s": batch / train_s, "pass_ceiling_images_per_s": batch / pass_s,
+            "train_convs_ms": 1e3 * train_s, "pass_convs_ms": 1e3 * pass_s, "peak_gflops": peak}
+
+
 def bench_gmm(feats_ND: np.ndarray, y_N: np.ndarray, num_classes: int, source: str) -> dict[str, Any]:
     """`ci.cluster` as the defense runs it: per class, parallel processes, BIC search."""
     from ci_jax.defenses import ci
@@ -239,6 +321,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for b in s["batch_sizes"]:
             results.append(bench_train(model, b, x_dev, y_dev, ds.num_classes, s["steps"], args.repeats, peak))
             _print_row(results[-1])
+            if args.convs:
+                results.append(bench_convs(model, b, ds.x_train.shape[1:], ds.num_classes, args.repeats, peak))
+                _print_row(results[-1])
         for b in s["eval_batch_sizes"]:
             for transform in (None, blur):
                 results.append(bench_pass(model, b, x_pass, ds.num_classes, args.repeats, peak, transform))
@@ -273,6 +358,14 @@ def _print_row(r: dict[str, Any]) -> None:
     if r["stage"] == "gmm":
         print(f"{'gmm':10s} {r['features']:>6d} x {r['dim']:<3d} {r['seconds']:8.1f} s  "
               f"{r['fits_per_s']:.2f} fits/s  k={r['k_per_class']}  ({r['source']})", flush=True)
+    elif r["stage"] == "convs":
+        for c in r["convs"]:
+            times = "  ".join(f"{k[:-3]} {c[k]:6.2f} ms {c[k[:-3] + '_gflops']:5.1f} GFLOP/s"
+                              for k in ("forward_ms", "input_grad_ms", "kernel_grad_ms") if k in c)
+            print(f"{'  conv':10s} {str(tuple(c['lhs'][1:])):>14s} x{c['count']} s{c['strides'][0]}  {times}")
+        print(f"{'convs':10s} {r['model']:9s} B={r['batch']:<5d} convs alone: train step <= "
+              f"{r['train_ceiling_images_per_s']:.0f} img/s, pass <= {r['pass_ceiling_images_per_s']:.0f} img/s",
+              flush=True)
     elif r["stage"] == "end_to_end":
         print(f"{'end2end':10s} {r['model']:9s} {r['seconds']:8.0f} s  ({r['kind']}, {r['images']} images)",
               flush=True)

@@ -55,7 +55,10 @@ class Config:
     # model and training
     model: str = "resnet20"
     epochs: int = 1
-    batch_size: int = 32
+    # 16: XLA:CPU runs ResNet-20's train step ~22 % faster per image than at 32 (A/B in one process:
+    # 294 vs 241 img/s; at 32 the transposes of the kernel-gradient convs spill out of L2), and one
+    # epoch still reaches 99.3 % clean accuracy and 91.7 % ASR on real MNIST.
+    batch_size: int = 16
     optimizer: str = "adam"
     lr: float = 2e-3
     momentum: float = 0.9  # sgd only
@@ -63,7 +66,8 @@ class Config:
     weight_decay: float = 0.0
     schedule: str = "onecycle"
     seed: int = 0
-    eval_batch_size: int = 512
+    # 64: fastest features/filtered pass of ResNet-20 on a 2-core CPU (1,520 img/s vs 1,330 at 512)
+    eval_batch_size: int = 64
     # CI defense
     bic_search: str = "ascent"
     k_max: int = 10

@@ -69,3 +69,28 @@ def test_gmm_stage_clusters_a_finished_runs_baseline_features(mnist_like_dir, tm
     assert cli.main(TINY + ["--data-dir", str(mnist_like_dir), "--run", str(run), "--out", str(out)]) == 0
     gmm = next(s for s in json.loads(out.read_text())["stages"] if s["stage"] == "gmm")
     assert gmm["source"].startswith("trained baseline of") and gmm["features"] == 300
+
+
+def test_model_convs_finds_every_resnet20_convolution_once():
+    convs = bench.model_convs("resnet20", 4, (28, 28, 1), 10)
+    assert sum(c["count"] for c in convs) == 19  # the stem, then 2 per block x 9 blocks
+    stem = [c for c in convs if c["is_input"]]
+    assert len(stem) == 1 and stem[0]["rhs"] == (3, 3, 1, 16) and stem[0]["count"] == 1
+    by_shape = {(c["lhs"][1:], c["rhs"]): c["count"] for c in convs}
+    assert by_shape[((28, 28, 16), (3, 3, 16, 16))] == 6
+    assert by_shape[((28, 28, 16), (3, 3, 16, 32))] == 1  # the strided one that opens stage 2
+    assert by_shape[((7, 7, 64), (3, 3, 64, 64))] == 5
+
+
+def test_conv_ceiling_bounds_the_train_step(capsys):
+    r = bench.bench_convs("cnn", 4, (28, 28, 1), 10, repeats=1, peak=100.0)
+    assert [c["count"] for c in r["convs"]] == [1, 1]
+    first, second = r["convs"]
+    assert "input_grad_ms" not in first and second["input_grad_ms"] > 0  # images take no gradient
+    for c in r["convs"]:
+        assert c["forward_ms"] > 0 and c["kernel_grad_ms"] > 0 and c["forward_gflops"] > 0
+    total_ms = sum(c[k] for c in r["convs"] for k in ("forward_ms", "input_grad_ms", "kernel_grad_ms") if k in c)
+    assert r["train_ceiling_images_per_s"] == pytest.approx(4 / total_ms * 1e3)
+    assert r["pass_ceiling_images_per_s"] > r["train_ceiling_images_per_s"]
+    bench._print_row(r)
+    assert "train step <=" in capsys.readouterr().out
