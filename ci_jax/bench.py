@@ -50,7 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(else those of a freshly initialised model)")
     p.add_argument("--convs", action="store_true",
                    help="also time each convolution of the model alone (forward, input and kernel "
-                        "gradients) at each train batch size: a ceiling the train step cannot beat")
+                        "gradients) at each train batch size: the ceiling of the train step")
     p.add_argument("--quick", action="store_true", help="tiny settings: a smoke test, not a measurement")
     p.add_argument("--out", help="write the results here as JSON")
 
@@ -190,9 +190,11 @@ def bench_convs(model: str, batch: int, image_shape, num_classes: int, repeats: 
     """Each convolution alone, jitted: forward, input gradient, kernel gradient.
 
     The sum over the model's convolutions is what one train step would cost if it did nothing
-    else: batch / that sum bounds the train step's images/s from above, whatever the rest of the
-    step (BatchNorm, ReLU, the optimizer) is made to cost. The first layer's input gradient is
-    left out: the train step never computes it (images take no gradient).
+    else: batch / that sum is the ceiling of the train step's images/s, whatever the rest of the
+    step (BatchNorm, ReLU, the optimizer) is made to cost. (XLA may run two independent
+    convolutions of a step at once; where each one alone already keeps every core busy, as on
+    a CPU, that gains little.) The first layer's input gradient is left out: the train step
+    never computes it (images take no gradient).
     """
     key = jax.random.key(0)
     rows, train_s, pass_s = [], 0.0, 0.0
