@@ -185,6 +185,24 @@ def model_convs(model: str, batch: int, image_shape, num_classes: int) -> list[d
     return list(convs.values())
 
 
+def _conv_stages(p: dict[str, Any]) -> dict[str, Callable]:
+    """Jitted forward, input gradient and kernel gradient of one convolution's parameters."""
+    def conv(x, w):
+        return jax.lax.conv_general_dilated(x, w, p["window_strides"], p["padding"], p["lhs_dilation"],
+                                            p["rhs_dilation"], p["dimension_numbers"], p["feature_group_count"])
+
+    return {"forward": jax.jit(conv),
+            "input_grad": jax.jit(lambda x, w, g: jax.vjp(lambda x: conv(x, w), x)[1](g)[0]),
+            "kernel_grad": jax.jit(lambda x, w, g: jax.vjp(lambda w: conv(x, w), w)[1](g)[0])}
+
+
+def seconds_per_call(fn: Callable, args: tuple, repeats: int) -> float:
+    """Best time of one call, from batches of calls lasting about 50 ms (short calls time badly)."""
+    jax.block_until_ready(fn(*args))
+    calls = max(1, int(0.05 // max(_best_time(lambda: fn(*args), 1), 1e-6)))
+    return _best_time(lambda: [fn(*args) for _ in range(calls)][-1], repeats) / calls
+
+
 def bench_convs(model: str, batch: int, image_shape, num_classes: int, repeats: int,
                 peak: float) -> dict[str, Any]:
     """Each convolution alone, jitted: forward, input gradient, kernel gradient.
@@ -199,26 +217,16 @@ def bench_convs(model: str, batch: int, image_shape, num_classes: int, repeats: 
     key = jax.random.key(0)
     rows, train_s, pass_s = [], 0.0, 0.0
     for c in model_convs(model, batch, image_shape, num_classes):
-        p = c["params"]
-        conv = lambda x, w: jax.lax.conv_general_dilated(x, w, p["window_strides"], p["padding"],
-                                                         p["lhs_dilation"], p["rhs_dilation"],
-                                                         p["dimension_numbers"], p["feature_group_count"])
         x = jax.random.normal(key, c["lhs"], jnp.float32)
         w = jax.random.normal(key, c["rhs"], jnp.float32)
         g = jax.random.normal(key, c["out"], jnp.float32)
-        fns = {"forward": jax.jit(conv),
-               "input_grad": jax.jit(lambda x, w, g: jax.vjp(lambda x: conv(x, w), x)[1](g)[0]),
-               "kernel_grad": jax.jit(lambda x, w, g: jax.vjp(lambda w: conv(x, w), w)[1](g)[0])}
         flops = 2 * math.prod(c["out"]) * math.prod(c["rhs"]) / c["out"][-1]  # MACs x 2, NHWC/HWIO
-        row = {"lhs": list(c["lhs"]), "rhs": list(c["rhs"]), "strides": list(p["window_strides"]),
+        row = {"lhs": list(c["lhs"]), "rhs": list(c["rhs"]), "strides": list(c["params"]["window_strides"]),
                "count": c["count"]}
-        for name, fn in fns.items():
+        for name, fn in _conv_stages(c["params"]).items():
             if name == "input_grad" and c["is_input"]:
                 continue
-            args = (x, w) if name == "forward" else (x, w, g)
-            jax.block_until_ready(fn(*args))
-            reps = max(1, int(0.05 // max(_best_time(lambda: fn(*args), 1), 1e-6)))
-            s = _best_time(lambda: [fn(*args) for _ in range(reps)][-1], repeats) / reps
+            s = seconds_per_call(fn, (x, w) if name == "forward" else (x, w, g), repeats)
             row[f"{name}_ms"] = 1e3 * s
             row[f"{name}_gflops"] = flops / s / 1e9
             train_s += c["count"] * s

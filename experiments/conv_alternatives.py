@@ -13,16 +13,15 @@ Every alternative is checked against lax's result before it is timed.
 from __future__ import annotations
 
 import argparse
-import time
 
-import ci_jax  # noqa: F401  (XLA flags, before JAX starts a backend)
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+import ci_jax  # noqa: F401  (its XLA flags must be set before JAX starts a backend)
 from ci_jax import files
-from ci_jax.bench import device_info
+from ci_jax.bench import device_info, seconds_per_call
 
 SHAPES = [(28, 16, 16, 1), (28, 16, 32, 2), (14, 32, 32, 1), (7, 64, 64, 1)]  # H, Cin, Cout, stride
 G_43 = np.array([[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]], np.float32)
@@ -75,18 +74,6 @@ def forward_winograd(x, w, s):
     return y.reshape(b, h, wd, -1)
 
 
-def best_ms(fn, *args, repeats: int = 5) -> float:
-    jax.block_until_ready(fn(*args))
-    n = max(1, int(0.05 // max(1e-6, _time(fn, args, 1))))
-    return 1e3 * min(_time(fn, args, n) for _ in range(repeats))
-
-
-def _time(fn, args, n):
-    t0 = time.perf_counter()
-    jax.block_until_ready([fn(*args) for _ in range(n)][-1])
-    return (time.perf_counter() - t0) / n
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batch-sizes", nargs="+", type=int, default=[16, 32])
@@ -105,13 +92,13 @@ def main() -> None:
                      "kernel_grad": (kgrad_lax, {"taps": kgrad_taps, "im2col": kgrad_im2col}, (x, g))}
             for stage, (ref_fn, alts, a) in cases.items():
                 ref = jax.jit(ref_fn, static_argnums=2)(*a, s)
-                row[f"{stage}_lax_ms"] = best_ms(jax.jit(ref_fn, static_argnums=2), *a, s)
+                row[f"{stage}_lax_ms"] = 1e3 * seconds_per_call(jax.jit(ref_fn, static_argnums=2), (*a, s), 5)
                 for name, fn in alts.items():
                     jf = jax.jit(fn, static_argnums=2)
                     err = float(jnp.abs(jf(*a, s) - ref).max() / jnp.abs(ref).max())
                     if err > 1e-4:
                         raise SystemExit(f"{stage} {name} disagrees with lax: relative error {err:.1e}")
-                    row[f"{stage}_{name}_ms"] = best_ms(jf, *a, s)
+                    row[f"{stage}_{name}_ms"] = 1e3 * seconds_per_call(jf, (*a, s), 5)
             rows.append(row)
             print("  ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
     files.write_json(args.out, {"device": device_info(), "rows": rows})
