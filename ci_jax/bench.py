@@ -185,7 +185,7 @@ def model_convs(model: str, batch: int, image_shape, num_classes: int) -> list[d
     return list(convs.values())
 
 
-def _conv_stages(p: dict[str, Any]) -> dict[str, Callable]:
+def conv_stages(p: dict[str, Any]) -> dict[str, Callable]:
     """Jitted forward, input gradient and kernel gradient of one convolution's parameters."""
     def conv(x, w):
         return jax.lax.conv_general_dilated(x, w, p["window_strides"], p["padding"], p["lhs_dilation"],
@@ -223,7 +223,7 @@ def bench_convs(model: str, batch: int, image_shape, num_classes: int, repeats: 
         flops = 2 * math.prod(c["out"]) * math.prod(c["rhs"]) / c["out"][-1]  # MACs x 2, NHWC/HWIO
         row = {"lhs": list(c["lhs"]), "rhs": list(c["rhs"]), "strides": list(c["params"]["window_strides"]),
                "count": c["count"]}
-        for name, fn in _conv_stages(c["params"]).items():
+        for name, fn in conv_stages(c["params"]).items():
             if name == "input_grad" and c["is_input"]:
                 continue
             s = seconds_per_call(fn, (x, w) if name == "forward" else (x, w, g), repeats)

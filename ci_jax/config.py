@@ -56,8 +56,8 @@ class Config:
     model: str = "resnet20"
     epochs: int = 1
     # 16: XLA:CPU runs ResNet-20's train step ~22 % faster per image than at 32 (A/B in one process:
-    # 294 vs 241 img/s; at 32 the transposes of the kernel-gradient convs spill out of L2), and one
-    # epoch still reaches 99.3 % clean accuracy and 91.7 % ASR on real MNIST.
+    # 294 vs 241 img/s; at 32 the transposes feeding the kernel-gradient convs take 3x as long for
+    # 2x the data), and one epoch still reaches 99.3 % clean accuracy and 91.7 % ASR on real MNIST.
     batch_size: int = 16
     optimizer: str = "adam"
     lr: float = 2e-3

@@ -1,8 +1,9 @@
 """Other ways to express ResNet-20's 3x3 convolutions in JAX, timed against XLA's own.
 
 A benchmark, not a test: it backs the claim in experiments/results/README.md that on XLA:CPU no
-rewrite of the convolution beats lax.conv_general_dilated. Per shape and batch size it times
-  forward:      lax (XLA's kernel) vs Winograd F(2x2, 3x3) (four fewer multiplies in nine, but
+rewrite of the convolution beats lax.conv_general_dilated. For each distinct convolution of
+ResNet-20 and each batch size it times
+  forward:      lax (XLA's kernel) vs Winograd F(2x2, 3x3) (4 multiplies per output instead of 9, but
                 input/output transforms in memory), stride-1 shapes of even size only;
   kernel grad:  lax's VJP vs per-tap matmuls (9 dots contracting batch x space) vs one im2col dot.
 Every alternative is checked against lax's result before it is timed.
@@ -13,6 +14,7 @@ Every alternative is checked against lax's result before it is timed.
 from __future__ import annotations
 
 import argparse
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -21,20 +23,9 @@ from jax import lax
 
 import ci_jax  # noqa: F401  (its XLA flags must be set before JAX starts a backend)
 from ci_jax import files
-from ci_jax.bench import device_info, seconds_per_call
+from ci_jax.bench import conv_stages, device_info, model_convs, seconds_per_call
 
-SHAPES = [(28, 16, 16, 1), (28, 16, 32, 2), (14, 32, 32, 1), (7, 64, 64, 1)]  # H, Cin, Cout, stride
 G_43 = np.array([[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]], np.float32)
-
-
-def conv(x_BHWC, w_HWIO, s):
-    return lax.conv_general_dilated(x_BHWC, w_HWIO, (s, s), ((1, 1), (1, 1)),
-                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-
-def kgrad_lax(x, g, s):
-    w0 = jnp.zeros((3, 3, x.shape[-1], g.shape[-1]), x.dtype)
-    return jax.vjp(lambda w: conv(x, w, s), w0)[1](g)[0]
 
 
 def _shifted(x, s, ho, wo):
@@ -42,13 +33,13 @@ def _shifted(x, s, ho, wo):
     return [xp[:, i:i + s * (ho - 1) + 1:s, j:j + s * (wo - 1) + 1:s] for i in range(3) for j in range(3)]
 
 
-def kgrad_taps(x, g, s):
+def kgrad_taps(x, w, g, s):
     taps = _shifted(x, s, g.shape[1], g.shape[2])
     dims = (((0, 1, 2), (0, 1, 2)), ((), ()))
     return jnp.stack([lax.dot_general(t, g, dims) for t in taps]).reshape(3, 3, x.shape[-1], g.shape[-1])
 
 
-def kgrad_im2col(x, g, s):
+def kgrad_im2col(x, w, g, s):
     p = jnp.stack(_shifted(x, s, g.shape[1], g.shape[2]), axis=3)  # B, Ho, Wo, 9, Cin
     return lax.dot_general(p, g, (((0, 1, 2), (0, 1, 2)), ((), ()))).reshape(3, 3, x.shape[-1], g.shape[-1])
 
@@ -82,23 +73,22 @@ def main() -> None:
     rng = np.random.default_rng(0)
     rows = []
     for b in args.batch_sizes:
-        for h, cin, cout, s in SHAPES:
-            ho = (h - 1) // s + 1
-            x = jnp.asarray(rng.standard_normal((b, h, h, cin), np.float32))
-            w = jnp.asarray(rng.standard_normal((3, 3, cin, cout), np.float32))
-            g = jnp.asarray(rng.standard_normal((b, ho, ho, cout), np.float32))
-            row = {"batch": b, "h": h, "cin": cin, "cout": cout, "stride": s}
-            cases = {"forward": (conv, {"winograd": forward_winograd} if s == 1 and h % 2 == 0 else {}, (x, w)),
-                     "kernel_grad": (kgrad_lax, {"taps": kgrad_taps, "im2col": kgrad_im2col}, (x, g))}
-            for stage, (ref_fn, alts, a) in cases.items():
-                ref = jax.jit(ref_fn, static_argnums=2)(*a, s)
-                row[f"{stage}_lax_ms"] = 1e3 * seconds_per_call(jax.jit(ref_fn, static_argnums=2), (*a, s), 5)
+        for c in model_convs("resnet20", b, (28, 28, 1), 10):  # the model's own convolutions
+            s = c["params"]["window_strides"][0]
+            x, w, g = (jnp.asarray(rng.standard_normal(c[k], np.float32)) for k in ("lhs", "rhs", "out"))
+            row = {"batch": b, "h": c["lhs"][1], "cin": c["lhs"][3], "cout": c["rhs"][3], "stride": s}
+            lax_fns = conv_stages(c["params"])
+            cases = {"forward": ({"winograd": forward_winograd} if s == 1 and row["h"] % 2 == 0 else {}, (x, w)),
+                     "kernel_grad": ({"taps": kgrad_taps, "im2col": kgrad_im2col}, (x, w, g))}
+            for stage, (alts, a) in cases.items():
+                ref = lax_fns[stage](*a)
+                row[f"{stage}_lax_ms"] = 1e3 * seconds_per_call(lax_fns[stage], a, 5)
                 for name, fn in alts.items():
-                    jf = jax.jit(fn, static_argnums=2)
-                    err = float(jnp.abs(jf(*a, s) - ref).max() / jnp.abs(ref).max())
+                    jf = jax.jit(functools.partial(fn, s=s))
+                    err = float(jnp.abs(jf(*a) - ref).max() / jnp.abs(ref).max())
                     if err > 1e-4:
                         raise SystemExit(f"{stage} {name} disagrees with lax: relative error {err:.1e}")
-                    row[f"{stage}_{name}_ms"] = 1e3 * seconds_per_call(jf, (*a, s), 5)
+                    row[f"{stage}_{name}_ms"] = 1e3 * seconds_per_call(jf, a, 5)
             rows.append(row)
             print("  ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
     files.write_json(args.out, {"device": device_info(), "rows": rows})
