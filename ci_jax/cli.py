@@ -98,12 +98,14 @@ def _run(args: argparse.Namespace) -> None:
 
     report = experiment.run(cfg, args.out, data_dir=args.data_dir, make_plots=not args.no_plots,
                             baseline_from=args.baseline_from)
-    b, d, r = report["baseline"], report["defense"], report["retrained"]
+    b, d, r, t = report["baseline"], report["defense"], report["retrained"], report["timings_s"]
+    ci_stage = (f" (CI stage {t['features'] + t['gmm'] + t['impurity']:.0f} s: features "
+                f"{t['features']:.0f}, GMM {t['gmm']:.0f}, impurity {t['impurity']:.0f})" if "gmm" in t else "")
     print(f"baseline   clean {b['clean_acc']:.4f}  ASR {b['asr']:.4f}\n"
           f"defense    {d['method']} removed {d['removed']}  TPR {d['tpr']:.4f}  FPR {d['fpr']:.4f}  "
           f"precision {d['precision']:.4f}  AUC {d['auc']}\n"
           f"retrained  clean {r['clean_acc']:.4f}  ASR {r['asr']:.4f}\n"
-          f"total {report['timings_s']['total']:.0f} s -> {os.path.join(args.out, 'report.json')}")
+          f"total {t['total']:.0f} s{ci_stage} -> {os.path.join(args.out, 'report.json')}")
 
 
 def _sweep(args: argparse.Namespace) -> None:

@@ -48,6 +48,7 @@ def test_end_to_end_is_the_sum_of_the_stages():
     e2e = bench.end_to_end(rows, n_train=1000, n_test=100, gmm_s=7.0, model="m")
     assert e2e["parts_s"] == {"train_baseline": 5.0, "features": 1.0, "filtered": 2.0, "gmm": 7.0,
                               "retrain": 5.0, "test_passes": 0.2}
+    assert e2e["ci_stage_s"] == 10.0  # features, GMM and the filtered pass
     assert e2e["seconds"] == pytest.approx(20.2)
     assert bench.end_to_end(rows, 1000, 100, None, "m") is None
 
@@ -73,9 +74,11 @@ def test_gmm_stage_clusters_a_finished_runs_baseline_features(mnist_like_dir, tm
 
 def test_model_convs_finds_every_resnet20_convolution_once():
     convs = bench.model_convs("resnet20", 4, (28, 28, 1), 10)
-    assert sum(c["count"] for c in convs) == 19  # the stem, then 2 per block x 9 blocks
-    stem = [c for c in convs if c["is_input"]]
-    assert len(stem) == 1 and stem[0]["rhs"] == (3, 3, 1, 16) and stem[0]["count"] == 1
+    # 2 per block x 9 blocks; the grayscale stem's forward is not a convolution (models._tap_conv)
+    assert sum(c["count"] for c in convs) == 18
+    assert not any(c["is_input"] for c in convs)
+    colour = bench.model_convs("resnet20", 4, (32, 32, 3), 10)
+    assert sum(c["count"] for c in colour) == 19 and [c["is_input"] for c in colour].count(True) == 1
     by_shape = {(c["lhs"][1:], c["rhs"]): c["count"] for c in convs}
     assert by_shape[((28, 28, 16), (3, 3, 16, 16))] == 6
     assert by_shape[((28, 28, 16), (3, 3, 16, 32))] == 1  # the strided one that opens stage 2

@@ -42,7 +42,8 @@ def test_run_directory(first_run):
     for name in ("examples", "bic", "impurity", "roc"):
         assert (out / "plots" / f"{name}.png").read_bytes().startswith(b"\x89PNG")
     assert (out / "baseline" / "done.json").exists() and (out / "retrained" / "done.json").exists()
-    assert set(report["timings_s"]) == {"data", "train_baseline", "features", "gmm", "impurity", "retrain", "total"}
+    assert set(report["timings_s"]) == {"data", "train_baseline", "features", "evaluate", "gmm", "impurity",
+                                       "retrain", "total"}
     assert not list(out.rglob("*.tmp"))
     with np.load(out / "defense.npz") as z:
         assert len(z["removed_idx"]) == report["defense"]["removed"]

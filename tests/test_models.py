@@ -41,11 +41,13 @@ def test_resnet20_depth_and_option_a_shortcut():
     np.testing.assert_allclose(block(x), jax.nn.relu(padded), atol=1e-6)
 
 
-def test_conv_gradients_match_xla():
-    x = jax.random.normal(jax.random.key(0), (2, 9, 9, 4))
-    w = jax.random.normal(jax.random.key(1), (3, 3, 4, 5))
-    for stride in (1, 2):
-        pad = ((1, 1), (1, 1))
+@pytest.mark.parametrize("cin, stride", [(4, 1), (4, 2), (1, 1), (1, 2)])  # cin 1, stride 1: taps
+def test_conv_values_and_gradients_match_xla(cin, stride):
+    x = jax.random.normal(jax.random.key(0), (2, 9, 9, cin))
+    w = jax.random.normal(jax.random.key(1), (3, 3, cin, 5))
+    for pad in (((1, 1), (1, 1)), ((0, 1), (2, 0))):
+        np.testing.assert_allclose(models._conv(x, w, stride, pad), models._lax_conv(x, w, stride, pad),
+                                   rtol=1e-5, atol=1e-5)
         f_ours = lambda x, w: jnp.sum(models._conv(x, w, stride, pad) ** 2)
         f_xla = lambda x, w: jnp.sum(models._lax_conv(x, w, stride, pad) ** 2)
         for a, b in zip(jax.grad(f_ours, (0, 1))(x, w), jax.grad(f_xla, (0, 1))(x, w)):

@@ -24,7 +24,7 @@ from joblib import Parallel, delayed
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.mixture import GaussianMixture
 
-from ci_jax import faults, files
+from ci_jax import faults, files, models
 from ci_jax.config import Config, fingerprint
 from ci_jax.defenses import Result
 
@@ -35,10 +35,9 @@ MAX_IMPURITY = -math.log(P_FLOOR)
 
 # -- filters ------------------------------------------------------------------------------------
 def _depthwise(x_BHWC: jax.Array, k_HW: jax.Array, padding) -> jax.Array:
-    c = x_BHWC.shape[-1]
-    w_HWIO = jnp.tile(k_HW[:, :, None, None], (1, 1, 1, c)).astype(x_BHWC.dtype)
-    return jax.lax.conv_general_dilated(x_BHWC, w_HWIO, (1, 1), padding, feature_group_count=c,
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    # As taps, not a grouped convolution: XLA:CPU took 1.8 ms for a 2x2 mean of 64 MNIST images
+    # that way, a tenth of the whole features pass of the batch.
+    return models.tap_conv(x_BHWC, k_HW[:, :, None, None].astype(x_BHWC.dtype), padding)
 
 
 def _median3(x_BHWC: jax.Array) -> jax.Array:
