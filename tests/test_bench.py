@@ -74,7 +74,7 @@ def test_gmm_stage_clusters_a_finished_runs_baseline_features(mnist_like_dir, tm
 
 def test_model_convs_finds_every_resnet20_convolution_once():
     convs = bench.model_convs("resnet20", 4, (28, 28, 1), 10)
-    # 2 per block x 9 blocks; the grayscale stem's forward is not a convolution (models._tap_conv)
+    # 2 per block x 9 blocks; the grayscale stem's forward is not a convolution (models.tap_conv)
     assert sum(c["count"] for c in convs) == 18
     assert not any(c["is_input"] for c in convs)
     colour = bench.model_convs("resnet20", 4, (32, 32, 3), 10)
