@@ -36,14 +36,14 @@ FULL = dict(batch_sizes=(16, 32, 128), eval_batch_sizes=(64, 512), steps=20, pas
             gmm_images=60000, peak_n=4096)
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
+def add_arguments(p: argparse.ArgumentParser, positive: Callable[[str], int]) -> None:
     p.add_argument("--models", nargs="+", default=["resnet20", "cnn"], metavar="MODEL")
-    p.add_argument("--batch-sizes", nargs="+", type=int, metavar="B", help="train batch sizes")
-    p.add_argument("--eval-batch-sizes", nargs="+", type=int, metavar="B", help="batch sizes of the passes")
-    p.add_argument("--steps", type=int, help="timed train steps per repeat")
-    p.add_argument("--repeats", type=int, default=3, help="timed repeats; the best is reported")
-    p.add_argument("--pass-images", type=int, help="images per timed pass")
-    p.add_argument("--gmm-images", type=int, help="features the GMM stage clusters (60,000 = MNIST)")
+    p.add_argument("--batch-sizes", nargs="+", type=positive, metavar="B", help="train batch sizes")
+    p.add_argument("--eval-batch-sizes", nargs="+", type=positive, metavar="B", help="batch sizes of the passes")
+    p.add_argument("--steps", type=positive, help="timed train steps per repeat")
+    p.add_argument("--repeats", type=positive, default=3, help="timed repeats; the best is reported")
+    p.add_argument("--pass-images", type=positive, help="images per timed pass")
+    p.add_argument("--gmm-images", type=positive, help="features the GMM stage clusters (60,000 = MNIST)")
     p.add_argument("--data-dir", help="MNIST IDX directory (else synthetic images)")
     p.add_argument("--run", metavar="RUN_DIR",
                    help="finished `ci-jax run` directory: the GMM clusters its baseline's features "
@@ -105,7 +105,7 @@ def _rates(images: int, seconds: float, flops_per_image: float | None, peak: flo
 def _trainer(model: str, batch: int, eval_batch: int, image_shape, num_classes: int):
     from ci_jax import train
 
-    cfg = config.preset("default", model=model, batch_size=batch, eval_batch_size=eval_batch)
+    cfg = config.preset("default", {"train.model": model, "train.batch_size": batch, "eval.batch_size": eval_batch})
     return train.Trainer(cfg, image_shape, num_classes, steps_per_epoch=1000)
 
 
@@ -142,7 +142,7 @@ def bench_pass(model: str, eval_batch: int, x_NHWC: np.ndarray, num_classes: int
     """
     t = _trainer(model, 32, eval_batch, x_NHWC.shape[1:], num_classes)
     x_dev = jax.device_put(jnp.asarray(x_NHWC[:eval_batch]), t.replicated)
-    _, compile_s, flops = _compile(t._forward, t.state[0], x_dev, 0, eval_batch)
+    _, compile_s, flops = _compile(t._forward, t.model_state, x_dev, 0, eval_batch)
     t.predict(x_NHWC[:eval_batch], transform)  # warm-up through predict's own jit cache
     seconds = _best_time(lambda: t.predict(x_NHWC, transform), repeats)
     per_image = flops / eval_batch if flops else None
@@ -240,17 +240,18 @@ def bench_convs(model: str, batch: int, image_shape, num_classes: int, repeats: 
             "train_convs_ms": 1e3 * train_s, "pass_convs_ms": 1e3 * pass_s, "peak_gflops": peak}
 
 
-def bench_gmm(feats_ND: np.ndarray, y_N: np.ndarray, num_classes: int, source: str) -> dict[str, Any]:
-    """`ci.cluster` as the defense runs it: per class, parallel processes, BIC search."""
-    from ci_jax.defenses import ci
+def bench_gmm(feats_ND: np.ndarray, y_N: np.ndarray, source: str) -> dict[str, Any]:
+    """The CI defense's mixtures as it fits them: per class, parallel processes, BIC search."""
+    from ci_jax.defenses import ci, gmm
 
     cfg = config.preset("default")
+    search = ci.CI(cfg.defense.ci).search(cfg.seed)
     t0 = time.perf_counter()
-    _, classes = ci.cluster(feats_ND, y_N, num_classes, cfg)
+    _, classes = gmm.cluster(feats_ND, y_N, search)
     seconds = time.perf_counter() - t0
     fits = sum(max(1, len(c["bic"])) for c in classes)
     return {"stage": "gmm", "features": int(feats_ND.shape[0]), "dim": int(feats_ND.shape[1]),
-            "source": source, "bic_search": cfg.bic_search, "seconds": seconds, "fits": fits,
+            "source": source, "bic_search": search.bic_search, "seconds": seconds, "fits": fits,
             "fits_per_s": fits / seconds, "k_per_class": [c["k"] for c in classes]}
 
 
@@ -264,17 +265,17 @@ def _gmm_features(args, ds: data.Dataset, n: int, eval_batch: int) -> tuple[np.n
     from ci_jax import experiment, train
 
     try:
-        cfg = config.from_dict(files.read_json(os.path.join(args.run, "config.json")))
+        saved = files.read_json(os.path.join(args.run, "config.json"))
     except (OSError, ValueError) as e:
         raise UserError(f"--run {args.run}: no config.json there ({e})") from None
-    cfg = config.replace(cfg, eval_batch_size=eval_batch)
-    key = config.fingerprint(cfg, config.TRAIN_FIELDS)
-    ckpt = experiment.finished_baseline(args.run, cfg, key, flag="--run")
-    poisoned, x_trig, _ = experiment.prepare(cfg, ds)
-    t = train.Trainer(cfg, ds.x_train.shape[1:], ds.num_classes, math.ceil(len(poisoned.y_N) / cfg.batch_size))
-    train.train(t, poisoned.x_NHWC, poisoned.y_N, ckpt, key)  # restores: the baseline is finished
-    passes = experiment.baseline_passes(t, poisoned, ds, x_trig, ckpt, key)  # the run's cached pass
-    return passes["feats"][:n], poisoned.y_N[:n], f"trained baseline of {args.run} ({cfg.model})"
+    cfg = config.replace(experiment.config_from_run(saved, f"--run {args.run}"), {"eval.batch_size": eval_batch})
+    p = experiment.prepare(cfg, ds)
+    ckpt = experiment.finished_baseline(args.run, cfg, p.model_key, flag="--run")
+    t = train.Trainer(cfg, ds.x_train.shape[1:], ds.num_classes,
+                      train.steps_per_epoch(len(p.poisoned.y_N), cfg.train.batch_size))
+    train.train(t, p.poisoned.x_NHWC, p.poisoned.y_N, ckpt, p.model_key)  # restores: the baseline is finished
+    passes = experiment.baseline_passes(t, p, ds, ckpt, cfg, {})  # the run's cached pass
+    return passes["feats"][:n], p.poisoned.y_N[:n], f"trained baseline of {args.run} ({cfg.train.model})"
 
 
 def end_to_end(results: list[dict[str, Any]], n_train: int, n_test: int, gmm_s: float | None,
@@ -318,14 +319,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for b in (*s["batch_sizes"], *s["eval_batch_sizes"]):
         if b < 1 or b % jax.device_count():
             raise UserError(f"batch size {b} does not split over {jax.device_count()} devices")
-    from ci_jax import models
-    from ci_jax.defenses import ci
+    from ci_jax import filters, models
+    from ci_jax.errors import unknown_name
 
-    bad = [m for m in args.models if m not in models.MODELS]
-    if bad:
-        raise UserError(f"unknown model(s) {', '.join(bad)}: choose from {', '.join(models.MODELS)}")
+    for m in args.models:
+        if m not in models.MODELS:
+            raise unknown_name("model", m, models.MODELS)
     ds = data.load("mnist", args.data_dir) if args.data_dir else data.synthetic(n_train=2000, n_test=500)
-    blur = ci.make_filter(config.preset("default").filter)
+    blur = filters.make(config.preset("default").defense.ci.filters[0])
     peak = matmul_peak_gflops(s["peak_n"])
     x_dev = jnp.asarray(ds.x_train)
     y_dev = jnp.asarray(ds.y_train, jnp.int32)
@@ -344,7 +345,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 results.append(bench_pass(model, b, x_pass, ds.num_classes, args.repeats, peak, transform))
                 _print_row(results[-1])
     feats, y, source = _gmm_features(args, ds, s["gmm_images"], max(s["eval_batch_sizes"]))
-    gmm = bench_gmm(feats, y, ds.num_classes, source)
+    gmm = bench_gmm(feats, y, source)
     _print_row(gmm)
     n_train = 60000 if args.data_dir else len(ds.y_train)
     n_test = 10000 if args.data_dir else len(ds.y_test)

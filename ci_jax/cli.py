@@ -1,32 +1,36 @@
 """The `ci-jax` command: `run` (one experiment; every config field is a flag), `sweep` and
-`merge` (many runs from a spec), `bench` (throughput per stage)."""
+`merge` (many runs from a spec), `bench` (throughput per stage).
+
+Config fields are flags named by their dotted path (`--defense.ci.tau 0.3`), the same keys as in
+config files and sweep specs; `ci-jax run --help` lists each with its meaning, choices and default.
+"""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import errno
 import os
+import re
+import signal
 import sys
 from typing import Sequence
 
+INTERRUPTED = "interrupted: rerun the same command to resume"
+
 
 def _set_xla_flags() -> None:
-    """Splits the CPU into $CI_JAX_CPU_DEVICES data-parallel XLA devices (default 1).
+    """XLA flags for this process (`kernels.xla_flags`), before JAX starts a backend.
 
-    Not the default: with XLA:CPU's Eigen convolutions (see ci_jax/__init__.py) one device
-    trained ResNet-20 as fast as two on this 2-core machine. (Deeply queued programs deadlocked
-    XLA:CPU's in-process all-reduce; `train.throttle` keeps at most two in flight.) Must run
-    before jax starts its backends; it shapes only the CPU platform, and a user's own XLA_FLAGS
-    setting wins.
+    $CI_JAX_CPU_DEVICES=N splits the CPU into N data-parallel devices (default 1: one device
+    trained ResNet-20 as fast as two on a 2-core machine).
     """
+    from ci_jax import kernels
     from ci_jax.errors import UserError
 
     raw = os.environ.get("CI_JAX_CPU_DEVICES", "1")
     if not raw.isdigit() or int(raw) < 1:
         raise UserError(f"CI_JAX_CPU_DEVICES={raw!r}: expected a whole number >= 1")
-    flags = os.environ.get("XLA_FLAGS", "")
-    if int(raw) > 1 and "xla_force_host_platform_device_count" not in flags:
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={raw}".strip()
+    os.environ["XLA_FLAGS"] = kernels.xla_flags(int(raw))
 
 
 def _compilation_cache() -> None:
@@ -40,36 +44,51 @@ def _compilation_cache() -> None:
         jax.config.update("jax_compilation_cache_dir", path)
 
 
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{v} must be >= 1")
+    return v
+
+
 def _parser() -> argparse.ArgumentParser:
     from ci_jax import config as config_lib
+    from ci_jax import settings
 
-    p = argparse.ArgumentParser(prog="ci-jax", description=__doc__)
+    p = argparse.ArgumentParser(prog="ci-jax", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="poison -> train -> CI defense -> retrain -> report",
-                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    run = sub.add_parser("run", help="poison -> train -> defense -> retrain -> report",
+                         description="One experiment: --config overrides the preset, flags override both.")
     run.add_argument("--preset", default="default", choices=sorted(config_lib.PRESETS),
-                     help="base settings; 'seed' = the public notebook's exact recipe")
+                     help="base settings; 'seed' = the public notebook's exact recipe (default: default)")
     run.add_argument("--config", help="JSON or YAML file of config fields, applied over the preset")
-    run.add_argument("--out", default="runs/default", help="run directory (reused: resumes and reuses checkpoints)")
+    run.add_argument("--out", default="runs/default",
+                     help="run directory (reused: resumes and reuses checkpoints) (default: runs/default)")
     run.add_argument("--data-dir", help="directory with the dataset's files (else $CI_JAX_DATA_DIR, "
                                         "else tensorflow-datasets)")
     run.add_argument("--baseline-from", metavar="RUN_DIR",
                      help="reuse the finished baseline of another run directory (defense ablations)")
     run.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    fields = run.add_argument_group("config fields (override the preset and --config)")
-    for f in dataclasses.fields(config_lib.Config):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type == "bool":
-            fields.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
-        else:
-            fields.add_argument(flag, dest=f.name, type={"int": int, "float": float, "str": str}[f.type],
-                                default=None, metavar=f.type.upper())
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for leaf in settings.leaves(config_lib.Config):
+        head = leaf.path.rsplit(".", 1)[0] if "." in leaf.path else "run"
+        if head not in groups:
+            groups[head] = run.add_argument_group(f"config section {head}" if head != "run" else "config")
+        meta = "NAME" if leaf.kind in (str, tuple) else {int: "INT", float: "NUMBER", bool: "true|false"}[leaf.kind]
+        groups[head].add_argument(f"--{leaf.path}", dest=leaf.path, default=None, metavar=meta,
+                                  nargs="+" if leaf.kind is tuple else None, help=settings.help_text(leaf))
     sweep = sub.add_parser("sweep", help="many runs from a spec file; one CSV row per finished run")
     sweep.add_argument("spec", help="YAML, JSON or Python (defining SPEC) sweep spec; see experiments/")
     sweep.add_argument("--out", required=True, help="sweep directory (reused: finished runs are skipped)")
     sweep.add_argument("--shard", default="0/1", metavar="I/N",
                        help="run only shard I of N (0-based; whole baselines per shard), then `ci-jax merge`")
-    sweep.add_argument("--data-dir", help="directory with the dataset's files (as for `run`)")
+    sweep.add_argument("--data-dir", nargs="+", metavar="DIR|NAME=DIR",
+                       help="directory with the dataset's files (as for `run`), or one NAME=DIR per "
+                            "dataset of the sweep")
     sweep.add_argument("--plots", action="store_true", help="also draw each run's plots")
     sweep.add_argument("--models", metavar="DIR",
                        help="keep trained models here instead of in --out: sweeps sharing it share models")
@@ -78,18 +97,35 @@ def _parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="throughput of every stage, per model and batch size")
     from ci_jax import bench as bench_lib
 
-    bench_lib.add_arguments(bench)
+    bench_lib.add_arguments(bench, _positive)
     return p
+
+
+_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
+def _join_negative_values(argv: list[str]) -> list[str]:
+    """`--train.lr -1e-3` as `--train.lr=-1e-3`: argparse reads '-1e-3' as a flag otherwise."""
+    out = []
+    for tok in argv:
+        if out and _NUMBER.match(tok) and out[-1].startswith("--") and "=" not in out[-1]:
+            out[-1] = f"{out[-1]}={tok}"
+        else:
+            out.append(tok)
+    return out
 
 
 def _config(args: argparse.Namespace):
     from ci_jax import config as config_lib
+    from ci_jax import settings
 
-    overrides = config_lib.load_file(args.config) if args.config else {}
-    for f in dataclasses.fields(config_lib.Config):
-        if getattr(args, f.name) is not None:
-            overrides[f.name] = getattr(args, f.name)
-    return config_lib.preset(args.preset, **overrides)
+    overrides = settings.flatten(config_lib.Config, config_lib.load_file(args.config), f"config file {args.config}") \
+        if args.config else {}
+    for path, leaf in config_lib.PATHS.items():
+        text = getattr(args, path)
+        if text is not None:
+            overrides[path] = list(text) if leaf.kind is tuple else settings.parse_flag_value(leaf, text)
+    return config_lib.preset(args.preset, overrides)
 
 
 def _run(args: argparse.Namespace) -> None:
@@ -98,20 +134,29 @@ def _run(args: argparse.Namespace) -> None:
 
     report = experiment.run(cfg, args.out, data_dir=args.data_dir, make_plots=not args.no_plots,
                             baseline_from=args.baseline_from)
+    print(summary(report, os.path.join(args.out, "report.json")))
+
+
+def summary(report: dict, where: str) -> str:
+    """The report in four lines."""
+    def pct(v):
+        return "n/a" if v is None else f"{100 * v:.2f} %"
+
     b, d, r, t = report["baseline"], report["defense"], report["retrained"], report["timings_s"]
-    ci_stage = (f" (CI stage {t['features'] + t['gmm'] + t['impurity']:.0f} s: features "
-                f"{t['features']:.0f}, GMM {t['gmm']:.0f}, impurity {t['impurity']:.0f})" if "gmm" in t else "")
-    print(f"baseline   clean {b['clean_acc']:.4f}  ASR {b['asr']:.4f}\n"
-          f"defense    {d['method']} removed {d['removed']}  TPR {d['tpr']:.4f}  FPR {d['fpr']:.4f}  "
-          f"precision {d['precision']:.4f}  AUC {d['auc']}\n"
-          f"retrained  clean {r['clean_acc']:.4f}  ASR {r['asr']:.4f}\n"
-          f"total {t['total']:.0f} s{ci_stage} -> {os.path.join(args.out, 'report.json')}")
+    parts = ", ".join(f"{k} {v:.0f}" for k, v in d["timings_s"].items())
+    return (f"baseline   clean {pct(b['clean_acc'])}  ASR {pct(b['asr'])}  ({report['attack']['asr_measured_on']})\n"
+            f"defense    {d['name']} removed {d['removed']} ({d['removed_poisons']} of {d['poisons']} poisons, "
+            f"{d['removed_clean']} of {d['clean_images']} others)  TPR {pct(d['tpr'])}  FPR {pct(d['fpr'])}  "
+            f"precision {pct(d['precision'])}  AUC {d['auc'] if d['auc'] is None else round(d['auc'], 4)}\n"
+            f"retrained  clean {pct(r['clean_acc'])}  ASR {pct(r['asr'])}\n"
+            f"total {t['total']:.0f} s (defense {t['defense']:.0f} s: {parts}) -> {where}")
 
 
 def _sweep(args: argparse.Namespace) -> None:
     from ci_jax import sweep
 
-    csv_path = sweep.run(args.spec, args.out, shard=sweep.parse_shard(args.shard), data_dir=args.data_dir,
+    csv_path = sweep.run(args.spec, args.out, shard=sweep.parse_shard(args.shard),
+                         data_dir=sweep.parse_data_dirs(args.data_dir),
                          make_plots=args.plots, models_dir=args.models)
     print(f"results -> {csv_path}")
     if csv_path.name == "results.csv":  # the whole sweep, summarised (a shard waits for merge)
@@ -131,10 +176,24 @@ def _bench(args: argparse.Namespace) -> None:
     bench.run(args)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from ci_jax.errors import UserError
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that every `finally` and atomic write cleans up."""
 
+
+def _on_sigterm(signum, frame) -> None:
+    raise _Terminated()
+
+
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from ci_jax.errors import UserError, one_line
+    from ci_jax.files import os_reason
+
+    argv = _join_negative_values(list(sys.argv[1:] if argv is None else argv))
     args = _parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         _set_xla_flags()
         _compilation_cache()
@@ -146,6 +205,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as e:
         print(f"ci-jax: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if e.errno not in _DISK_ERRNOS:
+            raise
+        where = f" {e.filename}" if e.filename else ""
+        print(f"ci-jax: error: cannot write{where}: {os_reason(e)} ({one_line(e, 100)}): fix it and "
+              "rerun the same command to resume", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"ci-jax: {INTERRUPTED}", file=sys.stderr)
+        return 130
+    except _Terminated:
+        print(f"ci-jax: {INTERRUPTED} (terminated)", file=sys.stderr)
+        return 143
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 

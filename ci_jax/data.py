@@ -9,6 +9,7 @@ Preparing (downloading) a tfds dataset, however, does need TensorFlow; see `_loa
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gzip
 import math
 import os
@@ -22,7 +23,8 @@ from typing import BinaryIO, Callable
 
 import numpy as np
 
-from ci_jax.errors import UserError
+from ci_jax import files as files_lib
+from ci_jax.errors import UserError, one_line
 
 DATASETS: tuple[str, ...] = ("mnist", "fashion_mnist", "cifar10")
 
@@ -61,6 +63,13 @@ class Dataset:
     # Absolute paths of the files the arrays were read from; () when they came from elsewhere
     # (tfds, synthetic). Lets provenance.record hash exactly what a run used.
     files: tuple[str, ...] = ()
+
+    @functools.cached_property
+    def sha256(self) -> str:
+        """A hash of the loaded arrays (whatever their file format): part of every model's key."""
+        from ci_jax import provenance
+
+        return provenance.sha256_arrays(self.x_train, self.y_train, self.x_test, self.y_test)
 
 
 def load(name: str, data_dir: str | os.PathLike | None = None) -> Dataset:
@@ -105,7 +114,7 @@ def read_idx(path: str | os.PathLike, ndim: int | None = None) -> np.ndarray:
                     return _read_idx_stream(gz, path, ndim)
             except (OSError, EOFError, zlib.error) as e:
                 raise UserError(
-                    f"{path}: not a valid gzip file ({_one_line(e)}); re-download it, or store it "
+                    f"{path}: not a valid gzip file ({one_line(e, 160)}); re-download it, or store it "
                     f"uncompressed without the .gz suffix"
                 ) from None
     except FileNotFoundError:
@@ -138,6 +147,7 @@ def _read_idx_stream(f: BinaryIO, path: Path, ndim: int | None) -> np.ndarray:
         raise UserError(f"{path}: truncated inside its {4 + 4 * rank}-byte header; re-download it")
     shape = struct.unpack(f">{rank}I", dims)
     expected = math.prod(shape)  # exact: np.prod would wrap around in int64 for a garbled header
+    _check_declared_size(path, shape, expected)
     data = _read_at_most(f, expected + 1)
     if len(data) != expected:
         problem, got = "truncated", str(len(data))
@@ -156,6 +166,26 @@ def _read_idx_stream(f: BinaryIO, path: Path, ndim: int | None) -> np.ndarray:
     except ValueError:  # e.g. 0 x 2^21 x 2^21 x 2^21: empty, yet beyond what numpy can index
         raise UserError(f"{path}: header's shape {'x'.join(map(str, shape))} is not a usable "
                         f"array shape; the file is corrupt, re-download it") from None
+
+
+# Deflate cannot compress better than about 1032:1 (258-byte matches coded in 2 bits): a .gz file
+# that declares more data than that is corrupt or a bomb, whatever it holds.
+DEFLATE_MAX_RATIO = 1032
+
+
+def _check_declared_size(path: Path, shape: tuple[int, ...], expected: int) -> None:
+    """UserError before reading when the header declares more data than the file can hold, or
+    than memory can (the images are kept as uint8 and as float32: 5 bytes each)."""
+    size = path.stat().st_size
+    most = size * DEFLATE_MAX_RATIO if path.suffix == ".gz" else size
+    dims = "x".join(map(str, shape))
+    if expected > most:
+        raise UserError(f"{path}: header says {dims} = {expected} bytes of data, more than a "
+                        f"{size}-byte file can hold; the file is corrupt, re-download it")
+    free = files_lib.available_memory()
+    if free is not None and 5 * expected > free:
+        raise UserError(f"{path}: header says {dims} = {expected} bytes of data: loading it needs "
+                        f"{5 * expected // 2**20} MiB, more than the {free // 2**20} MiB available")
 
 
 def _read_at_most(f: BinaryIO, n: int, chunk: int = 1 << 20) -> bytes:
@@ -338,7 +368,7 @@ def _load_tfds(name: str) -> Dataset:
         ) from None
     except Exception as e:
         if _is_network_error(e):
-            raise UserError(_OFFLINE.format(name=name, err=_one_line(e), what=what)) from None
+            raise UserError(_OFFLINE.format(name=name, err=one_line(e, 160), what=what)) from None
         raise
     x_train_NHWC, y_train_N = _stack_tfds(train)
     x_test_NHWC, y_test_N = _stack_tfds(test)
@@ -363,7 +393,7 @@ def _require_network(name: str, what: str) -> None:
     try:
         socket.create_connection(_TFDS_HOST, timeout=5).close()
     except OSError as e:
-        raise UserError(_OFFLINE.format(name=name, err=_one_line(e), what=what)) from None
+        raise UserError(_OFFLINE.format(name=name, err=one_line(e, 160), what=what)) from None
 
 
 def _is_network_error(e: BaseException) -> bool:
@@ -380,11 +410,6 @@ def _is_network_error(e: BaseException) -> bool:
         seen.add(id(e))
         e = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
     return False
-
-
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text if len(text) <= 160 else text[:157] + "..."
 
 
 # ---------------------------------------------------------------- common

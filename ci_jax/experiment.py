@@ -2,110 +2,152 @@
 
 A run directory holds `config.json`, `provenance.json` (library versions, device, data hash),
 `report.json`, `defense.npz`, `plots/`, and the Orbax checkpoints of the `baseline/` and
-`retrained/` models. Each stage's checkpoint is keyed by what produced it, so a
-rerun resumes an interrupted stage and reuses a finished one: changing only defense settings
-retrains nothing but the cleaned model (and not even that if the removal is the same).
+`retrained/` models. Each model and each pass is keyed by what produced it (the config's model
+sections and the data's content), so a rerun resumes an interrupted stage and reuses a finished
+one, and a rerun on other data never reuses a model trained on the old.
+
+config.json and report.json always describe the same run: a rerun removes the old report (and
+plots) before it writes its config, and writes its report last. One process at a time may run in
+a directory.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-import math
 import os
+import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from ci_jax import config as config_lib
-from ci_jax import data, defenses, files, metrics, plots, poison, provenance, train
+from ci_jax import attacks, cache, config as config_lib, data, defenses, files, metrics, plots, provenance, train
 from ci_jax.config import Config
-from ci_jax.defenses import ci
+from ci_jax.defenses.base import Reserve, View
 from ci_jax.errors import UserError
 
-
-def prepare(cfg: Config, dataset: data.Dataset) -> tuple[poison.PoisonedSet, np.ndarray, np.ndarray]:
-    """The poisoned training set, the triggered source-class test images and their test indices.
-
-    Raises UserError on an attack that cannot be carried out, before any work.
-    """
-    trigger = poison.make_trigger(cfg)
-    poisoned = poison.poison_training_set(
-        dataset.x_train, dataset.y_train, source=cfg.source, target=cfg.target, n=cfg.n_poison,
-        trigger=trigger, selection=cfg.selection, seed=cfg.seed, num_classes=dataset.num_classes)
-    x_trig, trig_idx = poison.triggered_test_set(dataset.x_test, dataset.y_test, source=cfg.source,
-                                                 trigger=trigger, target=cfg.target,
-                                                 num_classes=dataset.num_classes)
-    return poisoned, x_trig, trig_idx
+_RESERVE_STREAM = 7  # of the run's seed: which test images are held out
 
 
-def _save_npz(path: Path, **arrays: Any) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-    files.atomic_write(path, write)
+@dataclasses.dataclass(frozen=True, eq=False)
+class Prepared:
+    """Everything a run needs that comes from the config and the data alone, checked up front."""
+
+    attack: attacks.Attack
+    defense: defenses.Defense
+    poisoned: attacks.PoisonedSet
+    triggered: attacks.TriggeredTest  # from every test image of the attack's classes
+    reserve_idx: np.ndarray  # test images held out for the defense
+    scored_N: np.ndarray  # bool over the test split: what accuracy and ASR are measured on
+    model_key: str
 
 
-def _cached(path: Path, key: str, compute: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Arrays computed once per key: a stage's output kept beside the checkpoint it came from."""
-    if path.exists():
-        try:
-            with np.load(path) as z:
-                if str(z["key"]) == key:
-                    return {k: z[k] for k in z.files if k != "key"}
-        except (OSError, ValueError, KeyError, EOFError):
-            pass  # unreadable: computed again and rewritten below
-    arrays = compute()
-    _save_npz(path, key=key, **arrays)
-    return arrays
+def prepare(cfg: Config, dataset: data.Dataset) -> Prepared:
+    """The poisoned training set, the triggered test set and the reserve; raises UserError for an
+    attack, a defense or a reserve that cannot be carried out on this data, before any work."""
+    config_lib.validate(cfg)
+    image_shape = tuple(int(d) for d in dataset.x_train.shape[1:])
+    target = attacks.Target(cfg.attack.source, cfg.attack.target, cfg.attack.n_poison, cfg.attack.selection, cfg.seed)
+    attack = attacks.build(cfg.attack.name, cfg.attack_settings(), target)
+    defense = defenses.build(cfg.defense.name, cfg.defense_settings())
+    defense.check(image_shape, dataset.num_classes)
+    n_test = len(dataset.y_test)
+    if cfg.eval.reserve >= n_test:
+        raise UserError(f"eval.reserve = {cfg.eval.reserve} holds out the whole {n_test}-image test split: "
+                        "leave test images to score")
+    poisoned = attacks.poison_training_set(attack, dataset.x_train, dataset.y_train, dataset.num_classes)
+    triggered = attacks.triggered_test_set(attack, dataset.x_test, dataset.y_test, dataset.num_classes)
+    reserve_idx = np.sort(np.random.default_rng([cfg.seed, _RESERVE_STREAM]).permutation(n_test)[:cfg.eval.reserve])
+    scored = np.ones(n_test, bool)
+    scored[reserve_idx] = False
+    if attack.poisons and not scored[triggered.idx].any():
+        raise UserError(f"the test split has no {triggered.description.replace(', triggered', '')} "
+                        "left to measure the attack on: check the data or lower --eval.reserve")
+    train.check_batch(cfg.train.batch_size, "--train.batch_size", len(poisoned.y_N))
+    return Prepared(attack, defense, poisoned, triggered, reserve_idx, scored,
+                    config_lib.model_key(cfg, dataset.sha256))
 
 
-def _test_pass(trainer: train.Trainer, dataset: data.Dataset, x_trig: np.ndarray) -> dict[str, np.ndarray]:
-    """A model's decisions on the clean test set and on the triggered source-class images."""
-    return {"pred_test": trainer.predict(dataset.x_test, desc="test")[0],
-            "pred_trig": trainer.predict(x_trig, desc="triggered")[0]}
+# -- passes -------------------------------------------------------------------------------------
+def _test_pass(trainer: train.Trainer, dataset: data.Dataset, triggered: attacks.TriggeredTest) -> dict[str, np.ndarray]:
+    pred_test, feats_test = trainer.predict(dataset.x_test, desc="test")
+    return {"pred_test": pred_test, "feats_test": feats_test,
+            "pred_trig": trainer.predict(triggered.x_NHWC, desc="triggered")[0]}
 
 
-def baseline_passes(baseline: train.Trainer, poisoned: poison.PoisonedSet, dataset: data.Dataset,
-                    x_trig: np.ndarray, baseline_dir: Path, key: str,
-                    timings: dict[str, float] | None = None) -> dict[str, np.ndarray]:
-    """Everything the evaluation and the defenses need from the baseline, computed in one go and
-    cached beside its checkpoint (passes.npz): features and decisions of the training set,
-    decisions on the test sets. Sets timings["features"] to the seconds of the training-set pass
-    and timings["evaluate"] to those of the test passes, when they run."""
+def _fits(n_train: int | None, n_test: int, n_trig: int, num_classes: int):
+    def fits(a: dict[str, np.ndarray]) -> bool:
+        shapes = {"pred_test": (n_test,), "pred_trig": (n_trig,)}
+        if n_train is not None:
+            shapes["pred"] = (n_train,)
+        ok = all(a[k].shape == s and a[k].dtype.kind == "i" and (a[k].size == 0 or 0 <= a[k].min() <= a[k].max() < num_classes)
+                 for k, s in shapes.items())
+        feats = ["feats_test"] + (["feats"] if n_train is not None else [])
+        return ok and all(a[k].ndim == 2 and len(a[k]) == (n_train if k == "feats" else n_test)
+                          and np.isfinite(a[k]).all() for k in feats)
+    return fits
+
+
+def baseline_passes(baseline: train.Trainer, p: Prepared, dataset: data.Dataset, baseline_dir: Path,
+                    cfg: Config, timings: dict[str, float]) -> dict[str, np.ndarray]:
+    """Everything the evaluation and the defenses need from the baseline, in one go, cached beside
+    its checkpoint (passes.npz): features and decisions of the training set, decisions and
+    features of the test split, decisions on the triggered test images."""
     def compute() -> dict[str, np.ndarray]:
         t0 = time.perf_counter()
-        pred_N, feats_ND = baseline.predict(poisoned.x_NHWC, desc="features")
+        pred_N, feats_ND = baseline.predict(p.poisoned.x_NHWC, desc="features")
         t1 = time.perf_counter()
-        tests = _test_pass(baseline, dataset, x_trig)
-        if timings is not None:
-            timings.update(features=t1 - t0, evaluate=time.perf_counter() - t1)
+        tests = _test_pass(baseline, dataset, p.triggered)
+        timings.update(features=t1 - t0, evaluate=time.perf_counter() - t1)
         return {"pred": pred_N, "feats": feats_ND, **tests}
-    return _cached(baseline_dir / "passes.npz", key, compute)
+
+    key = f"{p.model_key}/eval{cfg.eval.batch_size}"
+    fits = _fits(len(p.poisoned.y_N), len(dataset.y_test), len(p.triggered.idx), dataset.num_classes)
+    return cache.npz(baseline_dir / "passes.npz", key, compute, fits)
 
 
-def _scores(pred_test: np.ndarray, pred_trig: np.ndarray, dataset: data.Dataset, target: int) -> dict[str, float]:
-    return {"clean_acc": metrics.accuracy(pred_test, dataset.y_test),
-            "asr": metrics.attack_success_rate(pred_trig, target)}
+def _scores(pred_test: np.ndarray, pred_trig: np.ndarray, dataset: data.Dataset, p: Prepared,
+            target: int) -> dict[str, Any]:
+    on = p.scored_N[p.triggered.idx]
+    return {"clean_acc": metrics.accuracy(pred_test[p.scored_N], dataset.y_test[p.scored_N]),
+            "asr": metrics.attack_success_rate(pred_trig[on], target) if p.attack.poisons else None}
 
 
+# -- the run directory --------------------------------------------------------------------------
 def finished_baseline(run_dir: str | os.PathLike, cfg: Config, key: str, flag: str = "--baseline-from") -> Path:
-    """The finished baseline of another run, checked to be trained exactly as `cfg` asks; errors
-    name the command-line `flag` that pointed there."""
+    """The finished baseline of another run, checked to be trained exactly as `cfg` asks on the
+    same data; errors name the command-line `flag` that pointed there."""
     path = Path(run_dir) / "baseline"
     try:
         done = files.read_json(path / "done.json")
-        other = config_lib.from_dict(files.read_json(Path(run_dir) / "config.json"))
+        saved = files.read_json(Path(run_dir) / "config.json")
     except (OSError, ValueError) as e:
-        raise UserError(f"{flag} {run_dir}: no finished baseline there ({e}); "
-                        "run `ci-jax run` on it first") from None
+        raise UserError(f"{flag} {run_dir}: no finished baseline there ({e}); run `ci-jax run` on it first") from None
+    other = config_from_run(saved, f"{flag} {run_dir}")
     if done.get("key") != key:
-        diff = [f for f in config_lib.TRAIN_FIELDS if getattr(other, f) != getattr(cfg, f)]
-        raise UserError(f"{flag} {run_dir}: its baseline was trained with other settings "
-                        f"({', '.join(diff) or 'unknown fields'} differ): only defense settings may change")
+        diff = [p for p in config_lib.differences(other, cfg) if not p.startswith(("eval.", "defense."))]
+        why = f"{', '.join(diff)} differ" if diff else "it was trained on other data"
+        raise UserError(f"{flag} {run_dir}: its baseline was trained otherwise ({why}): only eval and "
+                        "defense settings may change")
     return path
+
+
+def config_from_run(saved: Any, where: str) -> Config:
+    """A run directory's config.json as a Config; one made before config sections is refused."""
+    if isinstance(saved, dict) and "trigger" in saved and "attack" not in saved:
+        raise UserError(f"{where}: its config.json is from an older ci-jax (flat fields, before config "
+                        "sections): rerun into a new directory")
+    return config_lib.from_dict(saved, f"{where}: config.json")
+
+
+def _retire_outputs(out: Path) -> None:
+    """Removes the previous run's report and figures: until this run writes its own, the directory
+    holds no report that its config.json would contradict."""
+    (out / "report.json").unlink(missing_ok=True)
+    shutil.rmtree(out / "plots", ignore_errors=True)
 
 
 def run(cfg: Config, out: str | os.PathLike, *, data_dir: str | os.PathLike | None = None,
@@ -120,109 +162,129 @@ def run(cfg: Config, out: str | os.PathLike, *, data_dir: str | os.PathLike | No
     what trained them, so that the runs of a sweep share every model they can.
     """
     config_lib.validate(cfg)
-    out = Path(out)
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
-
     t0 = time.perf_counter()
     if dataset is None:
-        dataset = data.load(cfg.dataset, data_dir)
-    poisoned, x_trig, trig_idx = prepare(cfg, dataset)
+        dataset = data.load(cfg.data.dataset, data_dir)
+    p = prepare(cfg, dataset)
     timings["data"] = time.perf_counter() - t0
-    if out.is_dir():
+    baseline_dir = (finished_baseline(baseline_from, cfg, p.model_key) if baseline_from else
+                    Path(shared_dir) / "baselines" / p.model_key if shared_dir else Path(out) / "baseline")
+    out = files.writable_dir(out, "--out")
+    busy = f"--out {out}: another ci-jax run is using this directory; wait for it or choose another --out"
+    with files.exclusive(out / ".run.lock", busy=busy):
         files.clear_stale_tmp(out)  # a run directory has one writer: what a kill left is stale
-    image_shape = dataset.x_train.shape[1:]
-    steps = lambda n: math.ceil(n / cfg.batch_size)
+        return _run_locked(cfg, out, dataset, p, baseline_dir, make_plots, shared_dir, timings, t_start)
 
-    # Baseline: trained once per training config, resumed if interrupted.
-    train_key = config_lib.fingerprint(cfg, config_lib.TRAIN_FIELDS)
-    if baseline_from:
-        baseline_dir = finished_baseline(baseline_from, cfg, train_key)
-    else:
-        baseline_dir = Path(shared_dir) / "baselines" / train_key if shared_dir else out / "baseline"
-    baseline = train.Trainer(cfg, image_shape, dataset.num_classes, steps(len(poisoned.y_N)))
-    info = train.train(baseline, poisoned.x_NHWC, poisoned.y_N, baseline_dir, train_key, desc="baseline")
+
+def _run_locked(cfg: Config, out: Path, dataset: data.Dataset, p: Prepared, baseline_dir: Path,
+                make_plots: bool, shared_dir: str | os.PathLike | None, timings: dict[str, float],
+                t_start: float) -> dict[str, Any]:
+    image_shape = dataset.x_train.shape[1:]
+    poisoned = p.poisoned
+    baseline = train.Trainer(cfg, image_shape, dataset.num_classes,
+                             train.steps_per_epoch(len(poisoned.y_N), cfg.train.batch_size))
+    info = train.train(baseline, poisoned.x_NHWC, poisoned.y_N, baseline_dir, p.model_key, desc="baseline")
     timings["train_baseline"] = info["seconds"]
-    # Written once the baseline's checkpoints have proved readable: bad input of any kind (data,
-    # attack, config, a damaged checkpoint) stops the run before it writes anything of its own.
+    # From here on this run replaces the previous one: its report and figures go first.
+    _retire_outputs(out)
     files.write_json(out / "config.json", config_lib.to_dict(cfg))
     files.write_json(out / "provenance.json", provenance.record(dataset))
 
     timings["features"] = timings["evaluate"] = 0.0
-    passes = baseline_passes(baseline, poisoned, dataset, x_trig, baseline_dir, train_key, timings)
-    before = _scores(passes["pred_test"], passes["pred_trig"], dataset, cfg.target)
-    tqdm.write(f"baseline: clean acc {before['clean_acc']:.4f}, ASR {before['asr']:.4f}"
+    passes = baseline_passes(baseline, p, dataset, baseline_dir, cfg, timings)
+    before = _scores(passes["pred_test"], passes["pred_trig"], dataset, p, cfg.attack.target)
+    tqdm.write(f"baseline: clean acc {before['clean_acc']:.4f}, ASR {_pct(before['asr'])}"
                + (" (reused checkpoint)" if info["reused"] else ""))
 
-    def filtered_pred() -> np.ndarray:
-        t0 = time.perf_counter()
-        blur = ci.make_filter(cfg.filter, cfg.filter_param, cfg.seed)
-        # One file per filter setting: a sweep over sigmas keeps each, instead of overwriting one.
-        pred = _cached(baseline_dir / f"filtered-{cfg.filter}-{cfg.filter_param}.npz", train_key,
-                       lambda: {"pred": baseline.predict(poisoned.x_NHWC, transform=blur, desc="filtered")[0]})
-        timings["filtered"] = time.perf_counter() - t0
-        return pred["pred"]
+    reserve = None
+    if len(p.reserve_idx):
+        r = p.reserve_idx
+        reserve = Reserve(dataset.x_test[r], dataset.y_test[r], passes["feats_test"][r], passes["pred_test"][r], r)
+    view = View(x_NHWC=poisoned.x_NHWC, y_N=poisoned.y_N, feats_ND=passes["feats"], pred_N=passes["pred"],
+                num_classes=dataset.num_classes, predict=baseline.predict, seed=cfg.seed, reserve=reserve,
+                cache_dir=baseline_dir, key=f"{p.model_key}/eval{cfg.eval.batch_size}",
+                is_poison_N=poisoned.is_poison_N)
+    t0 = time.perf_counter()
+    result = p.defense.run(view)
+    timings["defense"] = time.perf_counter() - t0
+    detection = metrics.detection(poisoned.is_poison_N, ~result.is_clean_N, result.score_N,
+                                  is_cover_N=poisoned.is_cover_N, y_N=poisoned.y_N)
+    cache.save_npz(out / "defense.npz", score=result.score_N, removed_idx=np.flatnonzero(~result.is_clean_N),
+                   poison_idx=poisoned.poison_idx, cover_idx=np.flatnonzero(poisoned.is_cover_N),
+                   reserve_idx=p.reserve_idx)
+    tqdm.write(f"{cfg.defense.name} removed {detection['removed']}: TPR {_pct(detection['tpr'])}, "
+               f"FPR {_pct(detection['fpr'])}, AUC {detection['auc']}")
 
-    result = defenses.run(cfg, passes["feats"], passes["pred"], poisoned.y_N, dataset.num_classes,
-                          filtered_pred, poisoned.is_poison_N, cache_dir=baseline_dir, feats_key=train_key)
-    if cfg.defense == "ci":
-        timings["gmm"] = result.timings_s["gmm"]
-        timings["impurity"] = timings.pop("filtered", 0.0) + result.timings_s["impurity"]
-    else:
-        timings["defense"] = result.timings_s["defense"]
-    detection = metrics.detection(poisoned.is_poison_N, ~result.is_clean_N, result.score_N)
-    _save_npz(out / "defense.npz", score=result.score_N, removed_idx=np.flatnonzero(~result.is_clean_N),
-              poison_idx=poisoned.poison_idx)
-    tqdm.write(f"{cfg.defense} removed {detection['removed']}: TPR {detection['tpr']:.4f}, "
-               f"FPR {detection['fpr']:.4f}, AUC {detection['auc']}")
-
-    # Retrain from scratch on what the defense kept; keyed by the kept set as well. Training is
-    # deterministic, so when nothing was removed the retrained model is the baseline itself.
-    keep = result.is_clean_N
-    if keep.all():
-        retrained_dir, after, timings["retrain"] = baseline_dir, before, 0.0
-    else:
-        kept_hash = hashlib.sha256(np.flatnonzero(~keep).astype(np.int64).tobytes()).hexdigest()[:16]
-        retrain_key = f"{train_key}-{kept_hash}"
-        retrained_dir = Path(shared_dir) / "retrained" / retrain_key if shared_dir else out / "retrained"
-        retrained = train.Trainer(cfg, image_shape, dataset.num_classes, steps(int(keep.sum())))
-        info = train.train(retrained, poisoned.x_NHWC[keep], poisoned.y_N[keep], retrained_dir,
-                           retrain_key, desc="retrain")
-        timings["retrain"] = info["seconds"]
-        t0 = time.perf_counter()
-        evals = _cached(retrained_dir / "eval.npz", retrain_key, lambda: _test_pass(retrained, dataset, x_trig))
-        timings["evaluate"] += time.perf_counter() - t0
-        after = _scores(evals["pred_test"], evals["pred_trig"], dataset, cfg.target)
-    tqdm.write(f"retrained: clean acc {after['clean_acc']:.4f}, ASR {after['asr']:.4f}")
+    retrained_dir, after = _retrain(cfg, out, dataset, p, result.is_clean_N, before, baseline_dir,
+                                    shared_dir, timings)
     timings["total"] = time.perf_counter() - t_start
-
-    extra = {k: v for k, v in result.report.items() if k not in ("method", "removed")}
     report = {
         "config": config_lib.to_dict(cfg),
+        "data": {"dataset": dataset.name, "sha256": dataset.sha256, "train_images": len(poisoned.y_N),
+                 "test_images_scored": int(p.scored_N.sum()), "reserve_images": int(len(p.reserve_idx))},
+        "attack": {"name": cfg.attack.name, "poisons": poisoned.n_poison, "covers": poisoned.n_cover,
+                   "clean_label": p.attack.clean_label, "asr_measured_on": p.triggered.description,
+                   "asr_images": int(p.scored_N[p.triggered.idx].sum())},
         "baseline": {**before, "checkpoint": os.path.relpath(baseline_dir, out)},
-        "defense": {"method": cfg.defense, **detection, **extra},
-        "retrained": {**after, "checkpoint": os.path.relpath(retrained_dir, out)},
+        "defense": {"name": cfg.defense.name, **detection, "timings_s": result.timings_s, **result.report},
+        "retrained": after if retrained_dir is None else {**after, "checkpoint": os.path.relpath(retrained_dir, out)},
         "device": provenance.device(),
         "timings_s": timings,
     }
     if make_plots:
-        _plots(out / "plots", dataset, x_trig, trig_idx, passes, cfg, report, poisoned.is_poison_N,
-               result.score_N)
+        _plots(out / "plots", dataset, p, passes, report, result, baseline_dir, retrained_dir)
     files.write_json(out / "report.json", report)
     return report
 
 
-def _plots(path: Path, dataset: data.Dataset, x_trig: np.ndarray, trig_idx: np.ndarray,
-           passes: dict[str, np.ndarray], cfg: Config, report: dict[str, Any], is_poison_N: np.ndarray,
-           score_N: np.ndarray) -> None:
-    n = min(8, len(x_trig))
-    mark = (cfg.trigger_row, cfg.trigger_col) if cfg.trigger == "pixel" else None
-    plots.examples(path / "examples.png", dataset.x_test[trig_idx[:n]], x_trig[:n],
-                   passes["pred_test"][trig_idx[:n]], passes["pred_trig"][:n], trigger_rc=mark)
-    if cfg.defense == "ci":
-        classes = report["defense"]["classes"]
-        plots.bic_curves(path / "bic.png", classes)
-        plots.impurities(path / "impurity.png", classes, tau=cfg.tau, rule=cfg.rule)
-    if is_poison_N.any() and not is_poison_N.all():
-        fpr, tpr = metrics.roc_curve(is_poison_N, score_N)
-        plots.roc(path / "roc.png", {cfg.defense: (fpr, tpr, report["defense"]["auc"])})
+def _retrain(cfg: Config, out: Path, dataset: data.Dataset, p: Prepared, keep_N: np.ndarray,
+             before: dict[str, Any], baseline_dir: Path, shared_dir: str | os.PathLike | None,
+             timings: dict[str, float]) -> tuple[Path | None, dict[str, Any]]:
+    """Retrains from scratch on what the defense kept, keyed by the kept set as well. Training is
+    deterministic, so when nothing was removed the retrained model is the baseline itself."""
+    timings["retrain"] = 0.0
+    if not cfg.defense.retrain:
+        tqdm.write("retrain: skipped (defense.retrain is false)")
+        return None, {"skipped": True, "clean_acc": None, "asr": None}
+    if keep_N.all():
+        tqdm.write("retrained: nothing removed, the baseline is the retrained model")
+        return baseline_dir, dict(before)
+    removed_hash = hashlib.sha256(np.flatnonzero(~keep_N).astype(np.int64).tobytes()).hexdigest()[:16]
+    retrain_key = f"{p.model_key}-{removed_hash}"
+    retrained_dir = Path(shared_dir) / "retrained" / retrain_key if shared_dir else out / "retrained"
+    x_NHWC, y_N = p.poisoned.x_NHWC[keep_N], p.poisoned.y_N[keep_N]
+    train.check_batch(cfg.train.batch_size, "--train.batch_size", len(y_N))
+    retrained = train.Trainer(cfg, dataset.x_train.shape[1:], dataset.num_classes,
+                              train.steps_per_epoch(len(y_N), cfg.train.batch_size))
+    info = train.train(retrained, x_NHWC, y_N, retrained_dir, retrain_key, desc="retrain")
+    timings["retrain"] = info["seconds"]
+    t0 = time.perf_counter()
+    fits = _fits(None, len(dataset.y_test), len(p.triggered.idx), dataset.num_classes)
+    evals = cache.npz(retrained_dir / "eval.npz", f"{retrain_key}/eval{cfg.eval.batch_size}",
+                      lambda: _test_pass(retrained, dataset, p.triggered), fits)
+    timings["evaluate"] += time.perf_counter() - t0
+    after = _scores(evals["pred_test"], evals["pred_trig"], dataset, p, cfg.attack.target)
+    tqdm.write(f"retrained: clean acc {after['clean_acc']:.4f}, ASR {_pct(after['asr'])}")
+    return retrained_dir, after
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{100 * v:.2f} %"
+
+
+def _plots(path: Path, dataset: data.Dataset, p: Prepared, passes: dict[str, np.ndarray],
+           report: dict[str, Any], result: defenses.Result, baseline_dir: Path, retrained_dir: Path | None) -> None:
+    trig = p.triggered
+    n = min(8, len(trig.idx))
+    plots.examples(path / "examples.png", {report["attack"]["name"]: (
+        dataset.x_test[trig.idx[:n]], trig.x_NHWC[:n], passes["pred_test"][trig.idx[:n]], passes["pred_trig"][:n])})
+    if p.poisoned.is_poison_N.any() and not p.poisoned.is_poison_N.all():
+        fpr, tpr = metrics.roc_curve(p.poisoned.is_poison_N, result.score_N)
+        plots.roc(path / "roc.png", {report["defense"]["name"]: (fpr, tpr, report["defense"]["auc"])})
+    p.defense.plot(result, path)
+    logs = {"baseline": train.read_log(baseline_dir)}
+    if retrained_dir is not None and retrained_dir != baseline_dir:
+        logs["retrained"] = train.read_log(retrained_dir)
+    plots.loss_curves(path / "loss.png", logs)

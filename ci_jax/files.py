@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from ci_jax import faults
+from ci_jax.errors import UserError
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
@@ -57,11 +60,12 @@ def clear_stale_tmp(directory: str | os.PathLike, name: str = "*") -> None:
 
 
 @contextlib.contextmanager
-def exclusive(lock_path: str | os.PathLike) -> Iterator[None]:
+def exclusive(lock_path: str | os.PathLike, busy: str | None = None) -> Iterator[None]:
     """Holds an exclusive advisory lock on lock_path (created if missing) for the block.
 
-    POSIX flock: released by the kernel when the holder dies, even by kill -9, so a killed run
-    never leaves a lock behind. Without fcntl (Windows) the block runs unlocked.
+    busy: don't wait for another holder: raise UserError(busy) at once. POSIX flock: released by
+    the kernel when the holder dies, even by kill -9, so a killed run never leaves a lock behind.
+    Without fcntl (Windows) the block runs unlocked.
     """
     try:
         import fcntl
@@ -69,10 +73,82 @@ def exclusive(lock_path: str | os.PathLike) -> Iterator[None]:
         yield
         return
     lock_path = Path(lock_path)
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(lock_path, "a")
+    except OSError as e:
+        raise UserError(f"cannot create the lock file {lock_path} ({os_reason(e)}): "
+                        "the directory must be writable") from None
+    with f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | (fcntl.LOCK_NB if busy else 0))
+        except BlockingIOError:
+            raise UserError(busy) from None
         try:
             yield
         finally:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def available_memory() -> int | None:
+    """Bytes of memory the kernel says are available now (MemAvailable), or None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def read_small_text(path: str | os.PathLike, what: str) -> str:
+    """A regular UTF-8 text file read whole; UserError for a missing, special (a device, a pipe)
+    or unreadable file, or one that would not fit in the memory available to parse it."""
+    path = Path(path)
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise UserError(f"{what} {path} is not a regular file: give the path of a text file")
+        free = available_memory()
+        # Parsing takes several times the text's size; a file near the free memory cannot be parsed.
+        if free is not None and st.st_size * 8 > free:
+            raise UserError(f"{what} {path} is {st.st_size} bytes: too large to parse in the "
+                            f"{free // 2**20} MiB of memory available; is it the right file?")
+        raw = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{what} {path} is not UTF-8 text (bad byte at offset {e.start}): "
+                        "is it the right file?") from None
+
+
+def writable_dir(path: str | os.PathLike, flag: str) -> Path:
+    """`path` as a directory this process can write (created if missing); UserError naming `flag`
+    when it is empty, a file, under a file, or not writable."""
+    if str(path) == "":
+        raise UserError(f"{flag} is empty: give a directory")
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except FileExistsError:
+        raise UserError(f"{flag} {path}: a file is in the way (it or a parent is not a directory): "
+                        "choose a directory") from None
+    except OSError as e:
+        raise UserError(f"{flag} {path}: cannot write there ({os_reason(e)}): choose another directory") from None
+    return path
+
+
+def os_reason(e: OSError) -> str:
+    """An OSError in words, e.g. 'No space left on device'."""
+    if e.errno == errno.ENOTDIR:
+        return "a parent is a file, not a directory"
+    return e.strerror or type(e).__name__

@@ -14,22 +14,24 @@ def accuracy(pred_N: np.ndarray, y_N: np.ndarray) -> float:
     return float(np.mean(pred_N == y_N))
 
 
-def attack_success_rate(pred_N: np.ndarray, target: int) -> float:
-    """Fraction of predictions (on triggered source images) equal to `target`; empty -> 0.0."""
+def attack_success_rate(pred_N: np.ndarray, target: int) -> float | None:
+    """Fraction of predictions (on triggered images) equal to `target`; None for no images."""
     pred_N = np.asarray(pred_N).ravel()
     if pred_N.size == 0:
-        return 0.0
+        return None
     return float(np.mean(pred_N == target))
 
 
-def detection(is_poison_N: np.ndarray, removed_N: np.ndarray, score_N: np.ndarray) -> dict:
-    """How well a defense separated poisons from clean samples.
+def detection(is_poison_N: np.ndarray, removed_N: np.ndarray, score_N: np.ndarray, *,
+              is_cover_N: np.ndarray | None = None, y_N: np.ndarray | None = None) -> dict:
+    """How well a defense separated poisons from the rest, with the denominators it used.
 
     removed_N: bool, what the defense removed; score_N: higher = more suspicious.
-    Returns {"removed", "tpr", "fpr", "precision", "auc"}. Ratios with an empty denominator
-    are 0.0 (tpr with no poisons, fpr with no clean samples, precision with nothing removed),
-    so that a report never holds NaN; auc is None when only one class is present, because
-    ROC AUC is undefined there.
+    TPR is over the poisons; FPR over every other training image (the attack's covers included:
+    they keep their true labels); precision over what was removed. A rate whose denominator is
+    empty (TPR with no poisons, precision with nothing removed) is None, not a number, and so is
+    auc when only one kind of image is present (ROC AUC is undefined there).
+    is_cover_N: also count the covers removed; y_N: also count the removals per label.
     """
     is_poison_N, removed_N = _same_shape(is_poison_N, removed_N)
     is_poison_N, score_N = _same_shape(is_poison_N, score_N)
@@ -41,14 +43,27 @@ def detection(is_poison_N: np.ndarray, removed_N: np.ndarray, score_N: np.ndarra
     n_removed = int(np.count_nonzero(removed_N))
     removed_poison = int(np.count_nonzero(removed_N & is_poison_N))
     removed_clean = n_removed - removed_poison
-
-    return {
+    out = {
         "removed": n_removed,
         "tpr": _ratio(removed_poison, n_poison),
         "fpr": _ratio(removed_clean, n_clean),
         "precision": _ratio(removed_poison, n_removed),
         "auc": roc_auc(is_poison_N, score_N),
+        "removed_poisons": removed_poison,
+        "poisons": n_poison,
+        "removed_clean": removed_clean,
+        "clean_images": n_clean,
+        "denominators": {"tpr": "poisons", "fpr": "training images that are not poisons (covers included)",
+                         "precision": "removed images"},
     }
+    if is_cover_N is not None:
+        is_cover_N = np.asarray(is_cover_N, bool)
+        out["covers"] = int(np.count_nonzero(is_cover_N))
+        out["removed_covers"] = int(np.count_nonzero(removed_N & is_cover_N))
+    if y_N is not None:
+        y_N = np.asarray(y_N)
+        out["removed_per_class"] = {str(int(c)): int(np.count_nonzero(removed_N & (y_N == c))) for c in np.unique(y_N)}
+    return out
 
 
 def roc_auc(is_poison_N: np.ndarray, score_N: np.ndarray) -> float | None:
@@ -67,8 +82,8 @@ def roc_curve(is_poison_N: np.ndarray, score_N: np.ndarray) -> tuple[np.ndarray,
     return fpr, tpr
 
 
-def _ratio(num: int, den: int) -> float:
-    return float(num / den) if den else 0.0
+def _ratio(num: int, den: int) -> float | None:
+    return float(num / den) if den else None
 
 
 def _same_shape(a_N: np.ndarray, b_N: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

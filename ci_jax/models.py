@@ -11,73 +11,18 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ci_jax.errors import UserError
+from ci_jax import kernels
+from ci_jax.errors import unknown_name
+from ci_jax.kernels import ConvFn
 
 MODELS: tuple[str, ...] = ("resnet20", "cnn")
 
 _he_normal = nnx.initializers.he_normal()
 
 
-def _lax_conv(x_BHWC: jax.Array, w_HWIO: jax.Array, stride: int, padding) -> jax.Array:
-    return jax.lax.conv_general_dilated(
-        x_BHWC, w_HWIO, (stride, stride), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-
-def tap_conv(x_BHWC: jax.Array, w_HWIO: jax.Array, padding) -> jax.Array:
-    """Stride-1 convolution as a sum of shifted copies of x times the kernel's taps.
-
-    For a 1-channel x (I = 1, any O), or any C with O = 1: the same kernel on every channel.
-    """
-    kh, kw = w_HWIO.shape[:2]
-    xp = jnp.pad(x_BHWC, ((0, 0), padding[0], padding[1], (0, 0)))
-    h, w = xp.shape[1] - kh + 1, xp.shape[2] - kw + 1
-    out = 0.0
-    for i in range(kh):
-        for j in range(kw):
-            out = out + xp[:, i:i + h, j:j + w, :] * w_HWIO[i, j, 0]
-    return out
-
-
-def _forward_conv(x_BHWC: jax.Array, w_HWIO: jax.Array, stride: int, padding) -> jax.Array:
-    # XLA:CPU's convolution kernel runs a 1-input-channel conv (the grayscale stem) at 3-6
-    # GFLOP/s: at batch 64, with the BatchNorm and ReLU after it, 2.8 ms against 0.29 ms for the
-    # taps (about 1 of 42 ms of the whole inference pass). Its kernel gradient stays a
-    # convolution, the faster of the two there (0.32 against 0.98 ms at batch 32).
-    if w_HWIO.shape[2] == 1 and stride == 1:
-        return tap_conv(x_BHWC, w_HWIO, padding)
-    return _lax_conv(x_BHWC, w_HWIO, stride, padding)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv(x_BHWC: jax.Array, w_HWIO: jax.Array, stride: int, padding) -> jax.Array:
-    return _forward_conv(x_BHWC, w_HWIO, stride, padding)
-
-
-def _conv_fwd(x_BHWC, w_HWIO, stride, padding):
-    # Saving x itself stops XLA from fusing the BatchNorm/ReLU recompute into the layout
-    # transpose that the kernel-gradient convolution needs: on XLA:CPU that fusion took longer
-    # than the convolution (profiled: ~190 of ~780 ms per ResNet-20 step at batch 128).
-    return _forward_conv(x_BHWC, w_HWIO, stride, padding), (x_BHWC, w_HWIO)
-
-
-def _conv_bwd(stride, padding, res, g_BHWO):
-    x_BHWC, w_HWIO = res
-    _, vjp = jax.vjp(lambda x, w: _lax_conv(x, w, stride, padding), x_BHWC, w_HWIO)
-    return vjp(g_BHWO)
-
-
-_conv.defvjp(_conv_fwd, _conv_bwd)
-
-
-def _conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-                          dimension_numbers=None, feature_group_count=1, precision=None, **_):
-    """Drop-in for lax.conv_general_dilated as nnx.Conv calls it (NHWC, HWIO, no dilation)."""
-    return _conv(lhs, rhs, window_strides[0], tuple(tuple(p) for p in padding))
-
-
-def _conv3x3(cin: int, cout: int, stride: int, rngs: nnx.Rngs) -> nnx.Conv:
+def _conv3x3(cin: int, cout: int, stride: int, rngs: nnx.Rngs, conv: ConvFn) -> nnx.Conv:
     return nnx.Conv(cin, cout, (3, 3), strides=stride, padding=((1, 1), (1, 1)), use_bias=False,
-                    kernel_init=_he_normal, conv_general_dilated=_conv_general_dilated, rngs=rngs)
+                    kernel_init=_he_normal, conv_general_dilated=conv, rngs=rngs)
 
 
 def _batch_norm(n: int, rngs: nnx.Rngs) -> nnx.BatchNorm:
@@ -88,9 +33,9 @@ def _batch_norm(n: int, rngs: nnx.Rngs) -> nnx.BatchNorm:
 class BasicBlock(nnx.Module):
     """Two 3x3 convs with an option-A shortcut (strided subsample + zero channel padding)."""
 
-    def __init__(self, cin: int, cout: int, stride: int, *, rngs: nnx.Rngs):
-        self.conv1, self.bn1 = _conv3x3(cin, cout, stride, rngs), _batch_norm(cout, rngs)
-        self.conv2, self.bn2 = _conv3x3(cout, cout, 1, rngs), _batch_norm(cout, rngs)
+    def __init__(self, cin: int, cout: int, stride: int, *, rngs: nnx.Rngs, conv: ConvFn):
+        self.conv1, self.bn1 = _conv3x3(cin, cout, stride, rngs, conv), _batch_norm(cout, rngs)
+        self.conv2, self.bn2 = _conv3x3(cout, cout, 1, rngs, conv), _batch_norm(cout, rngs)
         self.stride, self.pad = stride, cout - cin
 
     def __call__(self, x_BHWC: jax.Array) -> jax.Array:
@@ -105,13 +50,14 @@ class BasicBlock(nnx.Module):
 class ResNet20(nnx.Module):
     """CIFAR-style ResNet-20 (He et al. 2016): 16-32-64 channels, 3 blocks per stage."""
 
-    def __init__(self, in_channels: int, num_classes: int, *, rngs: nnx.Rngs):
-        self.conv = _conv3x3(in_channels, 16, 1, rngs)
+    def __init__(self, in_channels: int, num_classes: int, *, rngs: nnx.Rngs,
+                 conv: ConvFn = jax.lax.conv_general_dilated):
+        self.conv = _conv3x3(in_channels, 16, 1, rngs, conv)
         self.bn = _batch_norm(16, rngs)
         blocks, cin = [], 16
         for cout, stride in ((16, 1), (32, 2), (64, 2)):
             for i in range(3):
-                blocks.append(BasicBlock(cin, cout, stride if i == 0 else 1, rngs=rngs))
+                blocks.append(BasicBlock(cin, cout, stride if i == 0 else 1, rngs=rngs, conv=conv))
                 cin = cout
         self.blocks = nnx.List(blocks)
         self.head = nnx.Linear(64, num_classes, kernel_init=_he_normal, rngs=rngs)
@@ -127,9 +73,10 @@ class ResNet20(nnx.Module):
 class SmallCNN(nnx.Module):
     """A LeNet-size CNN: fast enough for unit tests and quick ablations."""
 
-    def __init__(self, in_channels: int, num_classes: int, *, rngs: nnx.Rngs, image_size: int = 28):
-        self.conv1 = nnx.Conv(in_channels, 16, (5, 5), kernel_init=_he_normal, rngs=rngs)
-        self.conv2 = nnx.Conv(16, 32, (5, 5), kernel_init=_he_normal, rngs=rngs)
+    def __init__(self, in_channels: int, num_classes: int, *, rngs: nnx.Rngs, image_size: int = 28,
+                 conv: ConvFn = jax.lax.conv_general_dilated):
+        self.conv1 = nnx.Conv(in_channels, 16, (5, 5), kernel_init=_he_normal, conv_general_dilated=conv, rngs=rngs)
+        self.conv2 = nnx.Conv(16, 32, (5, 5), kernel_init=_he_normal, conv_general_dilated=conv, rngs=rngs)
         side = image_size // 4
         self.fc = nnx.Linear(side * side * 32, 128, kernel_init=_he_normal, rngs=rngs)
         self.head = nnx.Linear(128, num_classes, kernel_init=_he_normal, rngs=rngs)
@@ -142,10 +89,13 @@ class SmallCNN(nnx.Module):
         return self.head(feats_BD), feats_BD
 
 
-def create(name: str, in_channels: int, num_classes: int, seed: int, image_size: int = 28) -> nnx.Module:
+def create(name: str, in_channels: int, num_classes: int, seed: int, image_size: int = 28,
+           conv: ConvFn | None = None) -> nnx.Module:
+    """The model `name`, initialised from `seed`; conv: the convolution to run (default: the one
+    `kernels` chooses for the current backend)."""
     if name not in MODELS:
-        raise UserError(f"unknown model {name!r}: choose one of {', '.join(MODELS)}")
-    rngs = nnx.Rngs(seed)
+        raise unknown_name("model", name, MODELS)
+    rngs, conv = nnx.Rngs(seed), conv or kernels.conv()
     if name == "cnn":
-        return SmallCNN(in_channels, num_classes, rngs=rngs, image_size=image_size)
-    return ResNet20(in_channels, num_classes, rngs=rngs)
+        return SmallCNN(in_channels, num_classes, rngs=rngs, image_size=image_size, conv=conv)
+    return ResNet20(in_channels, num_classes, rngs=rngs, conv=conv)

@@ -17,7 +17,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (must come after the backend is chosen)
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.patches import Rectangle  # noqa: E402
 
 from ci_jax import files  # noqa: E402
 
@@ -55,31 +54,63 @@ def _show_image(ax, img: np.ndarray) -> None:
     ax.set_yticks([])
 
 
-def examples(path: PathLike, x_clean_NHWC: np.ndarray, x_trig_NHWC: np.ndarray,
-             pred_clean_N: np.ndarray, pred_trig_N: np.ndarray, *,
-             trigger_rc: tuple[int, int] | None = None, n: int = 8) -> None:
-    """Clean source-class images (top row) above the same images with the trigger (bottom row)."""
-    x_clean_NHWC, x_trig_NHWC = np.asarray(x_clean_NHWC), np.asarray(x_trig_NHWC)
-    pred_clean_N, pred_trig_N = np.ravel(pred_clean_N), np.ravel(pred_trig_N)
-    # Mismatched inputs are trimmed rather than rejected: a figure is a diagnostic, not a check.
-    count = min(max(n, 0), len(x_clean_NHWC), len(x_trig_NHWC), len(pred_clean_N), len(pred_trig_N))
-    if count == 0:
-        _message(path, "no images")
+def examples(path: PathLike, attacks: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]],
+             n: int = 8) -> None:
+    """Per attack, three rows: clean test images, the same images triggered (titles: the model's
+    decisions), and their difference (triggered - clean, red positive, blue negative, scaled to the
+    largest change of that attack so that a 3/255 pattern shows)."""
+    blocks = []
+    for name, (x_clean, x_trig, pred_clean, pred_trig) in attacks.items():
+        count = min(max(n, 0), len(x_clean), len(x_trig), len(np.ravel(pred_clean)), len(np.ravel(pred_trig)))
+        if count:
+            blocks.append((name, np.asarray(x_clean)[:count], np.asarray(x_trig)[:count],
+                           np.ravel(pred_clean)[:count], np.ravel(pred_trig)[:count]))
+    if not blocks:
+        _message(path, "no triggered images")
         return
+    cols = max(len(b[1]) for b in blocks)
+    fig, axes = plt.subplots(3 * len(blocks), cols, figsize=(1.3 * cols + 1.2, 3.9 * len(blocks)), squeeze=False)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for b, (name, x_clean, x_trig, pred_clean, pred_trig) in enumerate(blocks):
+        diff = (x_trig.astype(np.float32) - x_clean.astype(np.float32)).mean(-1)
+        scale = float(np.abs(diff).max()) or 1.0
+        for j in range(len(x_clean)):
+            top, mid, low = axes[3 * b, j], axes[3 * b + 1, j], axes[3 * b + 2, j]
+            for ax in (top, mid, low):
+                ax.set_axis_on()
+            _show_image(top, x_clean[j])
+            top.set_title(f"pred {int(pred_clean[j])}", fontsize=7)
+            _show_image(mid, x_trig[j])
+            mid.set_title(f"pred {int(pred_trig[j])}", fontsize=7)
+            low.imshow(diff[j], cmap="bwr", vmin=-scale, vmax=scale, interpolation="nearest")
+            low.set_xticks([])
+            low.set_yticks([])
+        axes[3 * b, 0].set_ylabel(f"{name}\nclean", fontsize=8)
+        axes[3 * b + 1, 0].set_ylabel("triggered", fontsize=8)
+        axes[3 * b + 2, 0].set_ylabel(f"difference\n(+/-{scale:.3g})", fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
 
-    fig, axes = plt.subplots(2, count, figsize=(1.4 * count + 0.6, 3.2), squeeze=False)
-    for j in range(count):
-        _show_image(axes[0, j], x_clean_NHWC[j])
-        axes[0, j].set_title(f"pred {int(pred_clean_N[j])}", fontsize=8)
-        _show_image(axes[1, j], x_trig_NHWC[j])
-        axes[1, j].set_title(f"pred {int(pred_trig_N[j])}", fontsize=8)
-        if trigger_rc is not None:
-            r, c = trigger_rc
-            # Pixel (r, c) is centred at (x=c, y=r) in imshow coordinates; outline a 3x3 box around it.
-            axes[1, j].add_patch(Rectangle((c - 1.5, r - 1.5), 3, 3, fill=False,
-                                           edgecolor="red", linewidth=1.0))
-    axes[0, 0].set_ylabel("clean", fontsize=9)
-    axes[1, 0].set_ylabel("triggered", fontsize=9)
+
+def loss_curves(path: PathLike, logs: dict[str, list[dict]]) -> None:
+    """Training loss against the step, one line per model, from their metrics.jsonl."""
+    fig, ax = plt.subplots(figsize=(5.0, 3.2))
+    drawn = False
+    for name, entries in logs.items():
+        pts = [(e["step"], e["loss"]) for e in entries if "step" in e and "loss" in e]
+        if pts:
+            steps, losses = zip(*pts)
+            ax.plot(steps, losses, linewidth=1.0, label=name)
+            drawn = True
+    if not drawn:
+        plt.close(fig)
+        _message(path, "no training log (models trained before logs were kept)")
+        return
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     _save(fig, path)
 

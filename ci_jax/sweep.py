@@ -28,13 +28,16 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ci_jax import config as config_lib
-from ci_jax import files
+from ci_jax import files, settings
 from ci_jax.config import Config
 from ci_jax.errors import UserError
 
 METRICS: tuple[str, ...] = ("clean_before", "asr_before", "removed", "tpr", "fpr", "precision", "auc",
                             "clean_after", "asr_after", "seconds")
-SPEC_KEYS = {"name", "preset", "base", "cases", "grid", "seeds"}
+SPEC_KEYS = {"name", "preset", "base", "cases", "grid", "seeds", "retrain_seeds"}
+# A Run and its config take about this much memory; a spec whose runs would not fit is refused
+# before they are built (a grid of 10^8 combinations is a typo, not a plan).
+_BYTES_PER_RUN = 16_384
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,54 +72,104 @@ def read_spec(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def expand(spec: dict[str, Any], where: str = "spec") -> Spec:
-    """The runs of a spec, in a fixed order: cases, then grid combinations, then seeds."""
+    """The runs of a spec, in a fixed order: cases, then grid combinations, then seeds.
+
+    Fields are dotted config paths (`defense.ci.tau`), in `base`, `cases` and `grid` alike; a
+    case may give a `case` label. `retrain_seeds` (default: every seed) lists the seeds whose runs
+    retrain after the defense; the others are detection-only (defense.retrain false).
+    """
     unknown = set(spec) - SPEC_KEYS
     if unknown:
-        raise UserError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; "
+        raise UserError(f"{where}: unknown key(s) {', '.join(sorted(map(str, unknown)))}; "
                         f"a spec has {', '.join(sorted(SPEC_KEYS))}")
-    base = _mapping(spec.get("base", {}), f"{where}: base")
+    flat = lambda m, what: settings.flatten(Config, _mapping(m, f"{where}: {what}"), f"{where}: {what}")
+    base = flat(spec.get("base", {}), "base")
     grid = _mapping(spec.get("grid", {}), f"{where}: grid")
-    cases = spec.get("cases", [{}])
-    if not isinstance(cases, list) or not cases or not all(isinstance(c, dict) for c in cases):
-        raise UserError(f"{where}: cases must be a non-empty list of mappings of config fields")
     for field, values in grid.items():
         if not isinstance(values, list) or not values:
             raise UserError(f"{where}: grid.{field} must be a non-empty list of values")
-    seeds = spec.get("seeds", [0])
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool)
-                                                           for s in seeds):
-        raise UserError(f"{where}: seeds must be a non-empty list of whole numbers")
+    flat({k: v[0] for k, v in grid.items()}, "grid")  # unknown field names, before any work
+    cases = spec.get("cases", [{}])
+    if not isinstance(cases, list) or not cases or not all(isinstance(c, dict) for c in cases):
+        raise UserError(f"{where}: cases must be a non-empty list of mappings of config fields")
+    cases = [({"case": str(c["case"])} if "case" in c else {}) | flat({k: v for k, v in c.items() if k != "case"}, "case")
+             for c in cases]
+    seeds = _seeds(spec.get("seeds", [0]), f"{where}: seeds")
+    retrain_seeds = set(_seeds(spec.get("retrain_seeds", seeds), f"{where}: retrain_seeds"))
     if "seed" in grid or "seed" in base or any("seed" in c for c in cases):
         raise UserError(f"{where}: set seeds with the top-level `seeds` list, not as a field")
+    count = len(cases) * math.prod(len(v) for v in grid.values()) * len(seeds)
+    free = files.available_memory()
+    if free is not None and count * _BYTES_PER_RUN > free:
+        raise UserError(f"{where}: {count} runs ({len(cases)} cases x grid x {len(seeds)} seeds) would not "
+                        f"fit in the {free // 2**20} MiB of memory available, let alone finish: "
+                        "split the sweep into smaller specs")
     labelled = any("case" in c for c in cases)
     case_fields = list(dict.fromkeys(k for c in cases for k in c if k != "case"))
     fields = (("case",) if labelled else ()) + tuple(case_fields) + tuple(f for f in grid if f not in case_fields)
     preset = spec.get("preset", "default")
     runs, seen = [], set()
     for i, case in enumerate(cases):
-        label = str(case.get("case", i))
+        label = case.get("case", str(i))
         fields_of_case = {k: v for k, v in case.items() if k != "case"}
         for combo in itertools.product(*grid.values()):
             varied = {**fields_of_case, **dict(zip(grid, combo))}
             for seed in seeds:
+                overrides = {**base, **varied, "seed": seed}
+                if seed not in retrain_seeds:
+                    overrides["defense.retrain"] = False
                 try:
-                    cfg = config_lib.preset(preset, **{**base, **varied, "seed": seed})
+                    cfg = config_lib.preset(preset, overrides)
                 except UserError as e:
                     raise UserError(f"{where}: case {label}, {varied}: {e}") from None
-                run_id = config_lib.fingerprint(cfg, tuple(f.name for f in dataclasses.fields(Config)))
+                run_id = config_lib.fingerprint(config_lib.to_dict(cfg))
                 if run_id in seen:
                     continue  # e.g. a grid value equal to a case's own: one run, not two
                 seen.add(run_id)
-                row = ({"case": label} if labelled else {}) | {f: getattr(cfg, f) for f in fields if f != "case"}
+                row = ({"case": label} if labelled else {}) | {f: _show(settings.get(cfg, f)) for f in fields if f != "case"}
                 runs.append(Run(run_id, cfg, row))
     summary = (("case",) + tuple(grid)) if labelled else fields
     return Spec(str(spec.get("name", "sweep")), fields, tuple(runs), summary)
+
+
+def _show(value: Any) -> Any:
+    return " ".join(value) if isinstance(value, tuple) else value
+
+
+def _seeds(value: Any, where: str) -> list[int]:
+    if not isinstance(value, list) or not value or not all(isinstance(s, int) and not isinstance(s, bool)
+                                                           for s in value):
+        raise UserError(f"{where} must be a non-empty list of whole numbers")
+    return value
 
 
 def _mapping(value: Any, where: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise UserError(f"{where} must be a mapping of config fields")
     return value
+
+
+def _data_dir(data_dir: str | os.PathLike | dict[str, str] | None, name: str) -> str | os.PathLike | None:
+    """The data dir for dataset `name`: one directory for all, or {dataset: directory}."""
+    if isinstance(data_dir, dict):
+        return data_dir.get(name)
+    return data_dir
+
+
+def parse_data_dirs(items: list[str] | None) -> str | dict[str, str] | None:
+    """--data-dir DIR, or --data-dir mnist=DIR fashion_mnist=DIR2 for a sweep over datasets."""
+    if not items:
+        return None
+    if len(items) == 1 and "=" not in items[0]:
+        return items[0]
+    out = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise UserError(f"--data-dir {item!r}: give one DIR, or NAME=DIR for each dataset "
+                            "(e.g. mnist=../shared/data/mnist)")
+        out[name] = path
+    return out
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -129,9 +182,10 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 def shard_runs(runs: tuple[Run, ...], i: int, n: int) -> list[Run]:
     """Shard i of n: whole baselines go to one shard, so no two shards train the same model."""
-    keys = list(dict.fromkeys(config_lib.fingerprint(r.cfg, config_lib.TRAIN_FIELDS) for r in runs))
+    key = lambda r: config_lib.fingerprint(config_lib.model_identity(r.cfg))
+    keys = list(dict.fromkeys(key(r) for r in runs))
     mine = {k for j, k in enumerate(keys) if j % n == i}
-    return [r for r in runs if config_lib.fingerprint(r.cfg, config_lib.TRAIN_FIELDS) in mine]
+    return [r for r in runs if key(r) in mine]
 
 
 # -- results CSV --------------------------------------------------------------------------------
@@ -185,9 +239,10 @@ def run(spec_path: str | os.PathLike, out: str | os.PathLike, *, shard: tuple[in
     """
     from ci_jax import data, experiment  # late: spec errors come before jax starts
 
-    out = Path(out)
     raw = read_spec(spec_path)
     spec = expand(raw, where=f"sweep spec {spec_path}")
+    out = files.writable_dir(out, "--out")
+    tqdm.write(f"{spec.name}: {len(spec.runs)} runs")
     files.write_json(out / "sweep.json", {"spec": raw, "fields": list(spec.fields),
                                           "summary_fields": list(spec.summary_fields),
                                           "run_ids": [r.run_id for r in spec.runs]})
@@ -201,10 +256,11 @@ def run(spec_path: str | os.PathLike, out: str | os.PathLike, *, shard: tuple[in
     with tqdm(total=len(mine), desc=f"{spec.name} shard {i}/{n}" if n > 1 else spec.name, unit="run") as bar:
         for r in mine:
             if r.run_id not in done:
-                if r.cfg.dataset not in datasets:
-                    datasets[r.cfg.dataset] = data.load(r.cfg.dataset, data_dir)
+                name = r.cfg.data.dataset
+                if name not in datasets:
+                    datasets[name] = data.load(name, _data_dir(data_dir, name))
                 tqdm.write(f"run {r.run_id}: {r.varied}, seed {r.cfg.seed}")
-                report = experiment.run(r.cfg, out / "runs" / r.run_id, dataset=datasets[r.cfg.dataset],
+                report = experiment.run(r.cfg, out / "runs" / r.run_id, dataset=datasets[r.cfg.data.dataset],
                                         make_plots=make_plots, shared_dir=models_dir or out)
                 rows.append(row_of(r, report))
                 write_rows(csv_path, columns(spec), rows)

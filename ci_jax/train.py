@@ -5,6 +5,9 @@ gathers its batch there, so no images cross from the host inside a loop. Batches
 over a 1-D `data` mesh axis and parameters are replicated, so the same code runs on one CPU,
 several forced CPU devices, or a GPU/TPU host.
 
+A checkpoint holds the named train state, {"model": ..., "optimizer": ...} as nested dicts of
+arrays with the parameters' names, and each model's directory has a training log, metrics.jsonl.
+
 Multi-host: launch one process per host with the same command and call `init_distributed()`
 first (the `ci-jax` commands do); `jax.devices()` then lists every host's devices, the mesh spans
 them all, and each process feeds the same replicated data set. Results that leave the devices
@@ -13,6 +16,7 @@ them all, and each process feeds the same replicated data set. Results that leav
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -30,10 +34,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from ci_jax import faults, files, metrics, models
-from ci_jax.config import Config
-from ci_jax.errors import UserError
+from ci_jax.errors import UserError, one_line
 
-LOG_EVERY = 25  # steps between loss read-backs: each one syncs host and device
+LOG_EVERY = 25  # steps between loss read-backs (each one syncs host and device) and log lines
 
 
 def init_distributed() -> bool:
@@ -69,9 +72,8 @@ def max_in_flight() -> int | None:
 
     XLA:CPU runs each device's part of a program on one shared thread pool. With many programs
     queued, one device's part can wait at an all-reduce for a partner part that is never
-    scheduled: a chain of 3000 dependent 2-device steps (matmul + all-reduce) aborted at the
-    rendezvous ("Termination timeout ... exceeded", only 1 of 2 threads arrived) every time,
-    and never with at most 2 in flight. GPUs and TPUs queue each device's work on its own stream.
+    scheduled (a chain of dependent 2-device steps aborted at the rendezvous every time, and never
+    with at most 2 in flight). GPUs and TPUs queue each device's work on its own stream.
     """
     return 2 if jax.default_backend() == "cpu" and jax.device_count() > 1 else None
 
@@ -87,41 +89,55 @@ def mesh() -> Mesh:
     return Mesh(np.array(jax.devices()), ("data",))
 
 
-def _shardings(m: Mesh) -> tuple[NamedSharding, NamedSharding]:
-    return NamedSharding(m, P()), NamedSharding(m, P("data"))
+def check_batch(batch: int, flag: str, n: int | None = None) -> None:
+    """UserError unless `batch` splits over the devices and, when n is given, fits a set of n."""
+    d = jax.device_count()
+    if batch % d:
+        raise UserError(f"{flag} = {batch} does not split over {d} devices: use a multiple of {d}")
+    if n is not None and batch > max(n, d):
+        raise UserError(f"{flag} = {batch} is larger than the {n} images it batches: "
+                        f"use at most {max(n, d) // d * d}")
 
 
-def _check_divisible(batch: int, what: str) -> None:
-    n = jax.device_count()
-    if batch % n:
-        raise UserError(f"{what} = {batch} does not split over {n} devices: use a multiple of {n}")
+def steps_per_epoch(n: int, batch: int) -> int:
+    return max(1, math.ceil(n / batch))
 
 
-def make_optimizer(cfg: Config, total_steps: int) -> optax.GradientTransformation:
-    if cfg.schedule == "onecycle":
-        lr = optax.cosine_onecycle_schedule(total_steps, cfg.lr, pct_start=0.25, div_factor=25.0,
+def make_optimizer(cfg, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    t = cfg.train
+    if t.schedule == "onecycle":
+        lr = optax.cosine_onecycle_schedule(total_steps, t.lr, pct_start=0.25, div_factor=25.0,
                                             final_div_factor=1e3)
-    elif cfg.schedule == "cosine":
-        lr = optax.cosine_decay_schedule(cfg.lr, total_steps)
+    elif t.schedule == "cosine":
+        lr = optax.cosine_decay_schedule(t.lr, total_steps)
     else:
-        lr = optax.constant_schedule(cfg.lr)
+        lr = optax.constant_schedule(t.lr)
     # Decay kernels only, not BatchNorm scales and biases.
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
-    if cfg.optimizer == "adam":
-        return optax.adamw(lr, weight_decay=cfg.weight_decay, mask=decay_mask)
-    return optax.chain(optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask),
-                       optax.sgd(lr, momentum=cfg.momentum or None, nesterov=cfg.nesterov))
+    if t.optimizer == "adam":
+        return optax.adamw(lr, weight_decay=t.weight_decay, mask=decay_mask), lr
+    return optax.chain(optax.add_decayed_weights(t.weight_decay, mask=decay_mask),
+                       optax.sgd(lr, momentum=t.momentum or None, nesterov=t.nesterov)), lr
+
+
+def _out_of_memory(e: Exception, flag: str, batch: int) -> UserError | None:
+    text = str(e)
+    if "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or isinstance(e, MemoryError):
+        return UserError(f"out of device memory at {flag} = {batch}: lower it ({one_line(text, 120)})")
+    return None
 
 
 class Trainer:
-    """A model, its optimizer and the jitted functions over them; state is a pure pytree."""
+    """A model, its optimizer and the jitted functions over them; the state is a pure pytree."""
 
-    def __init__(self, cfg: Config, image_shape: tuple[int, int, int], num_classes: int, steps_per_epoch: int):
+    def __init__(self, cfg, image_shape: tuple[int, int, int], num_classes: int, steps_per_epoch: int):
         self.cfg, self.mesh = cfg, mesh()
-        self.replicated, self.sharded = _shardings(self.mesh)
-        self.total_steps = steps_per_epoch * cfg.epochs
-        model = models.create(cfg.model, image_shape[-1], num_classes, cfg.seed, image_size=image_shape[0])
-        opt = nnx.Optimizer(model, make_optimizer(cfg, self.total_steps), wrt=nnx.Param)
+        self.replicated = NamedSharding(self.mesh, P())
+        self.sharded = NamedSharding(self.mesh, P("data"))
+        self.total_steps = steps_per_epoch * cfg.train.epochs
+        model = models.create(cfg.train.model, image_shape[-1], num_classes, cfg.seed, image_size=image_shape[0])
+        tx, self.schedule = make_optimizer(cfg, self.total_steps)
+        opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
         model.train()
         self.train_def, state = nnx.split((model, opt))
         model.eval()
@@ -129,6 +145,10 @@ class Trainer:
         self.state = jax.device_put(state, self.replicated)
         self._train_step = jax.jit(self._step, donate_argnums=0)
         self._forward = jax.jit(self._fwd, static_argnums=3)
+
+    @property
+    def model_state(self) -> nnx.State:
+        return self.state[0]
 
     # -- jitted bodies --------------------------------------------------------------------------
     def _step(self, state, x_NHWC, y_N, idx_SB, i):
@@ -158,32 +178,39 @@ class Trainer:
     # -- training -------------------------------------------------------------------------------
     def epoch_indices(self, n: int, epoch: int) -> jax.Array:
         """(steps, B) indices: a seeded permutation, wrapped round so every batch is full."""
-        b = self.cfg.batch_size
-        steps = math.ceil(n / b)
+        b = self.cfg.train.batch_size
+        steps = steps_per_epoch(n, b)
         key = jax.random.fold_in(jax.random.key(self.cfg.seed), epoch)
         perm = jax.random.permutation(key, n)
-        return jnp.concatenate([perm, perm[: steps * b - n]]).reshape(steps, b)
+        reps = math.ceil(steps * b / n)
+        return jnp.concatenate([perm] * reps)[: steps * b].reshape(steps, b)
 
-    def fit_epoch(self, x_NHWC: jax.Array, y_N: jax.Array, epoch: int, desc: str) -> float:
+    def fit_epoch(self, x_NHWC: jax.Array, y_N: jax.Array, epoch: int, desc: str,
+                  log: Callable[[dict[str, Any]], None] = lambda entry: None) -> float:
+        """One epoch; every LOG_EVERY steps (and at the end) `log` gets the step's loss, learning
+        rate and images/s. Returns the epoch's mean loss."""
         idx_SB = self.epoch_indices(x_NHWC.shape[0], epoch)
         steps, b = idx_SB.shape
         losses = []
         t0 = time.perf_counter()
-        with tqdm(total=steps, desc=f"{desc} epoch {epoch + 1}/{self.cfg.epochs}", unit="step",
+        with tqdm(total=steps, desc=f"{desc} epoch {epoch + 1}/{self.cfg.train.epochs}", unit="step",
                   leave=False, mininterval=1.0) as bar:
             for i in range(steps):
                 self.state, loss = self._train_step(self.state, x_NHWC, y_N, idx_SB, i)
                 losses.append(loss)
                 throttle(losses)
                 if (i + 1) % LOG_EVERY == 0 or i + 1 == steps:
-                    last = float(loss)
+                    last, step = float(loss), epoch * steps + i
                     if not math.isfinite(last):
-                        step = epoch * steps + i
-                        raise UserError(f"training diverged: loss is {last} at step {step} "
-                                        f"(lr {self.cfg.lr}): lower --lr or change --optimizer")
-                    done = (i + 1) - bar.n
-                    bar.update(done)
-                    bar.set_postfix(loss=f"{last:.4f}", img_s=f"{(i + 1) * b / (time.perf_counter() - t0):.0f}")
+                        t = self.cfg.train
+                        raise UserError(f"training diverged: loss is {last} at step {step} (lr {t.lr}, "
+                                        f"weight decay {t.weight_decay}): lower --train.lr or "
+                                        "--train.weight_decay, or change --train.optimizer")
+                    rate = (i + 1) * b / (time.perf_counter() - t0)
+                    log({"step": step + 1, "epoch": epoch, "loss": last, "lr": float(self.schedule(step)),
+                         "images_per_s": rate})
+                    bar.update((i + 1) - bar.n)
+                    bar.set_postfix(loss=f"{last:.4f}", img_s=f"{rate:.0f}")
         return float(jnp.stack(losses).mean())
 
     # -- inference ------------------------------------------------------------------------------
@@ -193,47 +220,96 @@ class Trainer:
 
         transform: an image filter applied first, image by image (no reduction over the batch).
         """
-        b = self.cfg.eval_batch_size
-        _check_divisible(b, "eval_batch_size")
+        b = self.cfg.eval.batch_size
+        check_batch(b, "--eval.batch_size")
         n = x_NHWC.shape[0]
-        steps = max(1, math.ceil(n / b))  # one padded batch for n = 0: empty outputs of the right shapes
-        x = jnp.asarray(x_NHWC)
-        if steps * b != n:
-            x = jnp.pad(x, ((0, steps * b - n),) + ((0, 0),) * (x.ndim - 1))
-        x = jax.device_put(x, self.replicated)
-        if transform is not None:
-            # The whole set in one program of its own: inside the forward's program XLA fused the
-            # median filter into the grayscale stem's taps and computed it again for each of their
-            # reads (5 of 46 ms per batch of 64 on a CPU), against 0.2 ms for the filter alone.
-            x = jax.jit(transform)(x)
-        model_state = self.state[0]
-        outs = []
-        for i in tqdm(range(steps), desc=desc, leave=False, disable=desc is None):
-            outs.append(self._forward(model_state, x, i * b, b))
-            throttle(outs)
-        pred = jnp.concatenate([o[0] for o in outs])[:n]
-        feats = jnp.concatenate([o[1] for o in outs])[:n]
-        return _to_host(pred), _to_host(feats)
+        steps = steps_per_epoch(n, b)  # one padded batch for n = 0: empty outputs of the right shapes
+        try:
+            x = jnp.asarray(x_NHWC)
+            if steps * b != n:
+                x = jnp.pad(x, ((0, steps * b - n),) + ((0, 0),) * (x.ndim - 1))
+            x = jax.device_put(x, self.replicated)
+            if transform is not None:
+                # The whole set in one program of its own: inside the forward's program XLA fused
+                # the median filter into the grayscale stem's taps and computed it again for each
+                # of their reads.
+                x = jax.jit(transform)(x)
+            outs = []
+            for i in tqdm(range(steps), desc=desc, leave=False, disable=desc is None):
+                outs.append(self._forward(self.model_state, x, i * b, b))
+                throttle(outs)
+            pred = jnp.concatenate([o[0] for o in outs])[:n]
+            feats = jnp.concatenate([o[1] for o in outs])[:n]
+            return _to_host(pred), _to_host(feats)
+        except (jax.errors.JaxRuntimeError, MemoryError) as e:
+            oom = _out_of_memory(e, "--eval.batch_size", b)
+            if oom is None:
+                raise
+            raise oom from None
 
     def accuracy(self, x_NHWC: np.ndarray, y_N: np.ndarray) -> float:
         pred, _ = self.predict(x_NHWC)
         return metrics.accuracy(pred, y_N)
 
-    # -- checkpoints ----------------------------------------------------------------------------
-    def leaves(self) -> list[jax.Array]:
-        return jax.tree.leaves(self.state)
+    # -- the named state ------------------------------------------------------------------------
+    def named_state(self) -> dict[str, Any]:
+        """{"model": ..., "optimizer": ...}: nested dicts of arrays keyed by the parameters' names."""
+        return {"model": _str_keys(self.state[0].to_pure_dict()),
+                "optimizer": _str_keys(self.state[1].to_pure_dict())}
 
-    def load_leaves(self, leaves: list[Any]) -> None:
-        treedef = jax.tree.structure(self.state)
-        self.state = jax.device_put(jax.tree.unflatten(treedef, [jnp.asarray(l) for l in leaves]),
-                                    self.replicated)
+    def load_named_state(self, named: dict[str, Any]) -> None:
+        template = self.state.to_pure_dict()
+        state = jax.tree.map(lambda a: a, self.state)  # a fresh container, the same structure
+        state.replace_by_pure_dict({0: _like(template[0], named["model"]),
+                                    1: _like(template[1], named["optimizer"])})
+        self.state = jax.device_put(state, self.replicated)
+
+
+def _str_keys(tree: Any) -> Any:
+    # Orbax stores keys as strings; a list's indices (blocks.0) come back as '0'.
+    if isinstance(tree, dict):
+        return {str(k): _str_keys(v) for k, v in tree.items()}
+    return tree
+
+
+def _like(template: Any, named: Any) -> Any:
+    """`named` (string keys) rebuilt with the key types of `template`."""
+    if isinstance(template, dict):
+        return {k: _like(v, named[str(k)]) for k, v in template.items()}
+    return jnp.asarray(named)
+
+
+def _flat_shapes(tree: Any, prefix: str = "") -> dict[str, tuple[int, ...]]:
+    if isinstance(tree, dict):
+        out: dict[str, tuple[int, ...]] = {}
+        for k, v in tree.items():
+            out.update(_flat_shapes(v, f"{prefix}{k}/"))
+        return out
+    shape = getattr(tree, "shape", None)
+    return {prefix[:-1]: tuple(shape) if shape is not None else ()}
+
+
+def mismatch(expected: dict[str, Any], saved: Any) -> str | None:
+    """What differs between the state a model expects and a checkpoint's tree: missing, extra
+    and mis-shaped parameters, by name; None when they fit."""
+    want, have = _flat_shapes(expected), _flat_shapes(saved)
+    missing = sorted(set(want) - set(have))
+    extra = sorted(set(have) - set(want))
+    shaped = sorted(f"{k} {have[k]} (model: {want[k]})" for k in set(want) & set(have) if want[k] != have[k])
+    if not (missing or extra or shaped):
+        return None
+    parts = []
+    for what, names in (("missing", missing), ("extra", extra), ("mis-shaped", shaped)):
+        if names:
+            parts.append(f"{what}: {', '.join(names[:4])}" + (f" and {len(names) - 4} more" if len(names) > 4 else ""))
+    return "; ".join(parts)
 
 
 def _manager(ckpt_dir: Path) -> ocp.CheckpointManager:
     # max_to_keep=1: only the latest epoch is needed to resume; Orbax writes each step to a
     # temporary directory and renames it when complete, so a killed save is never read back.
-    return ocp.CheckpointManager(ckpt_dir.resolve(), options=ocp.CheckpointManagerOptions(
-        max_to_keep=1, enable_async_checkpointing=False))
+    return ocp.CheckpointManager(ckpt_dir.resolve(), item_handlers=ocp.StandardCheckpointHandler(),
+                                 options=ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=False))
 
 
 def _damaged(ckpt_dir: Path, what: str) -> UserError:
@@ -259,46 +335,84 @@ def _restore(mngr: ocp.CheckpointManager, trainer: Trainer, ckpt_dir: Path) -> i
     """Loads the latest finalized step into `trainer`; returns it (0 when there is none).
 
     Orbax lists only finalized steps (saved under a temporary name, then renamed), so what a
-    killed save left behind is never seen here; a finalized step that fails to restore was
-    damaged afterwards (a deleted or truncated file).
+    killed save left behind is never seen here. A step whose parameters do not match the model
+    (its code changed) names what differs; one that fails to restore was damaged afterwards.
     """
     latest = None
+    expected = trainer.named_state()
     try:
         latest = mngr.latest_step()
         if latest is None:
             return 0
-        restored = mngr.restore(latest, args=ocp.args.StandardRestore(
-            [ocp.utils.to_shape_dtype_struct(np.asarray(l)) for l in trainer.leaves()]))
-    except Exception as e:  # tensorstore, JSON, OSError, ...: the list of ways to fail is open
+        saved = mngr.item_metadata(latest)
+    except Exception as e:  # noqa: BLE001 - tensorstore, JSON, OSError, ...: the ways to fail are open
         step = f"epoch {latest}" if latest is not None else "its step list"
-        raise _damaged(ckpt_dir, f"cannot restore {step}: {type(e).__name__}: "
-                                 f"{_one_line(str(e))}") from e
+        raise _damaged(ckpt_dir, f"cannot read {step}: {type(e).__name__}: {one_line(e)}") from None
+    if saved is not None and hasattr(saved, "tree"):
+        saved = saved.tree
+    differs = mismatch(expected, _as_dict(saved)) if saved is not None else None
+    if differs:
+        raise UserError(f"checkpoint directory {ckpt_dir} holds a model that does not match "
+                        f"{trainer.cfg.train.model}'s parameters ({differs}): it was saved by other "
+                        "model code; delete that directory to train this model again")
+    try:
+        restored = mngr.restore(latest, args=ocp.args.StandardRestore(
+            jax.tree.map(ocp.utils.to_shape_dtype_struct, expected)))
+    except Exception as e:  # noqa: BLE001
+        raise _damaged(ckpt_dir, f"cannot restore epoch {latest}: {type(e).__name__}: {one_line(e)}") from None
     # Training stops before saving a non-finite loss, so non-finite weights mean damaged bytes.
-    if not all(np.isfinite(np.asarray(l)).all() for l in restored if jnp.issubdtype(l.dtype, jnp.inexact)):
+    if not all(np.isfinite(np.asarray(a)).all() for a in jax.tree.leaves(restored)
+               if jnp.issubdtype(np.asarray(a).dtype, jnp.inexact)):
         raise _damaged(ckpt_dir, f"epoch {latest} holds non-finite weights")
-    trainer.load_leaves(restored)
+    trainer.load_named_state(restored)
     return latest
 
 
-def _one_line(text: str, limit: int = 200) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+def _as_dict(tree: Any) -> Any:
+    if hasattr(tree, "items"):
+        return {str(k): _as_dict(v) for k, v in tree.items()}
+    return tree
 
 
 def train(trainer: Trainer, x_NHWC: np.ndarray, y_N: np.ndarray, ckpt_dir: str | os.PathLike,
           key: str, desc: str = "train") -> dict[str, Any]:
-    """Trains to cfg.epochs, resuming from ckpt_dir; a finished run with the same key is reused.
+    """Trains to cfg.train.epochs, resuming from ckpt_dir; a finished run with the same key is reused.
 
-    `key` names what was trained (config fingerprint, training set); a directory holding a
+    `key` names what was trained (config and data, training set); a directory holding a
     different key is stale and is cleared. A damaged directory (unreadable key.json or done.json,
-    a checkpoint that fails to restore) is a UserError that says to delete it. Processes that
-    share ckpt_dir (sweeps sharing --models) take turns: the second one reuses what the first
-    trained instead of training into the same files at the same time.
+    a checkpoint that fails to restore) is a UserError that says to delete it. A finished model is
+    only read (its directory may be read-only). Processes that share ckpt_dir (sweeps sharing
+    --models) take turns: the second one reuses what the first trained instead of training into
+    the same files at the same time.
     Returns {"reused": bool, "resumed_from_epoch": int, "seconds": float, "images_per_s": float}.
     """
     ckpt_dir = Path(ckpt_dir)
+    check_batch(trainer.cfg.train.batch_size, "--train.batch_size", len(y_N))
+    if len(y_N) == 0:
+        raise UserError("the training set is empty: nothing to train on")
+    if _finished(ckpt_dir, key):
+        return _reuse(trainer, ckpt_dir)
     with files.exclusive(ckpt_dir.parent / f".{ckpt_dir.name}.lock"):
         return _train_locked(trainer, x_NHWC, y_N, ckpt_dir, key, desc)
+
+
+def _finished(ckpt_dir: Path, key: str) -> bool:
+    try:
+        return files.read_json(ckpt_dir / "done.json").get("key") == key and \
+            files.read_json(ckpt_dir / "key.json").get("key") == key
+    except Exception:  # noqa: BLE001 - anything else is looked at under the lock
+        return False
+
+
+def _reuse(trainer: Trainer, ckpt_dir: Path) -> dict[str, Any]:
+    mngr = _manager(ckpt_dir / "orbax")
+    try:
+        epoch = _restore(mngr, trainer, ckpt_dir)
+    finally:
+        mngr.close()
+    if epoch != trainer.cfg.train.epochs:
+        raise _damaged(ckpt_dir, f"done.json says finished but the last epoch saved is {epoch}")
+    return {"reused": True, "resumed_from_epoch": epoch, "seconds": 0.0, "images_per_s": None}
 
 
 def _train_locked(trainer: Trainer, x_NHWC: np.ndarray, y_N: np.ndarray, ckpt_dir: Path, key: str,
@@ -321,23 +435,83 @@ def _train_locked(trainer: Trainer, x_NHWC: np.ndarray, y_N: np.ndarray, ckpt_di
         mngr.close()  # also after a failure: leaves no Orbax threads behind
 
 
+class Log:
+    """The training log, metrics.jsonl: one JSON object a line, every LOG_EVERY steps and per epoch.
+
+    On resume from epoch e the lines of later epochs (from the interrupted run) are dropped, so
+    the log always describes the checkpoint's own trajectory.
+    """
+
+    def __init__(self, path: Path, start_epoch: int) -> None:
+        self.path = path
+        kept = [line for line in _read_lines(path) if line.get("epoch", math.inf) < start_epoch]
+        files.write_text(path, "".join(json.dumps(line) + "\n" for line in kept))
+
+    def __call__(self, entry: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(entry, allow_nan=False) + "\n")
+
+
+def _read_lines(path: Path) -> list[dict[str, Any]]:
+    out = []
+    try:
+        with open(path) as f:
+            for line in f:
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    continue  # a line cut short by a kill
+                if isinstance(entry, dict):
+                    out.append(entry)
+    except OSError:
+        pass
+    return out
+
+
+def read_log(ckpt_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The training log of a model directory (metrics.jsonl), oldest first."""
+    return _read_lines(Path(ckpt_dir) / "metrics.jsonl")
+
+
 def _train(trainer: Trainer, mngr: ocp.CheckpointManager, x_NHWC: np.ndarray, y_N: np.ndarray,
            ckpt_dir: Path, key: str, done: bool, desc: str) -> dict[str, Any]:
     start_epoch = _restore(mngr, trainer, ckpt_dir)
-    if done and start_epoch == trainer.cfg.epochs:
+    epochs = trainer.cfg.train.epochs
+    if done and start_epoch == epochs:
         return {"reused": True, "resumed_from_epoch": start_epoch, "seconds": 0.0, "images_per_s": None}
-    _check_divisible(trainer.cfg.batch_size, "batch_size")
-    x = jax.device_put(jnp.asarray(x_NHWC), trainer.replicated)
-    y = jax.device_put(jnp.asarray(y_N, jnp.int32), trainer.replicated)
-    t0 = time.perf_counter()
-    for epoch in range(start_epoch, trainer.cfg.epochs):
-        loss = trainer.fit_epoch(x, y, epoch, desc)
-        mngr.save(epoch + 1, args=ocp.args.StandardSave(trainer.leaves()))
-        mngr.wait_until_finished()
-        faults.point(f"{desc}-epoch")
-        tqdm.write(f"{desc}: epoch {epoch + 1}/{trainer.cfg.epochs} mean loss {loss:.4f}")
+    log = Log(ckpt_dir / "metrics.jsonl", start_epoch)
+    b = trainer.cfg.train.batch_size
+    try:
+        x = jax.device_put(jnp.asarray(x_NHWC), trainer.replicated)
+        y = jax.device_put(jnp.asarray(y_N, jnp.int32), trainer.replicated)
+        t0 = time.perf_counter()
+        for epoch in range(start_epoch, epochs):
+            t_epoch = time.perf_counter()
+            loss = trainer.fit_epoch(x, y, epoch, desc, log)
+            _save(mngr, epoch + 1, trainer)
+            log({"epoch": epoch, "mean_loss": loss, "seconds": time.perf_counter() - t_epoch})
+            faults.point(f"{desc}-epoch")
+            tqdm.write(f"{desc}: epoch {epoch + 1}/{epochs} mean loss {loss:.4f}")
+    except (jax.errors.JaxRuntimeError, MemoryError) as e:
+        oom = _out_of_memory(e, "--train.batch_size", b)
+        if oom is None:
+            raise
+        raise oom from None
     seconds = time.perf_counter() - t0
-    n_img = (trainer.cfg.epochs - start_epoch) * math.ceil(len(y_N) / trainer.cfg.batch_size) * trainer.cfg.batch_size
-    files.write_json(ckpt_dir / "done.json", {"key": key, "epochs": trainer.cfg.epochs})
+    n_img = (epochs - start_epoch) * steps_per_epoch(len(y_N), b) * b
+    files.write_json(ckpt_dir / "done.json", {"key": key, "epochs": epochs})
     return {"reused": False, "resumed_from_epoch": start_epoch, "seconds": seconds,
             "images_per_s": n_img / seconds if seconds > 0 else None}
+
+
+def _save(mngr: ocp.CheckpointManager, step: int, trainer: Trainer) -> None:
+    try:
+        mngr.save(step, args=ocp.args.StandardSave(trainer.named_state()))
+        mngr.wait_until_finished()
+    except Exception as e:  # noqa: BLE001 - Orbax wraps a full disk in several exception types
+        text = str(e)
+        if isinstance(e, OSError) or "RESOURCE_EXHAUSTED" in text or "No space left" in text:
+            raise UserError(f"cannot save the checkpoint of epoch {step} in {mngr.directory} "
+                            f"({one_line(text, 120)}): free some space and rerun the same command "
+                            "to resume") from None
+        raise

@@ -1,9 +1,15 @@
-# The suite runs on one CPU device. Forced multi-device CPU runs are opt-in
-# (CI_JAX_CPU_DEVICES, see ci_jax/cli.py) after XLA:CPU's in-process all-reduce aborted twice.
-import numpy as np
-import pytest
+import os
 
-from ci_jax import data
+# The suite is an entry point like the CLI: it sets XLA's flags before JAX starts a backend. It runs
+# on one CPU device; forced multi-device CPU runs are opt-in (CI_JAX_CPU_DEVICES, see ci_jax/cli.py).
+from ci_jax import kernels
+
+os.environ["XLA_FLAGS"] = kernels.xla_flags()
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from ci_jax import data  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,123 @@
+"""What every defense is: it receives a view of the trained baseline and returns which training
+images it keeps.
+
+A defense is a `Defense` subclass with its own `Settings` section, registered by name in
+`ci_jax/defenses/__init__.py`. It runs, caches and times its own extra passes through
+`View.train_pass`, and may draw its own figures (`plot`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+import numpy as np
+
+from ci_jax import cache
+
+# (images, transform or None) -> (decisions, penultimate features)
+Predict = Callable[..., tuple[np.ndarray, np.ndarray]]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Reserve:
+    """Clean images held out of the test split for the defenses that need some (SCAn, STRIP):
+    never used to measure accuracy or ASR."""
+
+    x_NHWC: np.ndarray
+    y_N: np.ndarray
+    feats_ND: np.ndarray
+    pred_N: np.ndarray
+    idx: np.ndarray  # their indices in the test split
+
+
+@dataclasses.dataclass(eq=False)
+class View:
+    """The trained baseline as a defense sees it."""
+
+    x_NHWC: np.ndarray  # the training images as trained on
+    y_N: np.ndarray  # their labels as trained on (poisons relabelled)
+    feats_ND: np.ndarray  # penultimate features of every training image
+    pred_N: np.ndarray  # the baseline's decisions on them
+    num_classes: int
+    predict: Predict
+    seed: int
+    reserve: Reserve | None = None
+    cache_dir: Path | None = None  # where a defense may keep what it computed; None: no caching
+    key: str = ""  # identifies the baseline and its passes: every cache key starts with it
+    is_poison_N: np.ndarray | None = None  # ground truth, only to count poisons in reports
+    timings_s: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def cache_path(self, name: str) -> Path | None:
+        return self.cache_dir / name if self.cache_dir is not None else None
+
+    def train_pass(self, name: str, transform: Callable) -> np.ndarray:
+        """The baseline's decisions on every training image through `transform`, computed once
+        per baseline and `name` (which must say everything that defines the transform), kept in
+        pass-NAME.npz and timed as timings_s["pass NAME"] when computed."""
+        n = len(self.y_N)
+
+        def compute() -> dict[str, np.ndarray]:
+            t0 = time.perf_counter()
+            pred_N, _ = self.predict(self.x_NHWC, transform, desc=name)
+            self.timings_s[f"pass {name}"] = time.perf_counter() - t0
+            return {"pred": pred_N}
+
+        fits = lambda a: a["pred"].shape == (n,) and _in_classes(a["pred"], self.num_classes)
+        return cache.npz(self.cache_path(f"pass-{_slug(name)}.npz"), f"{self.key}/{name}", compute, fits)["pred"]
+
+    def poisons_in(self, idx: np.ndarray) -> dict[str, int]:
+        """{"poisons": n} for a report entry, or nothing when the ground truth is unknown."""
+        if self.is_poison_N is None:
+            return {}
+        return {"poisons": int(np.count_nonzero(self.is_poison_N[idx]))}
+
+    def classes(self) -> list[int]:
+        """The labels that occur in the training set."""
+        return [int(c) for c in np.unique(self.y_N)]
+
+
+def _in_classes(pred_N: np.ndarray, num_classes: int) -> bool:
+    return pred_N.size == 0 or (int(pred_N.min()) >= 0 and int(pred_N.max()) < num_classes)
+
+
+def _slug(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_.=" else "_" for ch in name)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Result:
+    score_N: np.ndarray  # suspicion per training image: higher = more suspicious
+    is_clean_N: np.ndarray  # what the defense keeps
+    report: dict[str, Any]  # the defense's own section of report.json
+    timings_s: dict[str, float]
+
+
+class Defense:
+    """Base class: `Settings` (a settings section), `run`, optionally `check` and `plot`.
+
+    needs_reserve: the defense uses clean held-out images (`eval.reserve` > 0).
+    """
+
+    Settings: ClassVar[type]
+    needs_reserve: ClassVar[bool] = False
+
+    def __init__(self, settings: Any) -> None:
+        self.s = settings
+
+    def check(self, image_shape: tuple[int, int, int], num_classes: int) -> None:
+        """UserError for settings that do not fit this data, before any work."""
+
+    def run(self, view: View) -> Result:
+        raise NotImplementedError
+
+    def plot(self, result: Result, plots_dir: Path) -> None:
+        """The defense's own figures (the run's ROC curve is drawn for every defense)."""
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0

@@ -1,0 +1,54 @@
+"""Independent host work (one mixture search per class) in worker processes that die with their
+parent.
+
+Workers come from joblib's loky executor: fresh interpreters (a fork of a process running JAX's
+threads can deadlock) that need no `if __name__ == "__main__"` guard in the user's script. Each
+worker watches its parent and exits within a second of the parent's death, so a parent ended by
+SIGTERM or kill -9 leaves no worker behind (loky's own workers would idle on for minutes).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Any, Callable, Sequence
+
+from joblib.externals import loky
+
+WATCH_S = 1.0
+
+
+def _watch(parent: int) -> None:
+    while True:
+        if os.getppid() != parent:
+            os._exit(1)
+        time.sleep(WATCH_S)
+
+
+def _die_with_parent(parent: int) -> None:
+    threading.Thread(target=_watch, args=(parent,), daemon=True, name="ci-jax-watch-parent").start()
+
+
+def workers() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def map_processes(fn: Callable[..., Any], args: Sequence[tuple], max_workers: int | None = None) -> list[Any]:
+    """[fn(*a) for a in args], in parallel worker processes; in this process when there is one
+    item or one core."""
+    n = min(len(args), max_workers or workers())
+    if n <= 1:
+        return [fn(*a) for a in args]
+    pool = loky.get_reusable_executor(max_workers=n, initializer=_die_with_parent, initargs=(os.getpid(),))
+    futures = [pool.submit(fn, *a) for a in args]
+    try:
+        return [f.result() for f in futures]
+    except BaseException:
+        for f in futures:
+            f.cancel()
+        pool.shutdown(wait=False, kill_workers=True)  # an interrupt must not wait for a 20-second fit
+        raise
