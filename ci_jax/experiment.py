@@ -111,9 +111,15 @@ def baseline_passes(baseline: train.Trainer, p: Prepared, dataset: data.Dataset,
 
 def _scores(pred_test: np.ndarray, pred_trig: np.ndarray, dataset: data.Dataset, p: Prepared,
             target: int) -> dict[str, Any]:
+    """Clean accuracy on the scored test images; ASR on their triggered copies, beside the share
+    of the same images that the model assigns to the target without the trigger (its floor: a
+    T-shirt taken for a pullover is no backdoor)."""
     on = p.scored_N[p.triggered.idx]
+    poisons = p.attack.poisons
     return {"clean_acc": metrics.accuracy(pred_test[p.scored_N], dataset.y_test[p.scored_N]),
-            "asr": metrics.attack_success_rate(pred_trig[on], target) if p.attack.poisons else None}
+            "asr": metrics.attack_success_rate(pred_trig[on], target) if poisons else None,
+            "target_rate_untriggered": metrics.attack_success_rate(pred_test[p.triggered.idx][on], target)
+            if poisons else None}
 
 
 # -- the run directory --------------------------------------------------------------------------

@@ -7,7 +7,7 @@ triggered test set is built (see `attacks.base`).
 
 from __future__ import annotations
 
-from ci_jax.attacks import blend, none, patch, pixel
+from ci_jax.attacks import adaptive_blend, additive, blend, bpp, none, patch, pixel, sig, smooth, wanet
 from ci_jax.attacks.base import (ALL_SOURCES, SELECTIONS, Attack, PoisonedSet, Target, TriggeredTest,
                                  poison_training_set, triggered_test_set, validate)
 from ci_jax.errors import unknown_name
@@ -17,6 +17,15 @@ REGISTRY: dict[str, type[Attack]] = {
     "pixel": pixel.Pixel,
     "patch": patch.Patch,
     "blend": blend.Blend,
+    "chessboard": additive.Chessboard,
+    "static": additive.Static,
+    "cross": additive.Cross,
+    "fourpixel": additive.FourPixel,
+    "sig": sig.SIG,
+    "wanet": wanet.WaNet,
+    "adaptive_blend": adaptive_blend.AdaptiveBlend,
+    "bpp": bpp.Bpp,
+    "smooth": smooth.Smooth,
 }
 NAMES: tuple[str, ...] = tuple(REGISTRY)
 
