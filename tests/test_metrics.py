@@ -20,6 +20,22 @@ def test_detection_hand_computed():
     assert out["precision"] == pytest.approx(2 / 3)
     # Poison scores 0.9, 0.8, 0.1 against 7 clean: 7 + 6 + 2 = 15 of 21 pairs ranked right.
     assert out["auc"] == pytest.approx(15 / 21)
+    # The counts behind the ratios.
+    assert (out["removed_poisons"], out["poisons"], out["removed_clean"], out["clean_images"]) == (2, 3, 1, 7)
+    assert set(out["denominators"]) == {"tpr", "fpr", "precision"}
+    assert "covers" not in out and "removed_per_class" not in out
+
+
+def test_detection_counts_covers_and_removals_per_class():
+    # Samples 3 and 5 are covers (triggered, true label kept): they count as clean for the FPR.
+    is_cover_N = np.zeros(10, bool)
+    is_cover_N[[3, 5]] = True
+    y_N = np.array([2, 2, 2, 0, 0, 1, 1, 1, 0, 0])
+    out = metrics.detection(IS_POISON_N, REMOVED_N, np.zeros(10), is_cover_N=is_cover_N, y_N=y_N)
+    assert out["covers"] == 2 and out["removed_covers"] == 1
+    assert out["fpr"] == pytest.approx(1 / 7)
+    assert out["removed_per_class"] == {"0": 0, "1": 1, "2": 2}
+    json.dumps(out)
 
 
 def test_detection_perfect_score_has_auc_one():
@@ -31,14 +47,18 @@ def test_detection_without_poisons():
     is_poison_N = np.zeros(10, bool)
     out = metrics.detection(is_poison_N, REMOVED_N, np.arange(10.0))
     assert out["auc"] is None
-    assert out["tpr"] == 0.0
+    assert out["tpr"] is None  # no poisons: TPR is undefined, not 0
     assert out["fpr"] == pytest.approx(3 / 10)
-    assert out["precision"] == 0.0
+    assert out["precision"] == 0.0  # 3 removed, none of them poisons
+    assert out["poisons"] == 0 and out["removed_poisons"] == 0
 
 
 def test_detection_nothing_removed_and_all_poison():
     out = metrics.detection(np.ones(4, bool), np.zeros(4, bool), np.zeros(4))
-    assert out == {"removed": 0, "tpr": 0.0, "fpr": 0.0, "precision": 0.0, "auc": None}
+    # No clean images: FPR undefined; nothing removed: precision undefined.
+    assert {k: out[k] for k in ("removed", "tpr", "fpr", "precision", "auc")} == \
+        {"removed": 0, "tpr": 0.0, "fpr": None, "precision": None, "auc": None}
+    assert (out["removed_poisons"], out["poisons"], out["removed_clean"], out["clean_images"]) == (0, 4, 0, 0)
 
 
 def test_detection_is_json_serialisable_plain_python():
@@ -47,6 +67,8 @@ def test_detection_is_json_serialisable_plain_python():
     assert type(out["removed"]) is int
     for key in ("tpr", "fpr", "precision", "auc"):
         assert type(out[key]) is float
+    for key in ("removed_poisons", "poisons", "removed_clean", "clean_images"):
+        assert type(out[key]) is int
 
 
 def test_detection_rejects_mismatched_lengths():
@@ -59,7 +81,8 @@ def test_accuracy_and_asr():
     y_N = np.array([0, 1, 2, 2, 0])
     assert metrics.accuracy(pred_N, y_N) == pytest.approx(0.6)
     assert metrics.attack_success_rate(pred_N, target=3) == pytest.approx(0.4)
-    assert metrics.attack_success_rate(np.array([], dtype=np.int32), target=3) == 0.0
+    assert metrics.attack_success_rate(np.array([], dtype=np.int32), target=3) is None  # no images
+    assert metrics.accuracy(np.array([], dtype=np.int32), np.array([], dtype=np.int32)) == 0.0
     assert type(metrics.accuracy(pred_N, y_N)) is float
     assert type(metrics.attack_success_rate(pred_N, 3)) is float
     json.dumps([metrics.accuracy(pred_N, y_N), metrics.attack_success_rate(pred_N, 3)])
