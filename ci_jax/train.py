@@ -173,7 +173,7 @@ class Trainer:
         x_BHWC = jax.lax.dynamic_slice_in_dim(x_NHWC, start, batch)
         x_BHWC = jax.lax.with_sharding_constraint(x_BHWC, self.sharded)
         logits_BK, feats_BD = model(x_BHWC)
-        return jnp.argmax(logits_BK, -1).astype(jnp.int32), feats_BD
+        return jnp.argmax(logits_BK, -1).astype(jnp.int32), feats_BD, logits_BK
 
     # -- training -------------------------------------------------------------------------------
     def epoch_indices(self, n: int, epoch: int) -> jax.Array:
@@ -215,8 +215,9 @@ class Trainer:
 
     # -- inference ------------------------------------------------------------------------------
     def predict(self, x_NHWC: np.ndarray | jax.Array, transform: Callable | None = None,
-                desc: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(pred_N, feats_ND) for every image, in fixed-size batches (the last one padded).
+                desc: str | None = None, logits: bool = False) -> tuple[np.ndarray, ...]:
+        """(pred_N, feats_ND) for every image, in fixed-size batches (the last one padded), and
+        logits_NK as well when `logits`.
 
         transform: an image filter applied first, image by image (no reduction over the batch).
         """
@@ -238,9 +239,8 @@ class Trainer:
             for i in tqdm(range(steps), desc=desc, leave=False, disable=desc is None):
                 outs.append(self._forward(self.model_state, x, i * b, b))
                 throttle(outs)
-            pred = jnp.concatenate([o[0] for o in outs])[:n]
-            feats = jnp.concatenate([o[1] for o in outs])[:n]
-            return _to_host(pred), _to_host(feats)
+            parts = range(3 if logits else 2)
+            return tuple(_to_host(jnp.concatenate([o[k] for o in outs])[:n]) for k in parts)
         except (jax.errors.JaxRuntimeError, MemoryError) as e:
             oom = _out_of_memory(e, "--eval.batch_size", b)
             if oom is None:

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from ci_jax.defenses import ac, ci, ss
+from ci_jax.defenses import ac, ci, scan, spectre, ss, strip
 from ci_jax.defenses.base import Defense, Reserve, Result, View
 from ci_jax.errors import unknown_name
 
@@ -19,6 +19,9 @@ REGISTRY: dict[str, type[Defense]] = {
     "ci": ci.CI,
     "ac": ac.AC,
     "ss": ss.SS,
+    "spectre": spectre.SPECTRE,
+    "scan": scan.SCAn,
+    "strip": strip.STRIP,
 }
 NAMES: tuple[str, ...] = tuple(REGISTRY)
 

@@ -53,6 +53,12 @@ class View:
     def cache_path(self, name: str) -> Path | None:
         return self.cache_dir / name if self.cache_dir is not None else None
 
+    def cached(self, name: str, compute: Callable[[], dict[str, np.ndarray]],
+               fits: Callable[[dict[str, np.ndarray]], bool] | None = None) -> dict[str, np.ndarray]:
+        """Arrays a defense computed from this baseline, once per baseline and `name` (which must
+        say everything they depend on), kept in NAME.npz."""
+        return cache.npz(self.cache_path(f"{_slug(name)}.npz"), f"{self.key}/{name}", compute, fits)
+
     def train_pass(self, name: str, transform: Callable) -> np.ndarray:
         """The baseline's decisions on every training image through `transform`, computed once
         per baseline and `name` (which must say everything that defines the transform), kept in
@@ -66,7 +72,7 @@ class View:
             return {"pred": pred_N}
 
         fits = lambda a: a["pred"].shape == (n,) and _in_classes(a["pred"], self.num_classes)
-        return cache.npz(self.cache_path(f"pass-{_slug(name)}.npz"), f"{self.key}/{name}", compute, fits)["pred"]
+        return self.cached(f"pass-{name}", compute, fits)["pred"]
 
     def poisons_in(self, idx: np.ndarray) -> dict[str, int]:
         """{"poisons": n} for a report entry, or nothing when the ground truth is unknown."""
