@@ -148,21 +148,23 @@ def check_value(leaf: Leaf, v: Any) -> Any:
     low = meta["low"] if meta["low"] is not None else (-INT_MAX - 1 if kind is int else -math.inf)
     high = meta["high"] if meta["high"] is not None else (INT_MAX if kind is int else math.inf)
     if v < low or (meta["low_open"] and v == low) or v > high:
-        text = range_text(meta) or f"from {low} to {high}"
+        # Past an int field's implicit int32 bound, state that bound ("must be >= 0" would not fit).
+        stated = range_text(meta) if v <= high or meta["high"] is not None else None
+        text = stated or f"from {low} to {high}"
         raise UserError(f"{where}: must be {text}")
     return v
 
 
-def validate(obj: Any) -> None:
+def validate(obj: Any, prefix: str = "") -> None:
     """Checks every leaf of a section instance, then each section's own `check()` (cross-field
-    rules), innermost first."""
+    rules), innermost first. `prefix`: the section's own dotted path, which messages name."""
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         if is_section(hints(type(obj))[f.name]):
-            validate(value)
+            validate(value, f"{prefix}{f.name}.")
     for leaf in leaves(type(obj)):
         if "." not in leaf.path:
-            check_value(leaf, getattr(obj, leaf.path))
+            check_value(dataclasses.replace(leaf, path=prefix + leaf.path), getattr(obj, leaf.path))
     check = getattr(obj, "check", None)
     if check is not None:
         check()
@@ -217,9 +219,10 @@ def _nearest_first(path: str, paths: Mapping[str, Leaf]) -> list[str]:
     return listed[:12] + (["..."] if len(listed) > 12 else [])
 
 
-def replace(obj: Any, flat: Mapping[str, Any]) -> Any:
+def replace(obj: Any, flat: Mapping[str, Any], prefix: str = "") -> Any:
     """A copy of a section instance with the dotted paths in `flat` set (values normalised and
-    checked one by one; cross-field checks are `validate`'s)."""
+    checked one by one; cross-field checks are `validate`'s). `prefix`: the section's own dotted
+    path, which messages name."""
     paths = leaf_map(type(obj))
     by_head: dict[str, dict[str, Any]] = {}
     direct: dict[str, Any] = {}
@@ -230,9 +233,9 @@ def replace(obj: Any, flat: Mapping[str, Any]) -> Any:
         if rest:
             by_head.setdefault(head, {})[rest] = v
         else:
-            direct[head] = check_value(paths[path], v)
+            direct[head] = check_value(dataclasses.replace(paths[path], path=prefix + path), v)
     for head, sub in by_head.items():
-        direct[head] = replace(getattr(obj, head), sub)
+        direct[head] = replace(getattr(obj, head), sub, f"{prefix}{head}.")
     return dataclasses.replace(obj, **direct)
 
 
