@@ -1,14 +1,17 @@
-"""Config: presets, validation of every field (types, ranges, names), round trip, fingerprint."""
+"""Config: presets, validation of every field (types, ranges, names), round trip, model keys."""
 
 import dataclasses
+import re
 from datetime import timedelta
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ci_jax import config, poison
+from ci_jax import attacks, config, data, defenses, filters, models
+from ci_jax import settings as settings_lib
 from ci_jax.config import Config
+from ci_jax.defenses import ac, ci, gmm
 from ci_jax.errors import UserError
 
 # --- presets -----------------------------------------------------------------------------------
@@ -22,35 +25,56 @@ def test_presets_exist_and_validate():
         config.validate(cfg)  # no exception
 
 
+def test_default_preset_is_the_config_defaults():
+    assert config.PRESETS["default"] == {}
+    assert config.preset("default") == Config()
+
+
 def test_default_preset_is_the_seed_attack_with_the_threshold_rule():
     cfg = config.preset("default")
-    assert (cfg.model, cfg.source, cfg.target, cfg.n_poison, cfg.amplitude) == ("resnet20", 0, 2, 1000, 0.25)
-    assert (cfg.trigger_row, cfg.trigger_col, cfg.clip) == (18, 24, False)
-    assert (cfg.rule, cfg.tau, cfg.bic_search) == ("threshold", 0.5, "ascent")
+    a, px = cfg.attack, cfg.attack.pixel
+    assert (cfg.train.model, a.name, a.source, a.target, a.n_poison, px.amplitude) == \
+        ("resnet20", "pixel", 0, 2, 1000, 0.25)
+    assert (px.row, px.col, px.clip) == (18, 24, False)
+    c = cfg.defense.ci
+    assert (cfg.defense.name, c.rule, c.tau, c.bic_search) == ("ci", "threshold", 0.5, "ascent")
+    assert c.filters == ("median3",)
 
 
 def test_seed_preset_has_the_notebook_settings():
     cfg = config.preset("seed")
-    assert cfg.model == "resnet20"
-    assert cfg.batch_size == 32
-    assert cfg.optimizer == "sgd"
-    assert cfg.lr == 0.01
-    assert cfg.momentum == 0.9
-    assert cfg.epochs == 10
-    assert cfg.bic_search == "sweep"
-    assert cfg.k_max == 10
-    assert cfg.rule == "top1"
+    t, c = cfg.train, cfg.defense.ci
+    assert t.model == "resnet20"
+    assert t.batch_size == 32
+    assert t.optimizer == "sgd"
+    assert t.lr == 0.01
+    assert t.momentum == 0.9
+    assert t.epochs == 10
+    assert t.schedule == "constant"
+    assert c.filters == ("mean2",)  # the authors' 2x2 mean
+    assert c.bic_search == "sweep"
+    assert c.k_max == 10
+    assert c.reg_covar == 1e-6
+    assert c.rule == "top1"
 
 
 def test_fast_preset_uses_the_small_cnn():
-    assert config.preset("fast").model == "cnn"
+    assert config.preset("fast").train.model == "cnn"
 
 
 def test_preset_overrides_are_applied_and_validated():
-    cfg = config.preset("seed", tau=0.25, k_max=4)
-    assert (cfg.tau, cfg.k_max, cfg.rule) == (0.25, 4, "top1")
+    cfg = config.preset("seed", {"defense.ci.tau": 0.25, "defense.ci.k_max": 4})
+    assert (cfg.defense.ci.tau, cfg.defense.ci.k_max, cfg.defense.ci.rule) == (0.25, 4, "top1")
     with pytest.raises(UserError, match="k_max"):
-        config.preset("seed", k_max=0)
+        config.preset("seed", {"defense.ci.k_max": 0})
+
+
+def test_preset_overrides_may_nest_sections():
+    nested = config.preset("seed", {"defense": {"ci": {"tau": 0.25}}, "train": {"epochs": 2}})
+    dotted = config.preset("seed", {"defense.ci.tau": 0.25, "train.epochs": 2})
+    mixed = config.preset("seed", {"defense.ci": {"tau": 0.25}, "train": {"epochs": 2}})
+    assert nested == dotted == mixed
+    assert nested.train.batch_size == 32  # the rest of the preset stays
 
 
 def test_unknown_preset_is_a_user_error_listing_the_presets():
@@ -63,11 +87,20 @@ def test_unknown_preset_is_a_user_error_listing_the_presets():
 # --- unknown fields and types ------------------------------------------------------------------
 
 
-def test_unknown_field_is_a_user_error_naming_it():
-    with pytest.raises(UserError, match="n_poisons"):
-        config.replace(Config(), n_poisons=10)
+def test_unknown_field_is_a_user_error_naming_it_and_the_nearest():
+    with pytest.raises(UserError, match="n_poisons.*did you mean 'attack.n_poison'"):
+        config.replace(Config(), {"attack.n_poisons": 10})
     with pytest.raises(UserError, match="bogus_field"):
-        config.preset("default", bogus_field=1)
+        config.preset("default", {"bogus_field": 1})
+    with pytest.raises(UserError, match="'defense.ci.tua': did you mean 'defense.ci.tau'"):
+        config.preset("default", {"defense": {"ci": {"tua": 1}}})
+
+
+def test_a_section_given_a_value_or_a_field_given_twice_is_a_user_error():
+    with pytest.raises(UserError, match="defense.ci is a section"):
+        config.from_dict({"defense": {"ci": 0.5}})
+    with pytest.raises(UserError, match="defense.ci.tau is given twice"):
+        config.from_dict({"defense": {"ci": {"tau": 0.5}}, "defense.ci.tau": 0.3})
 
 
 def test_user_error_is_a_value_error():
@@ -75,108 +108,180 @@ def test_user_error_is_a_value_error():
     assert issubclass(UserError, ValueError)
 
 
+def _named(field):
+    """A message that names the dotted path as a whole word."""
+    return rf"(?<![\w.]){re.escape(field)}(?![\w.])"
+
+
 @pytest.mark.parametrize("field, value", [
-    ("k_max", "3"),          # str for int
-    ("epochs", 1.5),         # float for int
-    ("batch_size", True),    # bool for int
-    ("n_poison", 10.0),      # a whole float is still not an int
+    ("defense.ci.k_max", "3"),          # str for int
+    ("train.epochs", 1.5),              # float for int
+    ("train.batch_size", True),         # bool for int
+    ("attack.n_poison", 10.0),          # a whole float is still not an int
     ("seed", None),
-    ("tau", "0.5"),          # str for float
-    ("amplitude", False),    # bool for float
-    ("clip", 1),             # int for bool
-    ("nesterov", "yes"),
-    ("dataset", 3),          # int for str
-    ("filter", None),
+    ("defense.ci.tau", "0.5"),          # str for float
+    ("attack.pixel.amplitude", False),  # bool for float
+    ("attack.pixel.clip", 1),           # int for bool
+    ("train.nesterov", "yes"),
+    ("data.dataset", 3),                # int for str
+    ("defense.ci.filters", None),
+    ("defense.ci.filters", "median3"),  # a name, not a list of names
+    ("defense.ci.filters", []),
+    ("defense.ci.filters", ["median3", 3]),
 ])
 def test_wrong_type_is_a_user_error_naming_the_field(field, value):
-    with pytest.raises(UserError, match=rf"\b{field}\b"):
-        config.replace(Config(), **{field: value})
+    with pytest.raises(UserError, match=_named(field)):
+        config.replace(Config(), {field: value})
 
 
-@pytest.mark.parametrize("field, value", [("tau", 1), ("amplitude", 1), ("lr", 1)])
+@pytest.mark.parametrize("field, value", [("defense.ci.tau", 1), ("attack.pixel.amplitude", 1), ("train.lr", 1)])
 def test_int_is_accepted_for_a_float_field(field, value):
-    assert getattr(config.replace(Config(), **{field: value}), field) == value
+    got = settings_lib.get(config.replace(Config(), {field: value}), field)
+    assert got == value and type(got) is float
 
 
 @pytest.mark.parametrize("field, value", [
-    ("amplitude", float("nan")), ("tau", float("inf")), ("lr", float("-inf"))])
+    ("attack.pixel.amplitude", float("nan")), ("defense.ci.tau", float("inf")), ("train.lr", float("-inf"))])
 def test_non_finite_float_is_a_user_error_naming_the_field(field, value):
-    with pytest.raises(UserError, match=field):
-        config.replace(Config(), **{field: value})
+    with pytest.raises(UserError, match=_named(field)):
+        config.replace(Config(), {field: value})
 
 
 # --- ranges ------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("field, value", [
-    ("amplitude", -0.25),
-    ("amplitude", 0.0),
-    ("k_max", 0),
-    ("k_max", -1),
-    ("tau", -0.1),
-    ("batch_size", 0),
-    ("eval_batch_size", 0),
-    ("epochs", 0),
-    ("n_poison", -1),
-    ("lr", 0.0),
-    ("reg_covar", 0.0),
-    ("weight_decay", -1e-4),
-    ("momentum", -0.5),
-    ("filter_param", -1.0),
+    ("attack.pixel.amplitude", -0.25),
+    ("attack.pixel.amplitude", 0.0),
+    ("defense.ci.k_max", 0),
+    ("defense.ci.k_max", -1),
+    ("defense.ci.tau", -0.1),
+    ("train.batch_size", 0),
+    ("eval.batch_size", 0),
+    ("eval.reserve", -1),
+    ("train.epochs", 0),
+    ("attack.n_poison", -1),
+    ("attack.source", -2),
+    ("train.lr", 0.0),
+    ("defense.ci.reg_covar", 0.0),
+    ("train.weight_decay", -1e-4),
+    ("train.momentum", -0.5),
+    ("train.momentum", 1.5),
+    ("defense.ci.gaussian_sigma", -1.0),
+    ("defense.ci.gaussian_sigma", 0.0),  # no "0 means the default" any more
+    ("defense.ci.noise_width", 0.0),
+    ("defense.ci.noise_width", 1.5),
+    ("defense.ci.quant_levels", 1),
+    ("defense.ci.alpha", 0.0),
+    ("attack.blend.alpha", 1.5),
+    ("attack.patch.size", 0),
+    ("defense.ac.size", 0.0),
+    ("defense.ac.silhouette", -1.5),
+    ("defense.ss.eps", 0.7),
 ])
 def test_out_of_range_is_a_user_error_naming_the_field(field, value):
-    with pytest.raises(UserError, match=rf"\b{field}\b"):
-        config.replace(Config(), **{field: value})
+    with pytest.raises(UserError, match=_named(field)):
+        config.replace(Config(), {field: value})
 
 
 @pytest.mark.parametrize("field, value", [
-    ("n_poison", 0), ("tau", 0.0), ("k_max", 1), ("weight_decay", 0.0), ("momentum", 0.0),
-    ("filter_param", 0.0)])
+    ("attack.n_poison", 0), ("defense.ci.tau", 0.0), ("defense.ci.k_max", 1), ("train.weight_decay", 0.0),
+    ("train.momentum", 0.0), ("train.momentum", 1.0), ("defense.ci.noise_width", 1.0),
+    ("defense.ci.quant_levels", 2), ("defense.ci.quant_levels", 256), ("attack.source", -1),
+    ("attack.blend.alpha", 1.0), ("eval.reserve", 0), ("defense.ac.silhouette", -1.0)])
 def test_range_boundaries_that_are_allowed(field, value):
-    assert getattr(config.replace(Config(), **{field: value}), field) == value
+    assert settings_lib.get(config.replace(Config(), {field: value}), field) == value
 
 
 # --- names -------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("field, value, choices", [
-    ("model", "vgg16", ("resnet20", "cnn")),
-    ("dataset", "svhn", ("mnist", "fashion_mnist", "cifar10")),
-    ("filter", "blur", config.FILTERS),
-    ("rule", "top2", config.RULES),
-    ("bic_search", "grid", config.BIC_SEARCHES),
-    ("covariance", "banded", config.COVARIANCES),
-    ("optimizer", "rmsprop", config.OPTIMIZERS),
-    ("schedule", "step", config.SCHEDULES),
-    ("selection", "last", config.SELECTIONS),
-    ("trigger", "sticker", poison.TRIGGERS),
+    ("train.model", "vgg16", models.MODELS),
+    ("data.dataset", "svhn", data.DATASETS),
+    ("defense.ci.filters", ["blur"], filters.FILTERS),
+    ("defense.ci.rule", "top2", ci.RULES),
+    ("defense.ci.bic_search", "grid", gmm.BIC_SEARCHES),
+    ("defense.ci.covariance", "banded", gmm.COVARIANCES),
+    ("defense.ac.reduce", "lda", ("pca", "ica")),
+    ("train.optimizer", "rmsprop", config.OPTIMIZERS),
+    ("train.schedule", "step", config.SCHEDULES),
+    ("attack.selection", "last", attacks.SELECTIONS),
+    ("attack.name", "sticker", attacks.NAMES),
+    ("defense.name", "sticker", defenses.NAMES),
 ])
 def test_unknown_name_is_a_user_error_listing_the_choices(field, value, choices):
     with pytest.raises(UserError) as e:
-        config.replace(Config(), **{field: value})
+        config.replace(Config(), {field: value})
     msg = str(e.value)
-    assert repr(value) in msg
+    assert field in msg
+    assert repr(value[0] if isinstance(value, list) else value) in msg
     for choice in choices:
         assert choice in msg
 
 
-@pytest.mark.parametrize("name", config.FILTERS)
+def test_unknown_name_suggests_the_nearest():
+    with pytest.raises(UserError, match="did you mean 'median3'"):
+        config.replace(Config(), {"defense.ci.filters": ["mediam3"]})
+    with pytest.raises(UserError, match="did you mean 'resnet20'"):
+        config.replace(Config(), {"train.model": "resnet02"})
+
+
+@pytest.mark.parametrize("name", filters.FILTERS)
 def test_every_filter_is_accepted(name):
-    assert config.replace(Config(), filter=name).filter == name
+    assert config.replace(Config(), {"defense.ci.filters": [name]}).defense.ci.filters == (name,)
+
+
+def test_a_filter_bank_keeps_its_order_and_refuses_a_repeat():
+    bank = config.replace(Config(), {"defense.ci.filters": ["mean2", "median3", "noise"]}).defense.ci.filters
+    assert bank == ("mean2", "median3", "noise")
+    with pytest.raises(UserError, match="defense.ci.filters.*twice"):
+        config.replace(Config(), {"defense.ci.filters": ["mean2", "mean2"]})
+
+
+@pytest.mark.parametrize("name", attacks.NAMES)
+def test_every_attack_is_accepted_and_has_its_own_section(name):
+    cfg = config.replace(Config(), {"attack.name": name})
+    cls = attacks.REGISTRY[name]
+    if cls.Settings is None:
+        assert cfg.attack_settings() is None
+    else:
+        assert isinstance(cfg.attack_settings(), cls.Settings)
+        assert cfg.attack_settings() is getattr(cfg.attack, name)
+
+
+@pytest.mark.parametrize("name", defenses.NAMES)
+def test_every_defense_is_accepted_and_has_its_own_section(name):
+    cls = defenses.REGISTRY[name]
+    cfg = config.replace(Config(), {"defense.name": name, "eval.reserve": 100 if cls.needs_reserve else 0})
+    assert isinstance(cfg.defense_settings(), cls.Settings)
+
+
+def test_a_defense_that_needs_held_out_images_asks_for_a_reserve(monkeypatch):
+    monkeypatch.setattr(ci.CI, "needs_reserve", True)
+    with pytest.raises(UserError, match="defense ci needs clean images.*--eval.reserve"):
+        config.replace(Config(), {"defense.name": "ci"})
+    assert config.replace(Config(), {"eval.reserve": 100}).eval.reserve == 100
 
 
 def test_source_equal_to_target_is_a_user_error():
-    with pytest.raises(UserError, match="source and target"):
-        config.replace(Config(), source=3, target=3)
-    with pytest.raises(UserError, match="source and target"):
-        config.replace(Config(), target=Config().source)
+    with pytest.raises(UserError, match="attack.source and attack.target are both class 3"):
+        config.replace(Config(), {"attack.source": 3, "attack.target": 3})
+    with pytest.raises(UserError, match="attack.source and attack.target"):
+        config.replace(Config(), {"attack.target": Config().attack.source})
 
 
 def test_validate_rejects_a_config_built_directly():
     # dataclasses.replace skips validation; config.validate still catches the bad value.
-    bad = dataclasses.replace(Config(), k_max=0)
-    with pytest.raises(UserError, match="k_max"):
+    cfg = Config()
+    bad_ci = dataclasses.replace(cfg.defense.ci, k_max=0)
+    bad = dataclasses.replace(cfg, defense=dataclasses.replace(cfg.defense, ci=bad_ci))
+    with pytest.raises(UserError, match="defense.ci.k_max"):
         config.validate(bad)
+    # ... and the cross-field checks of the sections.
+    bad_attack = dataclasses.replace(cfg, attack=dataclasses.replace(cfg.attack, target=0))
+    with pytest.raises(UserError, match="attack.source and attack.target"):
+        config.validate(bad_attack)
 
 
 # --- serialization -----------------------------------------------------------------------------
@@ -184,130 +289,170 @@ def test_validate_rejects_a_config_built_directly():
 
 @pytest.mark.parametrize("name", ["default", "seed", "fast"])
 def test_to_dict_from_dict_round_trip(name):
-    cfg = config.preset(name, tau=0.3, filter="gaussian", filter_param=1.5, clip=True)
+    cfg = config.preset(name, {"defense.ci.tau": 0.3, "defense.ci.filters": ["gaussian", "median3"],
+                               "defense.ci.gaussian_sigma": 1.5, "attack.pixel.clip": True})
     d = config.to_dict(cfg)
     assert isinstance(d, dict)
     assert set(d) == {f.name for f in dataclasses.fields(Config)}
+    assert d["defense"]["ci"]["filters"] == ["gaussian", "median3"]  # a list: JSON-ready
+    assert {"pixel", "patch", "blend"} <= set(d["attack"])  # every attack's section
     assert config.from_dict(d) == cfg
 
 
 def test_to_dict_is_json_serializable_and_round_trips_through_json():
     import json
 
-    cfg = config.preset("seed", n_poison=7)
+    cfg = config.preset("seed", {"attack.n_poison": 7})
     assert config.from_dict(json.loads(json.dumps(config.to_dict(cfg)))) == cfg
+
+
+def test_from_dict_of_dotted_paths():
+    assert config.from_dict({"defense.ci.tau": 0.3, "seed": 4}) == \
+        config.replace(Config(), {"defense.ci.tau": 0.3, "seed": 4})
 
 
 def test_from_dict_validates():
     with pytest.raises(UserError, match="unknown_key"):
         config.from_dict({"unknown_key": 1})
-    with pytest.raises(UserError, match="tau"):
-        config.from_dict({"tau": -1.0})
+    with pytest.raises(UserError, match="defense.ci.tau"):
+        config.from_dict({"defense": {"ci": {"tau": -1.0}}})
 
 
 def test_config_is_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
-        Config().tau = 0.1  # type: ignore[misc]
+        Config().seed = 1  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Config().defense.ci.tau = 0.1  # type: ignore[misc]
 
 
-# --- fingerprint -------------------------------------------------------------------------------
+def test_differences_lists_dotted_paths():
+    a = Config()
+    b = config.replace(a, {"train.lr": 0.01, "defense.ci.tau": 0.3})
+    assert config.differences(a, b) == ["train.lr", "defense.ci.tau"]
+    assert config.differences(a, a) == []
 
 
-def _fp(cfg):
-    return config.fingerprint(cfg, config.TRAIN_FIELDS)
+# --- what identifies a trained model ---------------------------------------------------------
 
 
-def test_train_fields_are_config_fields_and_exclude_the_defense():
-    names = {f.name for f in dataclasses.fields(Config)}
-    assert set(config.TRAIN_FIELDS) <= names
-    for defense_field in ("filter", "filter_param", "tau", "rule", "k_max", "bic_search",
-                          "covariance", "reg_covar", "eval_batch_size"):
-        assert defense_field not in config.TRAIN_FIELDS
+def _key(cfg, data_hash="data"):
+    return config.model_key(cfg, data_hash)
 
 
-def test_fingerprint_is_stable_short_hex():
-    fp = _fp(Config())
-    assert fp == _fp(Config()) == _fp(config.preset("default"))
-    assert len(fp) == 16
-    int(fp, 16)
+def test_model_identity_is_the_seed_data_training_and_the_chosen_attack():
+    ident = config.model_identity(Config())
+    assert set(ident) == {"seed", "data", "attack", "train"}
+    assert ident["attack"]["name"] == "pixel" and "pixel" in ident["attack"]
+    assert not {"patch", "blend", "none"} & set(ident["attack"])  # attacks not chosen
+    none = config.model_identity(config.replace(Config(), {"attack.name": "none"}))
+    assert set(none["attack"]) == {"name", "source", "target", "n_poison", "selection"}
 
 
-def test_fingerprint_ignores_defense_fields():
+def test_model_key_is_stable_short_hex():
+    key = _key(Config())
+    assert key == _key(Config()) == _key(config.preset("default"))
+    assert len(key) == 16
+    int(key, 16)
+
+
+def test_model_key_ignores_defense_and_eval_fields():
     base = Config()
-    changed = config.replace(base, filter="median3", tau=2.0, rule="top1", k_max=3,
-                             bic_search="sweep", covariance="diag", reg_covar=1e-4,
-                             filter_param=0.5, eval_batch_size=64)
-    assert _fp(changed) == _fp(base)
+    changed = config.replace(base, {
+        "defense.name": "ss", "defense.retrain": False, "defense.ci.filters": ["mean3", "noise"],
+        "defense.ci.tau": 2.0, "defense.ci.rule": "top1", "defense.ci.k_max": 3,
+        "defense.ci.bic_search": "sweep", "defense.ci.covariance": "diag", "defense.ci.reg_covar": 1e-4,
+        "defense.ci.gaussian_sigma": 0.5, "defense.ac.dims": 3, "defense.ss.eps": 0.2,
+        "eval.batch_size": 128, "eval.reserve": 500})
+    assert _key(changed) == _key(base)
+
+
+def test_model_key_ignores_the_settings_of_attacks_not_chosen():
+    base = Config()
+    assert _key(config.replace(base, {"attack.patch.size": 5, "attack.blend.alpha": 0.5})) == _key(base)
+    patch = config.replace(base, {"attack.name": "patch"})
+    assert _key(config.replace(patch, {"attack.pixel.amplitude": 0.5})) == _key(patch)
+    assert _key(config.replace(patch, {"attack.patch.size": 5})) != _key(patch)
 
 
 @pytest.mark.parametrize("field, value", [
-    ("lr", 0.01), ("seed", 1), ("n_poison", 500), ("epochs", 2), ("model", "cnn"),
-    ("trigger_row", 3), ("amplitude", 0.5), ("source", 1), ("batch_size", 64)])
-def test_fingerprint_changes_with_training_fields(field, value):
+    ("train.lr", 0.01), ("seed", 1), ("attack.n_poison", 500), ("train.epochs", 2), ("train.model", "cnn"),
+    ("attack.pixel.row", 3), ("attack.pixel.amplitude", 0.5), ("attack.pixel.clip", True), ("attack.source", 1),
+    ("attack.target", 3), ("attack.selection", "random"), ("attack.name", "patch"), ("train.batch_size", 64),
+    ("train.optimizer", "sgd"), ("train.schedule", "cosine"), ("data.dataset", "fashion_mnist")])
+def test_model_key_changes_with_training_fields(field, value):
     base = Config()
-    assert getattr(base, field) != value
-    assert _fp(config.replace(base, **{field: value})) != _fp(base)
+    assert settings_lib.get(base, field) != value
+    assert _key(config.replace(base, {field: value})) != _key(base)
 
 
-def test_fingerprint_depends_only_on_the_given_fields():
-    a, b = Config(), config.replace(Config(), seed=1)
-    assert config.fingerprint(a, ("tau",)) == config.fingerprint(b, ("tau",))
-    assert config.fingerprint(a, ("seed",)) != config.fingerprint(b, ("seed",))
+def test_model_key_changes_with_the_data():
+    assert _key(Config(), "a") != _key(Config(), "b")
 
 
-def test_fingerprint_same_for_int_and_float_spelling_of_a_float_field():
-    a = config.replace(Config(), amplitude=1)      # e.g. {"amplitude": 1} in --config
-    b = config.replace(Config(), amplitude=1.0)    # e.g. --amplitude 1
+def test_fingerprint_is_of_the_value_not_its_spelling():
+    assert config.fingerprint({"a": 1, "b": [2, 3]}) == config.fingerprint({"b": (2, 3), "a": 1})
+    assert config.fingerprint({"a": 1}) != config.fingerprint({"a": 2})
+    assert len(config.fingerprint(config.to_dict(Config()))) == 16
+
+
+def test_model_key_same_for_int_and_float_spelling_of_a_float_field():
+    a = config.replace(Config(), {"attack.pixel.amplitude": 1})    # e.g. {"amplitude": 1} in --config
+    b = config.replace(Config(), {"attack.pixel.amplitude": 1.0})  # e.g. --attack.pixel.amplitude 1
     assert a == b
-    assert _fp(a) == _fp(b)
+    assert _key(a) == _key(b)
+    assert config.to_dict(a) == config.to_dict(b)
 
 
 # --- wrong types and ranges, exhaustively: only UserError, naming the field ----------------------
 
 
 @pytest.mark.parametrize("field, value", [
-    ("k_max", [3]), ("tau", {"value": 0.5}), ("lr", None), ("batch_size", "32"),
-    ("seed", 1.0), ("amplitude", "0.25"), ("epochs", [])])
+    ("defense.ci.k_max", [3]), ("defense.ci.tau", {"value": 0.5}), ("train.lr", None),
+    ("train.batch_size", "32"), ("seed", 1.0), ("attack.pixel.amplitude", "0.25"), ("train.epochs", []),
+    ("defense.ci.filters", "mean2")])
 def test_wrong_type_message_says_what_was_expected(field, value):
-    with pytest.raises(UserError, match=rf"\b{field}\b.*expected") as e:
-        config.replace(Config(), **{field: value})
-    assert type(value).__name__ in str(e.value)
+    with pytest.raises(UserError, match=_named(field) + ".*expected") as e:
+        config.replace(Config(), {field: value})
+    if field != "defense.ci.filters":
+        assert type(value).__name__ in str(e.value)
 
 
 @pytest.mark.parametrize("field, value, expected", [
-    ("k_max", 0, "from 1 to 2147483647"), ("batch_size", 0, "from 1 to"), ("tau", -0.1, ">= 0"),
-    ("amplitude", -1, "> 0"),
-    ("seed", -1, "from 0 to"), ("filter_param", 1e6, "from 0.0 to 100.0")])
+    ("defense.ci.k_max", 0, "from 1 to 1000"), ("train.batch_size", 0, ">= 1"), ("defense.ci.tau", -0.1, ">= 0"),
+    ("attack.pixel.amplitude", -1, "> 0"), ("seed", -1, ">= 0"), ("defense.ci.noise_width", 2.0, "> 0.0 and <= 1.0"),
+    ("train.momentum", 2.0, "from 0.0 to 1.0"),
+    # Beyond int32: the implicit bound is the one stated.
+    ("seed", 2**31, "from 0 to 2147483647"), ("train.batch_size", 2**40, "from 1 to 2147483647")])
 def test_out_of_range_message_gives_the_range(field, value, expected):
-    with pytest.raises(UserError, match=rf"\b{field}\b") as e:
-        config.replace(Config(), **{field: value})
+    with pytest.raises(UserError, match=_named(field)) as e:
+        config.replace(Config(), {field: value})
     assert expected in str(e.value)
 
 
 @pytest.mark.parametrize("field, value", [
-    ("seed", 2**31), ("k_max", 10**30), ("batch_size", 2**64), ("trigger_row", -(10**20)),
-    ("source", 10**12),
-    ("tau", 10**400),          # finite int, but no float holds it: float() would overflow
-    ("lr", -(10**400)),
-    ("n_poison", 10**5000),    # more digits than str(int) converts: even repr() would raise
-    ("amplitude", 10**5000)], ids=lambda v: v if isinstance(v, str) else f"{v.bit_length()}bits")
+    ("seed", 2**31), ("defense.ci.k_max", 10**30), ("train.batch_size", 2**64), ("attack.pixel.row", -(10**20)),
+    ("attack.source", 10**12),
+    ("defense.ci.tau", 10**400),          # finite int, but no float holds it: float() would overflow
+    ("train.lr", -(10**400)),
+    ("attack.n_poison", 10**5000),        # more digits than str(int) converts: even repr() would raise
+    ("attack.pixel.amplitude", 10**5000)], ids=lambda v: v if isinstance(v, str) else f"{v.bit_length()}bits")
 def test_huge_int_is_a_user_error_naming_the_field(field, value):
-    with pytest.raises(UserError, match=rf"\b{field}\b") as e:
-        config.replace(Config(), **{field: value})
+    with pytest.raises(UserError, match=_named(field)) as e:
+        config.replace(Config(), {field: value})
     assert len(str(e.value)) < 300
 
 
 def test_largest_allowed_int():
-    assert config.replace(Config(), seed=config.INT_MAX).seed == config.INT_MAX
+    assert config.replace(Config(), {"seed": settings_lib.INT_MAX}).seed == 2**31 - 1
 
 
 def test_long_string_value_is_shortened_in_the_message():
-    with pytest.raises(UserError, match="model") as e:
-        config.replace(Config(), model="x" * 10_000)
+    with pytest.raises(UserError, match="train.model") as e:
+        config.replace(Config(), {"train.model": "x" * 10_000})
     assert len(str(e.value)) < 300
 
 
-@pytest.mark.parametrize("d", [[("tau", 0.5)], "tau=0.5", None, 3])
+@pytest.mark.parametrize("d", [[("seed", 1)], "seed=1", None, 3])
 def test_from_dict_of_a_non_mapping_is_a_user_error(d):
     with pytest.raises(UserError, match="mapping"):
         config.from_dict(d)
@@ -317,26 +462,34 @@ def test_from_dict_with_a_non_string_key_is_a_user_error():
     with pytest.raises(UserError, match="field"):
         config.from_dict({1: 2})
     with pytest.raises(UserError, match="field"):
-        config.from_dict({None: "x", "tau": 0.5})
+        config.from_dict({None: "x", "seed": 1})
+    with pytest.raises(UserError, match="field"):
+        config.from_dict({"defense": {"ci": {3: 0.5}}})
 
 
 # --- load_file -----------------------------------------------------------------------------------
 
 
 def test_load_json_and_yaml_files(tmp_path):
-    (tmp_path / "a.json").write_text('{"tau": 0.3, "model": "cnn"}')
-    (tmp_path / "b.yaml").write_text("# comment\ntau: 0.3\nmodel: cnn\nclip: true\n")
-    (tmp_path / "c.YML").write_text("tau: 0.3\n")
-    assert config.load_file(tmp_path / "a.json") == {"tau": 0.3, "model": "cnn"}
-    assert config.load_file(tmp_path / "b.yaml") == {"tau": 0.3, "model": "cnn", "clip": True}
-    assert config.load_file(str(tmp_path / "c.YML")) == {"tau": 0.3}
+    (tmp_path / "a.json").write_text('{"defense": {"ci": {"tau": 0.3}}, "train.model": "cnn"}')
+    (tmp_path / "b.yaml").write_text("# comment\ndefense:\n  ci: {tau: 0.3}\ntrain.model: cnn\n"
+                                     "attack.pixel.clip: true\n")
+    (tmp_path / "c.YML").write_text("defense.ci.tau: 0.3\n")
+    assert config.load_file(tmp_path / "a.json") == {"defense": {"ci": {"tau": 0.3}}, "train.model": "cnn"}
+    assert config.load_file(tmp_path / "b.yaml") == {"defense": {"ci": {"tau": 0.3}}, "train.model": "cnn",
+                                                     "attack.pixel.clip": True}
+    assert config.load_file(str(tmp_path / "c.YML")) == {"defense.ci.tau": 0.3}
+    # Each is a valid config: nested sections and dotted paths mean the same.
+    cfgs = [config.from_dict(config.load_file(tmp_path / n)) for n in ("a.json", "b.yaml", "c.YML")]
+    assert {c.defense.ci.tau for c in cfgs} == {0.3}
+    assert cfgs[0].train.model == "cnn" and cfgs[1].attack.pixel.clip
 
 
 def test_yaml_exponent_without_a_dot_is_a_float(tmp_path):
     # PyYAML alone reads `1e-3` as the string '1e-3' (YAML 1.1 wants `1.0e-3`).
-    (tmp_path / "c.yaml").write_text("lr: 1e-3\nreg_covar: 2E+1\nseed: 7\nmodel: 1e3x\n")
+    (tmp_path / "c.yaml").write_text("train.lr: 1e-3\ndefense.ci.reg_covar: 2E+1\nseed: 7\ntrain.model: 1e3x\n")
     d = config.load_file(tmp_path / "c.yaml")
-    assert d == {"lr": 1e-3, "reg_covar": 20.0, "seed": 7, "model": "1e3x"}
+    assert d == {"train.lr": 1e-3, "defense.ci.reg_covar": 20.0, "seed": 7, "train.model": "1e3x"}
     assert type(d["seed"]) is int
     import yaml
 
@@ -344,8 +497,9 @@ def test_yaml_exponent_without_a_dot_is_a_float(tmp_path):
 
 
 def _load_error(path) -> str:
+    """The one-line UserError naming the file that loading `path` as a config gives."""
     with pytest.raises(UserError) as e:
-        config.load_file(path)
+        config.from_dict(config.load_file(path), f"config file {path}")
     msg = str(e.value)
     assert str(path) in msg and "\n" not in msg
     return msg
@@ -354,26 +508,35 @@ def _load_error(path) -> str:
 def test_load_file_missing_unreadable_or_wrong_extension(tmp_path):
     assert "cannot read" in _load_error(tmp_path / "nope.yaml")
     (tmp_path / "dir.json").mkdir()
-    assert "cannot read" in _load_error(tmp_path / "dir.json")
-    (tmp_path / "cfg.toml").write_text("tau = 0.5")
+    assert "not a regular file" in _load_error(tmp_path / "dir.json")
+    (tmp_path / "cfg.toml").write_text("seed = 1")
     assert ".toml" in _load_error(tmp_path / "cfg.toml")
 
 
 def test_invalid_json_gives_the_line(tmp_path):
-    (tmp_path / "c.json").write_text('{\n  "tau": 0.5,\n  "k_max": ,\n}')
+    (tmp_path / "c.json").write_text('{\n  "seed": 1,\n  "train.epochs": ,\n}')
     msg = _load_error(tmp_path / "c.json")
     assert "not valid JSON" in msg and "line 3" in msg
 
 
 def test_invalid_yaml_gives_the_line(tmp_path):
-    (tmp_path / "c.yaml").write_text("tau: 0.5\nk_max: [1, 2\nseed: 3\n")
+    (tmp_path / "c.yaml").write_text("seed: 1\ndefense.ci.filters: [mean2, median3\ntrain.epochs: 3\n")
     msg = _load_error(tmp_path / "c.yaml")
     assert "not valid YAML" in msg and "line" in msg
 
 
+def test_key_given_twice_and_yaml_aliases(tmp_path):
+    (tmp_path / "a.json").write_text('{"seed": 1, "seed": 2}')
+    assert "given twice" in _load_error(tmp_path / "a.json")
+    (tmp_path / "b.yaml").write_text("train:\n  epochs: 1\n  epochs: 2\n")
+    assert "given twice" in _load_error(tmp_path / "b.yaml")
+    (tmp_path / "c.yaml").write_text("a: &x [1, 2]\nb: *x\n")
+    assert "aliases" in _load_error(tmp_path / "c.yaml")
+
+
 @pytest.mark.parametrize("name, text, expected", [
-    ("c.json", "[1, 2]", "JSON object"), ("c.json", '"tau"', "JSON object"),
-    ("c.yaml", "- tau\n- 0.5\n", "YAML mapping"), ("c.yaml", "", "nothing"),
+    ("c.json", "[1, 2]", "JSON object"), ("c.json", '"seed"', "JSON object"),
+    ("c.yaml", "- seed\n- 1\n", "YAML mapping"), ("c.yaml", "", "nothing"),
     ("c.yaml", "0.5", "YAML mapping")])
 def test_top_level_not_a_mapping(tmp_path, name, text, expected):
     (tmp_path / name).write_text(text)
@@ -381,7 +544,7 @@ def test_top_level_not_a_mapping(tmp_path, name, text, expected):
 
 
 def test_non_utf8_non_string_key_and_huge_int(tmp_path):
-    (tmp_path / "a.json").write_bytes(b'{"tau": "\xff"}')
+    (tmp_path / "a.json").write_bytes(b'{"data.dataset": "\xff"}')
     assert "UTF-8" in _load_error(tmp_path / "a.json")
     (tmp_path / "b.yaml").write_text("1: 2\n")
     assert "key 1" in _load_error(tmp_path / "b.yaml")
@@ -395,15 +558,18 @@ def test_non_utf8_non_string_key_and_huge_int(tmp_path):
 
 # --- fuzzing: whatever comes in, only a Config or one UserError comes out ------------------------
 
-FIELDS = [f.name for f in dataclasses.fields(Config)]
+FIELDS = list(config.PATHS)
+SECTIONS = sorted({p.rsplit(".", 1)[0] for p in FIELDS if "." in p})
 _SCALARS = (st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20)
             | st.sampled_from([-(10**400), 2**31, 2**63, float("nan"), "", "1e-3", "0",
-                               *config.FILTERS, "cnn", "sgd"])
+                               *filters.FILTERS, *attacks.NAMES, "cnn", "sgd"])
+            | st.lists(st.sampled_from([*filters.FILTERS, "blur"]), max_size=3)
             # Too many digits for repr(): built lazily, as hypothesis reprs its strategies.
             | st.integers(4301, 4400).map(lambda n: 10**n))
+_KEYS = st.sampled_from(FIELDS + SECTIONS) | st.text(max_size=12) | st.integers() | st.none()
 _JSONISH = st.recursive(_SCALARS, lambda inner: st.lists(inner, max_size=3)
-                        | st.dictionaries(st.text(max_size=5), inner, max_size=3), max_leaves=6)
-_KEYS = st.sampled_from(FIELDS) | st.text(max_size=12) | st.integers() | st.none()
+                        | st.dictionaries(st.sampled_from(["ci", "tau", "pixel", "row", "name"]) | st.text(max_size=5),
+                                          inner, max_size=3), max_leaves=6)
 FUZZ = settings(max_examples=300, deadline=timedelta(seconds=2),
                 suppress_health_check=[HealthCheck.too_slow])
 
@@ -443,12 +609,19 @@ def _load_and_build(path):
         return
     assert isinstance(d, dict)
     try:
-        config.from_dict(d)
-    except UserError:
-        pass
+        config.from_dict(d, f"config file {path}")
+    except UserError as e:
+        assert "\n" not in str(e)
 
 
-_VALID_YAML = "tau: 0.5\nk_max: 4\nmodel: cnn\nlr: 1e-3\nclip: true\nfilter: [median3]\n"
+_VALID_YAML = ("defense:\n  ci:\n    tau: 0.5\n    k_max: 4\ntrain:\n  model: cnn\n  lr: 1e-3\n"
+               "attack.pixel.clip: true\ndefense.ci.filters: [median3]\n")
+
+
+def test_the_fuzzed_yaml_is_valid_as_a_whole(tmp_path):
+    (tmp_path / "c.yaml").write_text(_VALID_YAML)
+    cfg = config.from_dict(config.load_file(tmp_path / "c.yaml"))
+    assert (cfg.defense.ci.tau, cfg.train.lr, cfg.attack.pixel.clip) == (0.5, 1e-3, True)
 
 
 @FUZZ
