@@ -188,6 +188,7 @@ def triggered_test_set(attack: Attack, x_NHWC: np.ndarray, y_N: np.ndarray, num_
     x_NHWC, y_N = _check_pair(x_NHWC, y_N)
     if not attack.poisons:
         return TriggeredTest(x_NHWC[:0].astype(np.float32), np.zeros(0, np.int64), "no attack: none")
+    attack.check(tuple(int(d) for d in x_NHWC.shape[1:]))  # a UserError, not an IndexError in stamp
     idx = np.flatnonzero(np.isin(y_N, attack.source_classes(num_classes))).astype(np.int64)
     x = _checked(attack, attack.stamp(x_NHWC[idx].astype(np.float32), attack.rng(_STAMP), test=True))
     return TriggeredTest(x, idx, attack.describe_asr(num_classes))
