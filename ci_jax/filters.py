@@ -118,4 +118,4 @@ def check(name: str, params: Params, image_shape: tuple[int, int, int]) -> None:
         if 2 * r + 1 > side:
             raise UserError(f"defense.ci.gaussian_sigma {params.gaussian_sigma}: its kernel "
                             f"({2 * r + 1} pixels wide) is wider than the {side}-pixel image: "
-                            f"choose a sigma of at most {(side - 1) / 4:g}")
+                            f"choose a sigma of at most {(side - 1) // 2 / 2:g}")  # radius ceil(2 sigma) <= (side - 1) // 2
