@@ -1,5 +1,6 @@
-"""Cluster Impurity on synthetic arrays: BIC model choice, clustering, impurity, flagging,
-filters, and the defense end to end from precomputed features and decisions (no training)."""
+"""Cluster Impurity on synthetic arrays: BIC model choice, clustering, impurity, flagging, the
+calibrated test rule, and the defense end to end from precomputed features and decisions (no
+training; the filters themselves are test_filters.py's)."""
 
 import math
 
@@ -7,15 +8,22 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ci_jax import config
+from ci_jax import config, defenses
 from ci_jax.config import Config
 from ci_jax.defenses import ci
+from ci_jax.defenses import gmm as mixtures
+from ci_jax.defenses.gmm import choose_k, cluster
 
 D = 5
 
 
-def _cfg(**kw) -> Config:
-    return config.replace(Config(), **kw)
+def _settings(**kw) -> ci.Settings:
+    """The CI settings of a validated config with `defense.ci.KEY = value` for each keyword."""
+    return config.replace(Config(), {f"defense.ci.{k}": v for k, v in kw.items()}).defense.ci
+
+
+def _search(seed=0, **kw) -> mixtures.Search:
+    return ci.CI(_settings(**kw)).search(seed)
 
 
 def _mixture(n_per: int = 300, seed: int = 0) -> np.ndarray:
@@ -32,12 +40,12 @@ def mixture_ND():
 
 @pytest.fixture(scope="module")
 def sweep_fit(mixture_ND):
-    return ci.choose_k(mixture_ND, _cfg(bic_search="sweep", k_max=6))
+    return choose_k(mixture_ND, _search(bic_search="sweep", k_max=6))
 
 
 @pytest.fixture(scope="module")
 def ascent_fit(mixture_ND):
-    return ci.choose_k(mixture_ND, _cfg(bic_search="ascent", k_max=10))
+    return choose_k(mixture_ND, _search(bic_search="ascent", k_max=10))
 
 
 # --- choose_k ----------------------------------------------------------------------------------
@@ -67,7 +75,7 @@ def test_ascent_picks_the_true_k_and_stops_after_two_non_improvements(ascent_fit
 @pytest.mark.parametrize("search", ["sweep", "ascent"])
 def test_one_gaussian_gives_k_1(search):
     x_ND = np.random.default_rng(1).normal(0.0, 1.0, (150, D))
-    gmm, bics, _ = ci.choose_k(x_ND, _cfg(bic_search=search, k_max=3 if search == "sweep" else 10))
+    gmm, bics, _ = choose_k(x_ND, _search(bic_search=search, k_max=3 if search == "sweep" else 10))
     assert gmm.n_components == 1
     assert int(np.argmin(bics)) == 0
     assert len(bics) == 3  # ascent: k = 2 and 3 fail to improve; sweep: k_max
@@ -76,38 +84,38 @@ def test_one_gaussian_gives_k_1(search):
 @pytest.mark.parametrize("search", ["sweep", "ascent"])
 def test_k_never_exceeds_the_number_of_points(search):
     x_ND = np.random.default_rng(2).normal(0.0, 1.0, (3, D))
-    gmm, bics, note = ci.choose_k(x_ND, _cfg(bic_search=search, k_max=10, reg_covar=1e-3))
+    gmm, bics, note = choose_k(x_ND, _search(bic_search=search, k_max=10, reg_covar=1e-3))
     assert 1 <= gmm.n_components <= 3
     assert len(bics) <= 3
     assert "k capped at 3" in note
 
 
 def test_single_point_class_is_one_component():
-    gmm, bics, note = ci.choose_k(np.ones((1, D)), _cfg(bic_search="sweep", k_max=10))
+    gmm, bics, note = choose_k(np.ones((1, D)), _search(bic_search="sweep", k_max=10))
     assert gmm is None and bics == [] and "too few" in note
     feats = np.concatenate([np.random.default_rng(0).normal(size=(50, D)), np.ones((1, D))])
     y = np.array([0] * 50 + [1])
-    comp, classes = ci.cluster(feats, y, 2, _cfg(bic_search="sweep", k_max=3))
+    comp, classes = cluster(feats, y, _search(bic_search="sweep", k_max=3))
     assert classes[1]["k"] == 1 and "too few" in classes[1]["note"]
     assert comp[-1] == classes[0]["k"]
 
 
 def test_k_max_1_fits_one_component(mixture_ND):
-    gmm, bics, _ = ci.choose_k(mixture_ND, _cfg(bic_search="sweep", k_max=1))
+    gmm, bics, _ = choose_k(mixture_ND, _search(bic_search="sweep", k_max=1))
     assert gmm.n_components == 1 and len(bics) == 1
 
 
 @pytest.mark.parametrize("covariance", ["diag", "spherical", "tied"])
 def test_other_covariance_types_also_find_the_mixture(mixture_ND, covariance):
-    gmm, _, _ = ci.choose_k(mixture_ND, _cfg(bic_search="ascent", k_max=5, covariance=covariance))
+    gmm, _, _ = choose_k(mixture_ND, _search(bic_search="ascent", k_max=5, covariance=covariance))
     assert gmm.covariance_type == covariance
     assert gmm.n_components == 3
 
 
 def test_choose_k_is_deterministic_for_a_seed(mixture_ND):
-    cfg = _cfg(bic_search="sweep", k_max=3, seed=3)
-    g1, b1, _ = ci.choose_k(mixture_ND, cfg)
-    g2, b2, _ = ci.choose_k(mixture_ND, cfg)
+    cfg = _search(bic_search="sweep", k_max=3, seed=3)
+    g1, b1, _ = choose_k(mixture_ND, cfg)
+    g2, b2, _ = choose_k(mixture_ND, cfg)
     assert b1 == b2
     np.testing.assert_array_equal(g1.predict(mixture_ND), g2.predict(mixture_ND))
 
@@ -146,7 +154,7 @@ DEGENERATE = ["fewer_than_k", "identical_rows", "duplicated_rows", "constant_fea
 @pytest.mark.parametrize("name", DEGENERATE)
 def test_degenerate_class_does_not_crash(name, covariance):
     x_ND = _degenerate(name)
-    gmm, bics, _ = ci.choose_k(x_ND, _cfg(bic_search="sweep", k_max=10, covariance=covariance))
+    gmm, bics, _ = choose_k(x_ND, _search(bic_search="sweep", k_max=10, covariance=covariance))
     assert all(math.isfinite(b) for b in bics)
     if gmm is not None:
         assert gmm.n_components <= len(np.unique(x_ND, axis=0))
@@ -161,7 +169,7 @@ def test_degenerate_class_does_not_crash(name, covariance):
     ("inf", None, "NaN or inf"),
 ])
 def test_degenerate_class_notes(name, k, note):
-    gmm, _, got = ci.choose_k(_degenerate(name), _cfg(bic_search="sweep", k_max=10))
+    gmm, _, got = choose_k(_degenerate(name), _search(bic_search="sweep", k_max=10))
     assert note in got
     if k is not None:
         assert gmm.n_components == k
@@ -170,18 +178,18 @@ def test_degenerate_class_notes(name, k, note):
 def test_a_k_that_cannot_be_fitted_ends_the_search_with_the_best_smaller_k():
     # Full covariances of 1e30-scale blobs: some k > 1 fails in sklearn ("ill-defined empirical
     # covariance"); the search stops there and keeps the best k before it.
-    gmm, bics, note = ci.choose_k(_degenerate("huge_scale"), _cfg(bic_search="sweep", k_max=10))
+    gmm, bics, note = choose_k(_degenerate("huge_scale"), _search(bic_search="sweep", k_max=10))
     assert "could not be fitted" in note and "kept the best smaller fit" in note
     failed_k = int(note.split("k=")[1].split(" ")[0])
     assert len(bics) == failed_k - 1 and gmm.n_components == int(np.argmin(bics)) + 1
 
 
 def test_a_class_where_even_k_1_fails_is_one_component(monkeypatch):
-    def fails(feats_ND, k, cfg):
+    def fails(feats_ND, k, search):
         raise ValueError("Fitting the mixture model failed. Try something else.")
 
-    monkeypatch.setattr(ci, "_fit", fails)
-    gmm, bics, note = ci.choose_k(_mixture(n_per=20), _cfg(k_max=4))
+    monkeypatch.setattr(mixtures, "_fit", fails)
+    gmm, bics, note = choose_k(_mixture(n_per=20), _search(k_max=4))
     assert gmm is None and bics == []
     assert note == "k=1 could not be fitted (Fitting the mixture model failed); kept as one component"
 
@@ -194,7 +202,7 @@ def test_cluster_reports_degenerate_classes_and_stays_json():
               _degenerate("duplicated_rows"), _degenerate("fewer_than_k")]
     feats = np.concatenate(blocks)
     y = np.concatenate([np.full(len(b), i) for i, b in enumerate(blocks)])
-    comp, classes = ci.cluster(feats, y, 5, _cfg(bic_search="ascent", k_max=10))
+    comp, classes = cluster(feats, y, _search(bic_search="ascent", k_max=10))
     assert (comp >= 0).all()
     notes = {c["label"]: c.get("note") for c in classes}
     assert "identical features" in notes[1] and "NaN" in notes[2]
@@ -203,8 +211,9 @@ def test_cluster_reports_degenerate_classes_and_stays_json():
     json.dumps(classes, allow_nan=False)
     # The defense end to end still runs and scores every sample.
     pred = np.zeros(len(y), np.int32)
-    res = ci.run(feats, pred, pred, y, 5, _cfg(bic_search="ascent", k_max=10))
+    res = _run(feats, pred, pred, y, 5, _settings(bic_search="ascent", k_max=10))
     assert res.score_N.shape == y.shape and np.isfinite(res.score_N).all()
+    json.dumps(res.report, allow_nan=False)
 
 
 # --- cluster -----------------------------------------------------------------------------------
@@ -221,8 +230,8 @@ def clustered():
     y = np.concatenate([np.zeros(len(x0)), np.full(len(x2), 2), np.full(len(x3), 3)]).astype(np.int32)
     perm = rng.permutation(len(y))  # classes interleaved, as in a real training set
     feats, y = feats[perm], y[perm]
-    cfg = _cfg(bic_search="sweep", k_max=4)
-    comp, classes = ci.cluster(feats, y, 5, cfg)
+    cfg = _search(bic_search="sweep", k_max=4)
+    comp, classes = cluster(feats, y, cfg)
     return feats, y, cfg, comp, classes
 
 
@@ -261,12 +270,17 @@ def test_cluster_separates_the_blobs(clustered):
 
 def test_cluster_is_deterministic_for_a_seed(clustered):
     feats, y, cfg, comp, classes = clustered
-    comp2, classes2 = ci.cluster(feats, y, 5, cfg)
+    comp2, classes2 = cluster(feats, y, cfg)
     np.testing.assert_array_equal(comp, comp2)
     assert classes == classes2
 
 
 # --- impurity ----------------------------------------------------------------------------------
+
+
+def _impurity(pred, filtered_FN, comp, n_comp):
+    out = ci.impurity(jnp.asarray(pred), jnp.asarray(filtered_FN), jnp.asarray(comp), n_comp)
+    return tuple(np.asarray(a, np.float64) for a in out)
 
 
 def test_impurity_hand_computed():
@@ -275,16 +289,31 @@ def test_impurity_hand_computed():
     comp = np.array([0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2])
     pred = np.array([1, 2, 3, 4, 5, 5, 5, 5, 7, 7, 7])
     blur = np.array([1, 2, 3, 4, 5, 0, 5, 0, 1, 2, 3])
-    imp, size = ci.impurity(jnp.asarray(pred), jnp.asarray(blur), jnp.asarray(comp), 4)
-    imp, size = np.asarray(imp, np.float64), np.asarray(size)
-    assert imp.shape == size.shape == (4,)
+    imp_FK, flips_FK, size = _impurity(pred, blur[None], comp, 4)
+    assert imp_FK.shape == flips_FK.shape == (1, 4) and size.shape == (4,)
+    imp = imp_FK[0]
     np.testing.assert_array_equal(size, [4, 4, 3, 0])
+    np.testing.assert_array_equal(flips_FK[0], [0, 2, 3, 0])
     assert imp[0] == 0.0
     assert imp[1] == pytest.approx(math.log(2), rel=1e-6)
     assert np.isfinite(imp).all()
     assert imp[2] == pytest.approx(ci.MAX_IMPURITY, rel=1e-6)
     assert imp[3] == 0.0  # an empty component is pure and has size 0
     assert imp[2] == imp.max()
+
+
+def test_impurity_of_a_filter_bank_is_one_row_per_filter():
+    comp = np.array([0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2])
+    pred = np.array([1, 2, 3, 4, 5, 5, 5, 5, 7, 7, 7])
+    blur = np.array([1, 2, 3, 4, 5, 0, 5, 0, 1, 2, 3])
+    same = pred.copy()
+    one = pred.copy()
+    one[0] = 9  # one of component 0's four decisions changes
+    imp_FK, flips_FK, size = _impurity(pred, np.stack([blur, same, one]), comp, 4)
+    np.testing.assert_array_equal(flips_FK, [[0, 2, 3, 0], [0, 0, 0, 0], [1, 0, 0, 0]])
+    np.testing.assert_array_equal(imp_FK[1], 0.0)
+    assert imp_FK[2, 0] == pytest.approx(-math.log(3 / 4), rel=1e-6)
+    np.testing.assert_array_equal(imp_FK[0], _impurity(pred, blur[None], comp, 4)[0][0])
 
 
 def test_max_impurity_is_minus_log_of_the_floor():
@@ -298,16 +327,17 @@ def test_impurity_is_minus_log_of_the_unchanged_fraction():
     comp = rng.integers(0, k, n)
     pred = rng.integers(0, 10, n)
     blur = np.where(rng.random(n) < 0.3, rng.integers(0, 10, n), pred)
-    imp, size = ci.impurity(jnp.asarray(pred), jnp.asarray(blur), jnp.asarray(comp), k)
+    imp_FK, flips_FK, size = _impurity(pred, blur[None], comp, k)
     for j in range(k):
         m = comp == j
         assert size[j] == m.sum()
+        assert flips_FK[0, j] == np.sum(pred[m] != blur[m])
         p = np.mean(pred[m] == blur[m])
-        assert float(imp[j]) == pytest.approx(-math.log(max(p, ci.P_FLOOR)), rel=1e-5, abs=1e-6)
+        assert imp_FK[0, j] == pytest.approx(-math.log(max(p, ci.P_FLOOR)), rel=1e-5, abs=1e-6)
 
 
 def test_pure_component_impurity_is_positive_zero():
-    imp, _ = ci.impurity(jnp.zeros(2, jnp.int32), jnp.zeros(2, jnp.int32), jnp.zeros(2, jnp.int32), 2)
+    imp, _, _ = ci.impurity(jnp.zeros(2, jnp.int32), jnp.zeros((1, 2), jnp.int32), jnp.zeros(2, jnp.int32), 2)
     assert not np.signbit(np.asarray(imp)).any()
 
 
@@ -317,25 +347,25 @@ def test_pure_component_impurity_is_positive_zero():
 def test_threshold_flags_impure_components_of_split_classes_only():
     imp = np.array([0.0, 2.0, 0.7, 0.4, 5.0, 0.51])
     k_of_comp = np.array([3, 3, 3, 2, 1, 2])  # comps 0-2: a k=3 class; 3, 5: k=2; 4: a k=1 class
-    flagged = ci.flag(imp, k_of_comp, "threshold", 0.5)
+    flagged = ci.flag(imp, k_of_comp > 1, "threshold", 0.5)
     assert flagged.dtype == bool
     np.testing.assert_array_equal(flagged, [False, True, True, False, False, True])
 
 
 def test_threshold_never_flags_a_k1_class():
     imp = np.full(3, ci.MAX_IMPURITY)
-    assert not ci.flag(imp, np.ones(3, int), "threshold", 0.0).any()
+    assert not ci.flag(imp, np.zeros(3, bool), "threshold", 0.0).any()
 
 
 def test_threshold_boundary_is_strict():
     imp = np.array([0.5, 0.5 + 1e-9, 0.5 - 1e-9])
-    flagged = ci.flag(imp, np.full(3, 3), "threshold", 0.5)
+    flagged = ci.flag(imp, np.ones(3, bool), "threshold", 0.5)
     np.testing.assert_array_equal(flagged, [False, True, False])
 
 
 def test_threshold_tau_zero_flags_every_impure_component_of_split_classes():
     imp = np.array([0.0, 1e-6, 0.0])
-    np.testing.assert_array_equal(ci.flag(imp, np.full(3, 3), "threshold", 0.0), [False, True, False])
+    np.testing.assert_array_equal(ci.flag(imp, np.ones(3, bool), "threshold", 0.0), [False, True, False])
 
 
 @pytest.mark.parametrize("imp, expected", [
@@ -346,121 +376,77 @@ def test_threshold_tau_zero_flags_every_impure_component_of_split_classes():
 ])
 def test_top1_flags_exactly_the_argmax(imp, expected):
     imp = np.array(imp)
-    k_of_comp = np.ones(len(imp), int)  # top1 ignores k, even k == 1 classes
-    flagged = ci.flag(imp, k_of_comp, "top1", 100.0)
+    eligible = np.zeros(len(imp), bool)  # top1 ignores k, even k == 1 classes
+    flagged = ci.flag(imp, eligible, "top1", 100.0)
     assert flagged.sum() == 1
     assert flagged[expected]
 
 
-# --- filters -----------------------------------------------------------------------------------
+# --- the test rule -----------------------------------------------------------------------------
+
+# 12 components of 100 to 300 images with 0.5 % to 4 % of their decisions flipped by the filter
+# (clean ones differ: overdispersed), and one of 60 with 57 flipped.
+SIZES = np.array([100, 150, 200, 250, 300, 120, 180, 220, 260, 140, 160, 240, 60], float)
+FLIPS = np.array([1, 3, 2, 10, 6, 4, 7, 2, 5, 1, 6, 9, 57], float)
 
 
-def _img(h, w, c=1, pixels=()):
-    x = np.zeros((1, h, w, c), np.float32)
-    for (i, j, ch, v) in pixels:
-        x[0, i, j, ch] = v
-    return x
+def test_test_rule_flags_the_component_that_flips_far_more_than_clean_ones():
+    eligible = np.ones(len(SIZES), bool)
+    z_FK, flagged, (est,) = ci.flip_test(FLIPS[None], SIZES, eligible, alpha=0.01)
+    np.testing.assert_array_equal(np.flatnonzero(flagged), [12])
+    assert est["z_critical"] == pytest.approx(ci.stats.norm.isf(0.01 / 13))
+    assert z_FK[0, 12] > est["z_critical"] > z_FK[0, :12].max()
+    # The clean flip rate is the median component's, about 2.5 % here; the spread beyond the
+    # binomial's is kept.
+    assert 0.01 < est["clean_flip_rate"] < 0.04
+    assert est["overdispersion_sd"] > 0
 
 
-def test_mean2_single_bright_pixel():
-    x = _img(3, 3, pixels=[(1, 1, 0, 1.0)])
-    out = np.asarray(ci.make_filter("mean2")(jnp.asarray(x)))
-    expected = np.zeros((3, 3), np.float32)
-    expected[0:2, 0:2] = 0.25
-    assert out.shape == x.shape
-    np.testing.assert_allclose(out[0, :, :, 0], expected, atol=1e-7)
+def test_test_rule_only_tests_eligible_components_and_counts_them_for_bonferroni():
+    eligible = np.ones(len(SIZES), bool)
+    eligible[[0, 12]] = False
+    _, flagged, (est,) = ci.flip_test(FLIPS[None], SIZES, eligible, alpha=0.01)
+    assert not flagged.any()
+    assert est["z_critical"] == pytest.approx(ci.stats.norm.isf(0.01 / 11))
+    # Two filters: twice the tests; a component is flagged when either filter flags it.
+    quiet = np.minimum(FLIPS, 3)
+    z_FK, flagged2, ests = ci.flip_test(np.stack([quiet, FLIPS]), SIZES, np.ones(len(SIZES), bool), alpha=0.01)
+    assert z_FK.shape == (2, len(SIZES)) and len(ests) == 2
+    assert ests[0]["z_critical"] == pytest.approx(ci.stats.norm.isf(0.01 / 26))
+    np.testing.assert_array_equal(np.flatnonzero(flagged2), [12])
 
 
-def test_mean2_is_the_same_size_2x2_mean_with_zero_pad_bottom_right():
-    x = np.random.default_rng(0).random((1, 3, 3, 1)).astype(np.float32)
-    xp = np.pad(x[0, :, :, 0], ((0, 1), (0, 1)))
-    expected = np.array([[xp[i:i + 2, j:j + 2].mean() for j in range(3)] for i in range(3)])
-    out = np.asarray(ci.make_filter("mean2")(jnp.asarray(x)))
-    np.testing.assert_allclose(out[0, :, :, 0], expected, rtol=1e-6, atol=1e-6)
+def test_test_rule_ignores_empty_components():
+    sizes = np.append(SIZES, 0.0)
+    flips = np.append(FLIPS, 0.0)
+    _, flagged, (est,) = ci.flip_test(flips[None], sizes, np.ones(len(sizes), bool), alpha=0.01)
+    assert not flagged[-1] and flagged[12]
+    assert est["z_critical"] == pytest.approx(ci.stats.norm.isf(0.01 / 13))
 
 
-def test_mean3_hand_computed():
-    x = _img(5, 5, pixels=[(2, 2, 0, 9.0), (0, 0, 0, 9.0)])
-    out = np.asarray(ci.make_filter("mean3")(jnp.asarray(x)))[0, :, :, 0]
-    expected = np.zeros((5, 5))
-    expected[1:4, 1:4] += 1.0   # centre pixel spreads 9/9 over its 3x3 neighbourhood
-    expected[0:2, 0:2] += 1.0   # corner pixel: zero padding, spreads over the 2x2 inside
-    np.testing.assert_allclose(out, expected, atol=1e-6)
+# --- the defense from precomputed arrays -----------------------------------------------------
 
 
-def test_median3_removes_an_isolated_bright_pixel_and_keeps_a_block():
-    x = _img(7, 7, pixels=[(1, 5, 0, 1.0)])
-    x[0, 2:5, 1:4, 0] = 0.5  # a 3x3 block
-    out = np.asarray(ci.make_filter("median3")(jnp.asarray(x)))[0, :, :, 0]
-    assert out[1, 5] == 0.0
-    assert out[3, 2] == 0.5  # the block's centre survives (9 of 9 taps are 0.5)
-    # The block's corners see 4 of 9 taps at 0.5 -> median 0; its edges see 6 of 9 -> 0.5.
-    assert out[2, 1] == 0.0 and out[2, 2] == 0.5
-    expected = np.zeros((7, 7), np.float32)
-    expected[2:5, 2] = 0.5
-    expected[3, 1:4] = 0.5
-    np.testing.assert_array_equal(out, expected)
+def _view(feats, pred, filtered, y, num_classes=3, is_poison=None, **kw) -> defenses.View:
+    """A View of a baseline whose decisions are `pred`, and `filtered` through any filter (or
+    filtered[name] through the filter whose pass is `name`)."""
+    calls = []
+
+    def predict(x_NHWC, transform=None, desc=None):
+        assert transform is not None and len(x_NHWC) == len(y)
+        calls.append(desc)
+        out = filtered[desc] if isinstance(filtered, dict) else filtered
+        return np.asarray(out, np.int32), np.zeros((len(y), 1), np.float32)
+
+    view = defenses.View(x_NHWC=np.zeros((len(y), 1, 1, 1), np.float32), y_N=np.asarray(y), feats_ND=feats,
+                         pred_N=np.asarray(pred), num_classes=num_classes, predict=predict, seed=0,
+                         is_poison_N=is_poison, **kw)
+    view.calls = calls
+    return view
 
 
-def test_gaussian_preserves_a_constant_interior_and_sums_to_one():
-    x = np.full((1, 16, 16, 1), 0.7, np.float32)
-    for sigma in (0.0, 1.0, 1.5):  # 0 -> default sigma 1
-        out = np.asarray(ci.make_filter("gaussian", sigma)(jnp.asarray(x)))
-        r = max(1, math.ceil(2 * (sigma or 1.0)))
-        np.testing.assert_allclose(out[0, r:-r, r:-r, 0], 0.7, rtol=1e-5)
-        assert out[0, 0, 0, 0] < 0.7  # zero padding darkens the border
-    k = np.asarray(ci._gaussian_kernel(1.0))
-    assert k.shape == (5, 5)
-    assert k.sum() == pytest.approx(1.0, rel=1e-6)
-    np.testing.assert_allclose(k, k.T)
-    assert k[2, 2] == k.max()
-
-
-def test_noise_is_deterministic_and_bounded():
-    x = jnp.asarray(np.random.default_rng(0).random((2, 8, 8, 3)), jnp.float32)
-    for half_width, param in ((0.1, 0.0), (0.05, 0.05)):
-        f = ci.make_filter("noise", param, seed=3)
-        a, b = np.asarray(f(x)), np.asarray(f(x))
-        np.testing.assert_array_equal(a, b)
-        d = a - np.asarray(x)
-        assert np.abs(d).max() <= half_width + 1e-6
-        assert np.abs(d).max() > half_width / 2  # it does add noise
-        assert not np.allclose(d[0], d[1])  # each image gets its own noise
-    # Same input, same seed, fresh filter -> same output; another seed -> other noise.
-    np.testing.assert_array_equal(np.asarray(ci.make_filter("noise", 0.1, 3)(x)),
-                                  np.asarray(ci.make_filter("noise", 0.1, 3)(x)))
-    assert not np.array_equal(np.asarray(ci.make_filter("noise", 0.1, 3)(x)),
-                              np.asarray(ci.make_filter("noise", 0.1, 4)(x)))
-
-
-@pytest.mark.parametrize("name", config.FILTERS)
-@pytest.mark.parametrize("shape", [(2, 28, 28, 1), (2, 32, 32, 3)])
-def test_every_filter_keeps_the_shape_and_dtype(name, shape):
-    x = jnp.asarray(np.random.default_rng(0).random(shape), jnp.float32)
-    out = ci.make_filter(name)(x)
-    assert out.shape == shape
-    assert out.dtype == x.dtype
-    assert np.isfinite(np.asarray(out)).all()
-
-
-@pytest.mark.parametrize("name", ["mean2", "mean3", "median3", "gaussian"])
-def test_channels_are_filtered_independently(name):
-    rng = np.random.default_rng(1)
-    x = _img(6, 6, c=3)
-    x[0, :, :, 1] = rng.random((6, 6))
-    f = ci.make_filter(name)
-    out = np.asarray(f(jnp.asarray(x)))
-    assert (out[..., 0] == 0).all() and (out[..., 2] == 0).all()
-    alone = np.asarray(f(jnp.asarray(x[..., 1:2])))
-    np.testing.assert_allclose(out[..., 1:2], alone, rtol=1e-6, atol=1e-7)
-
-
-def test_unknown_filter_raises():
-    with pytest.raises(ValueError, match="blur"):
-        ci.make_filter("blur")
-
-
-# --- run: the defense from precomputed arrays --------------------------------------------------
+def _run(feats, pred, filtered, y, num_classes, settings, is_poison=None, **kw) -> defenses.Result:
+    return ci.CI(settings).run(_view(feats, pred, filtered, y, num_classes, is_poison, **kw))
 
 
 N_CLEAN, N_POISON = 300, 60
@@ -490,14 +476,14 @@ def poisoned_arrays():
 @pytest.mark.parametrize("search", ["ascent", "sweep"])
 def test_run_removes_exactly_the_poison_component(poisoned_arrays, search):
     feats, pred, pred_blur, y, is_poison = poisoned_arrays
-    cfg = _cfg(rule="threshold", tau=0.5, bic_search=search, k_max=4)
-    res = ci.run(feats, pred, pred_blur, y, 3, cfg, is_poison_N=is_poison)
+    settings = _settings(rule="threshold", tau=0.5, bic_search=search, k_max=4)
+    res = _run(feats, pred, pred_blur, y, 3, settings, is_poison)
 
     np.testing.assert_array_equal(res.is_clean_N, ~is_poison)
     assert res.is_clean_N.dtype == bool
-    assert res.report["method"] == "ci"
-    assert res.report["removed"] == N_POISON
-    assert set(res.timings_s) == {"gmm", "impurity"}
+    assert res.report["filters"] == ["median3"] and res.report["rule"] == "threshold"
+    assert int((~res.is_clean_N).sum()) == N_POISON
+    assert set(res.timings_s) == {"gmm", "filtered_passes", "impurity"}
 
     classes = res.report["classes"]
     assert [c["label"] for c in classes] == [0, 1, 2]
@@ -507,14 +493,15 @@ def test_run_removes_exactly_the_poison_component(poisoned_arrays, search):
         assert len(c["components"]) == c["k"]
         assert sum(comp["size"] for comp in c["components"]) == int((y == c["label"]).sum())
         for comp in c["components"]:
-            assert set(comp) == {"size", "impurity", "flagged", "poisons"}
+            assert set(comp) == {"size", "impurity", "flagged", "flips", "poisons"}
+    clean = {"size": N_CLEAN, "impurity": 0.0, "flagged": False, "flips": {"median3": 0}, "poisons": 0}
     for c in classes[:2]:
         (comp,) = c["components"]
-        assert comp == {"size": N_CLEAN, "impurity": 0.0, "flagged": False, "poisons": 0}
+        assert comp == clean
     by_flag = {comp["flagged"]: comp for comp in classes[2]["components"]}
-    assert by_flag[True]["size"] == by_flag[True]["poisons"] == N_POISON
+    assert by_flag[True]["size"] == by_flag[True]["poisons"] == by_flag[True]["flips"]["median3"] == N_POISON
     assert by_flag[True]["impurity"] == pytest.approx(ci.MAX_IMPURITY, rel=1e-6)
-    assert by_flag[False] == {"size": N_CLEAN, "impurity": 0.0, "flagged": False, "poisons": 0}
+    assert by_flag[False] == clean
 
     # score_N: each sample's component impurity.
     assert res.score_N.shape == y.shape
@@ -527,9 +514,9 @@ def test_run_score_equals_the_component_impurity_of_each_sample(poisoned_arrays)
     # Some clean decisions of class 0 change too, so class-0 scores are not all 0 or MAX.
     rng = np.random.default_rng(9)
     pred_blur = np.where((y == 0) & (rng.random(len(y)) < 0.2), 9, pred_blur)
-    cfg = _cfg(rule="threshold", tau=0.5, k_max=4)
-    res = ci.run(feats, pred, pred_blur, y, 3, cfg, is_poison_N=is_poison)
-    comp, classes = ci.cluster(feats, y, 3, cfg)  # deterministic: the same components
+    settings = _settings(rule="threshold", tau=0.5, k_max=4)
+    res = _run(feats, pred, pred_blur, y, 10, settings, is_poison)
+    comp, _ = cluster(feats, y, ci.CI(settings).search(0))  # deterministic: the same components
     imp = np.concatenate([[x["impurity"] for x in c["components"]] for c in res.report["classes"]])
     np.testing.assert_array_equal(res.score_N, imp[comp])
     p0 = np.mean(pred[y == 0] == pred_blur[y == 0])
@@ -541,26 +528,25 @@ def test_run_score_equals_the_component_impurity_of_each_sample(poisoned_arrays)
 
 def test_run_without_ground_truth_has_no_poison_counts(poisoned_arrays):
     feats, pred, pred_blur, y, _ = poisoned_arrays
-    res = ci.run(feats, pred, pred_blur, y, 3, _cfg(k_max=4))
+    res = _run(feats, pred, pred_blur, y, 3, _settings(k_max=4))
     for c in res.report["classes"]:
         for comp in c["components"]:
             assert "poisons" not in comp
-    assert res.report["removed"] == N_POISON
+    assert int((~res.is_clean_N).sum()) == N_POISON
 
 
 def test_run_top1_removes_the_poison_component(poisoned_arrays):
     feats, pred, pred_blur, y, is_poison = poisoned_arrays
-    res = ci.run(feats, pred, pred_blur, y, 3, _cfg(rule="top1", k_max=4), is_poison_N=is_poison)
+    res = _run(feats, pred, pred_blur, y, 3, _settings(rule="top1", k_max=4), is_poison)
     np.testing.assert_array_equal(res.is_clean_N, ~is_poison)
 
 
 def test_run_on_clean_data_flags_nothing_under_threshold(poisoned_arrays):
     feats, pred, _, y, is_poison = poisoned_arrays
     feats, pred, y = feats[~is_poison], pred[~is_poison], y[~is_poison]
-    res = ci.run(feats, pred, pred.copy(), y, 3, _cfg(rule="threshold", tau=0.5, k_max=4),
-                 is_poison_N=np.zeros(len(y), bool))
+    res = _run(feats, pred, pred.copy(), y, 3, _settings(rule="threshold", tau=0.5, k_max=4),
+               np.zeros(len(y), bool))
     assert res.is_clean_N.all()
-    assert res.report["removed"] == 0
     np.testing.assert_array_equal(res.score_N, 0.0)
     for c in res.report["classes"]:
         for comp in c["components"]:
@@ -570,15 +556,101 @@ def test_run_on_clean_data_flags_nothing_under_threshold(poisoned_arrays):
 def test_run_top1_on_clean_data_still_removes_one_component(poisoned_arrays):
     feats, pred, _, y, is_poison = poisoned_arrays
     feats, pred, y = feats[~is_poison], pred[~is_poison], y[~is_poison]
-    res = ci.run(feats, pred, pred.copy(), y, 3, _cfg(rule="top1", k_max=4))
-    flagged = [comp["flagged"] for c in res.report["classes"] for comp in c["components"]]
-    assert sum(flagged) == 1
-    assert res.report["removed"] == int((~res.is_clean_N).sum()) > 0
+    res = _run(feats, pred, pred.copy(), y, 3, _settings(rule="top1", k_max=4))
+    flagged = [comp for c in res.report["classes"] for comp in c["components"] if comp["flagged"]]
+    assert len(flagged) == 1
+    assert int((~res.is_clean_N).sum()) == flagged[0]["size"] > 0
 
 
 def test_run_report_is_json_serializable(poisoned_arrays):
     import json
 
     feats, pred, pred_blur, y, is_poison = poisoned_arrays
-    res = ci.run(feats, pred, pred_blur, y, 3, _cfg(k_max=4), is_poison_N=is_poison)
+    res = _run(feats, pred, pred_blur, y, 3, _settings(k_max=4), is_poison)
     json.dumps(res.report, allow_nan=False)
+
+
+def test_a_filter_bank_scores_each_component_by_its_most_impure_filter(poisoned_arrays):
+    feats, pred, pred_blur, y, is_poison = poisoned_arrays
+    settings = _settings(filters=["mean2", "median3", "gaussian"], gaussian_sigma=0.5, k_max=4)
+    view = _view(feats, pred, {"mean2": pred, "median3": pred_blur, "gaussian(sigma=0.5)": pred}, y, 3, is_poison)
+    res = ci.CI(settings).run(view)
+    assert sorted(view.calls) == ["gaussian(sigma=0.5)", "mean2", "median3"]  # one pass per filter
+    assert res.report["filters"] == ["mean2", "median3", "gaussian(sigma=0.5)"]
+    np.testing.assert_array_equal(res.is_clean_N, ~is_poison)
+    poison_comp = next(c for cl in res.report["classes"] for c in cl["components"] if c["flagged"])
+    assert poison_comp["impurity_per_filter"] == {
+        "mean2": 0.0, "median3": pytest.approx(ci.MAX_IMPURITY, rel=1e-6), "gaussian(sigma=0.5)": 0.0}
+    assert poison_comp["impurity"] == pytest.approx(ci.MAX_IMPURITY, rel=1e-6)
+    assert poison_comp["flips"] == {"mean2": 0, "median3": N_POISON, "gaussian(sigma=0.5)": 0}
+
+
+@pytest.fixture(scope="module")
+def many_classes():
+    """Eight classes of 100 to 240 images, one blob each, whose filtered decisions flip at 1 to
+    5 %; class 2 also holds a far blob of 60 poisons, 55 of which flip."""
+    rng = np.random.default_rng(3)
+    sizes = [100, 140, 180, 120, 240, 160, 200, 220]
+    rates = [0.01, 0.03, 0.02, 0.05, 0.02, 0.04, 0.01, 0.03]
+    feats, y, flips = [], [], []
+    for c, (n, r) in enumerate(zip(sizes, rates)):
+        feats.append(rng.normal(0.0, 1.0, (n, D)) + 10.0 * rng.normal(size=D))
+        y.append(np.full(n, c))
+        flips.append(rng.random(n) < r)
+    feats.append(rng.normal(50.0, 1.0, (N_POISON, D)))
+    y.append(np.full(N_POISON, 2))
+    flips.append(np.arange(N_POISON) < 55)
+    feats, y, flips = np.concatenate(feats).astype(np.float32), np.concatenate(y).astype(np.int32), np.concatenate(flips)
+    is_poison = np.arange(len(y)) >= len(y) - N_POISON
+    pred = y.copy()
+    return feats, pred, np.where(flips, (y + 1) % 8, y).astype(np.int32), y, is_poison
+
+
+def test_run_with_the_test_rule_removes_the_poisons_and_reports_its_estimates(many_classes):
+    feats, pred, filtered, y, is_poison = many_classes
+    res = _run(feats, pred, filtered, y, 8, _settings(rule="test", alpha=0.01, k_max=3, covariance="diag"), is_poison)
+    np.testing.assert_array_equal(res.is_clean_N, ~is_poison)
+    est = res.report["clean_estimates"]["median3"]
+    assert 0.01 < est["clean_flip_rate"] < 0.05 and est["z_critical"] > 2
+    comps = [c for cl in res.report["classes"] for c in cl["components"]]
+    (poison_comp,) = [c for c in comps if c["flagged"]]
+    assert poison_comp["poisons"] == N_POISON and poison_comp["z"]["median3"] > est["z_critical"]
+    # The score is the component's z: the poisons score highest.
+    assert res.score_N[is_poison].min() > res.score_N[~is_poison].max()
+
+
+def test_run_with_the_test_rule_on_clean_data_removes_nothing(many_classes):
+    feats, pred, filtered, y, is_poison = many_classes
+    keep = ~is_poison
+    res = _run(feats[keep], pred[keep], filtered[keep], y[keep], 8,
+               _settings(rule="test", k_max=3, covariance="diag"))
+    assert res.is_clean_N.all()
+
+
+# --- caching beside the baseline ---------------------------------------------------------------
+
+
+def test_passes_and_mixtures_are_computed_once_per_baseline(poisoned_arrays, tmp_path, monkeypatch):
+    feats, pred, pred_blur, y, is_poison = poisoned_arrays
+    fits = []
+    real_cluster = mixtures.cluster
+    monkeypatch.setattr(mixtures, "cluster", lambda *a: fits.append(1) or real_cluster(*a))
+
+    def run(key, **changes):
+        view = _view(feats, pred, pred_blur, y, 3, is_poison, cache_dir=tmp_path, key=key)
+        return ci.CI(_settings(k_max=4, **changes)).run(view), view
+
+    first, v1 = run("baseline-a")
+    assert v1.calls == ["median3"] and fits == [1]
+    assert {p.name for p in tmp_path.iterdir()} == {"pass-median3.npz", "gmm.json"}
+    again, v2 = run("baseline-a", tau=0.3)  # another rule setting: the same pass and mixtures
+    assert v2.calls == [] and fits == [1]
+    np.testing.assert_array_equal(again.is_clean_N, first.is_clean_N)
+    assert again.report["classes"] == first.report["classes"]
+    _, v3 = run("baseline-b")  # another baseline: computed again
+    assert v3.calls == ["median3"] and fits == [1, 1]
+    _, v4 = run("baseline-b", covariance="diag")  # other mixture settings: the same pass, new mixtures
+    assert v4.calls == [] and fits == [1, 1, 1]
+    (tmp_path / "pass-median3.npz").write_bytes(b"damaged")
+    _, v5 = run("baseline-b", covariance="diag")  # a damaged cache is a miss, not an error
+    assert v5.calls == ["median3"]
