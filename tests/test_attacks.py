@@ -1,378 +1,263 @@
-"""Attacks: the triggers of the seed attack and its classic neighbours, and how every attack
-poisons a training set (label-flipping, clean-label, covers) and builds its triggered test set."""
+"""Every attack plug-in: where its trigger goes, its bookkeeping (poisons, covers, labels), its
+determinism, its bounds, and its errors for bad settings."""
+
+import math
 
 import numpy as np
 import pytest
 
 from ci_jax import attacks, config
-from ci_jax.attacks import blend, none, patch, pixel
-from ci_jax.attacks.base import Attack
-from ci_jax.config import Config
+from ci_jax.attacks import additive, adaptive_blend, bpp, sig, smooth, wanet
 from ci_jax.errors import UserError
 
-N, H, W, C = 40, 28, 28, 1
-RNG = np.random.default_rng(0)  # the pixel, patch and blend triggers draw nothing
+N_CLASSES = 10
 
 
-def _dataset(seed: int = 0, n: int = N, c: int = C) -> tuple[np.ndarray, np.ndarray]:
+def _data(n=400, side=28, channels=1, seed=0):
     rng = np.random.default_rng(seed)
-    x_NHWC = rng.uniform(0.0, 0.8, (n, H, W, c)).astype(np.float32)
-    y_N = (np.arange(n) % 4).astype(np.int32)  # 10 images per class 0..3
-    return x_NHWC, y_N
+    # 8-bit values, as real images: quantising them again changes nothing but the trigger.
+    x = (rng.integers(0, 256, (n, side, side, channels)) / 255).astype(np.float32)
+    y = (np.arange(n) % N_CLASSES).astype(np.int32)
+    return x, y
+
+
+def _attack(name, n_poison=20, source=0, target=2, selection="first", seed=0, **fields):
+    cfg = config.preset("default", {"attack.name": name, "attack.n_poison": n_poison, "attack.source": source,
+                                    "attack.target": target, "attack.selection": selection, "seed": seed,
+                                    **{f"attack.{name}.{k}": v for k, v in fields.items()}})
+    t = attacks.Target(source, target, n_poison, selection, seed)
+    return attacks.build(name, cfg.attack_settings(), t)
+
+
+def test_every_attack_is_registered_and_has_a_config_section():
+    assert set(attacks.NAMES) == {"none", "pixel", "patch", "blend", "chessboard", "static", "cross", "fourpixel",
+                                  "sig", "wanet", "adaptive_blend", "bpp", "smooth"}
+    for name, cls in attacks.REGISTRY.items():
+        assert cls.__doc__ or cls.__module__, name
+        if cls.Settings is not None:
+            assert hasattr(config.Config().attack, name)
+
+
+@pytest.mark.parametrize("name", [n for n in attacks.NAMES if n != "none"])
+def test_bookkeeping_determinism_and_bounds(name):
+    x, y = _data()
+    a = _attack(name)
+    p = attacks.poison_training_set(a, x, y, N_CLASSES)
+    again = attacks.poison_training_set(_attack(name), x, y, N_CLASSES)
+    assert np.array_equal(p.x_NHWC, again.x_NHWC) and np.array_equal(p.y_N, again.y_N)
+    assert p.n_poison == 20 and not (p.is_poison_N & p.is_cover_N).any()
+    assert p.n_cover == a.n_covers(20)
+    untouched = ~p.is_poison_N & ~p.is_cover_N
+    assert np.array_equal(p.x_NHWC[untouched], x[untouched]) and np.array_equal(p.y_N[untouched], y[untouched])
+    if a.clean_label:
+        assert (y[p.is_poison_N] == 2).all() and (p.y_N[p.is_poison_N] == 2).all()
+    else:
+        assert (y[p.is_poison_N] == 0).all() and (p.y_N[p.is_poison_N] == 2).all()
+    assert np.array_equal(p.y_N[p.is_cover_N], y[p.is_cover_N])  # covers keep their labels
+    assert (y[p.is_cover_N] != 2).all()
+    changed = np.abs(p.x_NHWC - x).reshape(len(x), -1).max(1)
+    assert (changed[p.is_poison_N] > 0).all()
+    if name != "pixel":  # the seed's pixel is not clipped: 1 + 0.25 is allowed there
+        assert p.x_NHWC.min() >= 0 and p.x_NHWC.max() <= 1
+    t = attacks.triggered_test_set(a, x, y, N_CLASSES)
+    assert t.x_NHWC.dtype == np.float32 and len(t.x_NHWC) == len(t.idx)
+
+
+def test_random_selection_depends_on_the_seed_only():
+    x, y = _data()
+    pick = lambda seed: attacks.poison_training_set(_attack("patch", selection="random", seed=seed), x, y, N_CLASSES).poison_idx
+    assert np.array_equal(pick(1), pick(1)) and not np.array_equal(pick(1), pick(2))
+
+
+def test_asr_set_is_the_source_or_every_non_target_class():
+    x, y = _data()
+    assert set(y[attacks.triggered_test_set(_attack("patch"), x, y, N_CLASSES).idx]) == {0}
+    all_to_one = attacks.triggered_test_set(_attack("patch", source=-1), x, y, N_CLASSES)
+    assert set(y[all_to_one.idx]) == set(range(N_CLASSES)) - {2}
+    clean_label = attacks.triggered_test_set(_attack("sig"), x, y, N_CLASSES)
+    assert set(y[clean_label.idx]) == set(range(N_CLASSES)) - {2}
+    assert "not of the target class 2" in clean_label.description
+    none = attacks.triggered_test_set(_attack("none"), x, y, N_CLASSES)
+    assert len(none.idx) == 0
+
+
+def test_no_attack_poisons_nothing():
+    x, y = _data()
+    p = attacks.poison_training_set(_attack("none", n_poison=50), x, y, N_CLASSES)
+    assert p.n_poison == 0 and np.array_equal(p.x_NHWC, x)
+
+
+# -- the CI authors' patterns: placement by hand ---------------------------------------------------
+def test_chessboard_and_static_masks():
+    a = _attack("chessboard")
+    m = a.mask_HW(4, 4)
+    assert m.tolist() == [[1, 0, 1, 0], [0, 1, 0, 1], [1, 0, 1, 0], [0, 1, 0, 1]]
+    s = _attack("static").mask_HW(4, 4)
+    assert s.tolist() == [[1, 0, 1, 0], [0, 0, 0, 0], [1, 0, 1, 0], [0, 0, 0, 0]]
+
+
+def test_additive_pattern_is_three_levels_of_255_and_quantised():
+    x = np.full((1, 8, 8, 1), 10 / 255, np.float32)
+    out = _attack("static").stamp(x, None, test=False)
+    on = _attack("static").mask_HW(8, 8).astype(bool)
+    assert np.allclose(out[0, on, 0] * 255, 13) and np.allclose(out[0, ~on, 0] * 255, 10)
+    assert np.allclose(out * 255, np.round(out * 255), atol=1e-4)  # on the 8-bit grid
+    top = np.ones((1, 8, 8, 1), np.float32)
+    assert _attack("chessboard").stamp(top, None, test=False).max() == 1.0  # clipped
+
+
+def test_cross_is_five_pixels_in_the_authors_range_and_fixed_per_seed():
+    a = _attack("cross", pattern_seed=3)
+    m = a.mask_HW(28, 28)
+    assert m.sum() == 5
+    (r, c), = np.argwhere(m * (np.roll(m, 1, 0) + np.roll(m, -1, 0)) * (np.roll(m, 1, 1) + np.roll(m, -1, 1)) > 0)
+    assert 3 <= r <= 24 and 3 <= c <= 24
+    assert m[r - 1, c] == m[r + 1, c] == m[r, c - 1] == m[r, c + 1] == 1
+    assert np.array_equal(m, _attack("cross", pattern_seed=3).mask_HW(28, 28))
+    assert not np.array_equal(m, _attack("cross", pattern_seed=4).mask_HW(28, 28))
+
 
-
-def _target(source=1, target=3, n=4, selection="first", seed=0) -> attacks.Target:
-    return attacks.Target(source, target, n, selection, seed)
-
-
-def _pixel(target: attacks.Target | None = None, **settings) -> pixel.Pixel:
-    return pixel.Pixel(pixel.Settings(**settings), target or _target())
-
-
-def _config_error(overrides: dict) -> UserError:
-    with pytest.raises(UserError) as e:
-        config.replace(Config(), overrides)
-    return e.value
-
-
-# --- the pixel trigger -------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("channels", [1, 3])
-def test_trigger_adds_amplitude_at_one_pixel_of_every_channel(channels):
-    x_NHWC, _ = _dataset(c=channels)
-    out_NHWC = _pixel(row=5, col=7, amplitude=0.25).stamp(x_NHWC, RNG, test=False)
-
-    expected_NHWC = x_NHWC.copy()
-    expected_NHWC[:, 5, 7, :] += np.float32(0.25)
-    assert out_NHWC.dtype == np.float32
-    np.testing.assert_array_equal(out_NHWC, expected_NHWC)
-
-
-def test_trigger_does_not_mutate_input():
-    x_NHWC, _ = _dataset()
-    before_NHWC = x_NHWC.copy()
-    out_NHWC = _pixel().stamp(x_NHWC, RNG, test=False)
-    np.testing.assert_array_equal(x_NHWC, before_NHWC)
-    assert not np.shares_memory(out_NHWC, x_NHWC)
-
-
-def test_trigger_does_not_clip_by_default():
-    x_NHWC = np.zeros((1, H, W, C), np.float32)
-    x_NHWC[0, 18, 24, 0] = 0.9
-    out_NHWC = _pixel().stamp(x_NHWC, RNG, test=False)
-    assert out_NHWC[0, 18, 24, 0] == pytest.approx(1.15)
-
-
-def test_trigger_clips_to_one_when_asked():
-    x_NHWC = np.zeros((1, H, W, C), np.float32)
-    x_NHWC[0, 18, 24, 0] = 0.9
-    out_NHWC = _pixel(clip=True).stamp(x_NHWC, RNG, test=False)
-    assert out_NHWC[0, 18, 24, 0] == 1.0
-    assert np.count_nonzero(out_NHWC) == 1
-
-
-def test_default_trigger_is_the_seed_attack():
-    assert pixel.Settings() == pixel.Settings(row=18, col=24, amplitude=0.25, clip=False)
-    cfg = Config()
-    assert cfg.attack.name == "pixel" and cfg.attack_settings() == pixel.Settings()
-
-
-def test_off_image_trigger_names_position_and_image_size():
-    with pytest.raises(UserError, match=r"\(30, 24\).*28x28.*0\.\.27"):
-        _pixel(row=30, col=24).check((28, 28, 1))
-    with pytest.raises(UserError, match=r"\(3, 32\).*32x32"):
-        _pixel(row=3, col=32).check((32, 32, 3))
-
-
-def test_negative_trigger_row_rejected():
-    with pytest.raises(UserError, match=r"\(-1, 24\)"):
-        _pixel(row=-1).check((28, 28, 1))
-    assert "attack.pixel.row" in str(_config_error({"attack.pixel.row": -1}))
-
-
-@pytest.mark.parametrize("amplitude", [0.0, -0.25, float("nan"), float("inf")])
-def test_bad_amplitude_rejected(amplitude):
-    assert "attack.pixel.amplitude" in str(_config_error({"attack.pixel.amplitude": amplitude}))
-
-
-def test_poisoning_and_the_test_set_validate_against_the_image():
-    x_NHWC = np.zeros((8, 16, 16, 1), np.float32)
-    y_N = np.arange(8, dtype=np.int32) % 4
-    with pytest.raises(UserError, match="16x16"):  # the default (18, 24) does not fit
-        attacks.poison_training_set(_pixel(_target(n=1)), x_NHWC, y_N, 4)
-    with pytest.raises(UserError, match="16x16"):
-        attacks.triggered_test_set(_pixel(), x_NHWC, y_N, 4)
-
-
-# --- poisoning -------------------------------------------------------------------------------
-
-
-def _poison(attack: Attack | None = None, **target) -> tuple[np.ndarray, np.ndarray, attacks.PoisonedSet]:
-    x_NHWC, y_N = _dataset()
-    attack = attack or _pixel(_target(**target))
-    return x_NHWC, y_N, attacks.poison_training_set(attack, x_NHWC, y_N, 4)
-
-
-def test_poison_bookkeeping():
-    x_NHWC, y_N, ps = _poison()
-    trigger = _pixel()
-
-    assert ps.poison_idx.dtype == np.int64
-    assert ps.poison_idx.size == ps.n_poison == 4
-    assert np.all(np.diff(ps.poison_idx) > 0)
-    assert np.all(y_N[ps.poison_idx] == 1)
-    assert ps.y_N.dtype == np.int32 and ps.x_NHWC.dtype == np.float32
-    assert np.all(ps.y_N[ps.poison_idx] == 3)
-    assert ps.is_poison_N.dtype == bool and ps.is_cover_N.dtype == bool
-    assert not ps.is_cover_N.any() and ps.n_cover == 0  # the pixel attack adds no covers
-    np.testing.assert_array_equal(np.flatnonzero(ps.is_poison_N), ps.poison_idx)
-    np.testing.assert_array_equal(ps.x_NHWC[ps.poison_idx], trigger.stamp(x_NHWC[ps.poison_idx], RNG, test=False))
-
-    clean_N = ~ps.is_poison_N
-    assert ps.x_NHWC[clean_N].tobytes() == x_NHWC[clean_N].tobytes()
-    np.testing.assert_array_equal(ps.y_N[clean_N], y_N[clean_N])
-
-
-def test_poisoning_does_not_mutate_inputs():
-    x_NHWC, y_N = _dataset()
-    x_before, y_before = x_NHWC.copy(), y_N.copy()
-    ps = attacks.poison_training_set(_pixel(), x_NHWC, y_N, 4)
-    np.testing.assert_array_equal(x_NHWC, x_before)
-    np.testing.assert_array_equal(y_N, y_before)
-    assert not np.shares_memory(ps.x_NHWC, x_NHWC)
-    assert not np.shares_memory(ps.y_N, y_N)
-
-
-def test_first_selection_takes_first_n_of_source_class():
-    _, y_N, ps = _poison(selection="first")
-    np.testing.assert_array_equal(ps.poison_idx, np.flatnonzero(y_N == 1)[:4])
-
-
-def test_random_selection_is_deterministic_per_seed_and_varies_across_seeds():
-    _, y_N, a = _poison(selection="random", seed=0)
-    _, _, b = _poison(selection="random", seed=0)
-    _, _, c = _poison(selection="random", seed=1)
-    np.testing.assert_array_equal(a.poison_idx, b.poison_idx)
-    np.testing.assert_array_equal(a.x_NHWC, b.x_NHWC)
-    assert not np.array_equal(a.poison_idx, c.poison_idx)
-    assert np.all(y_N[a.poison_idx] == 1)
-    assert np.unique(a.poison_idx).size == 4
-
-
-def test_zero_poisons_gives_clean_set():
-    x_NHWC, y_N, ps = _poison(n=0)
-    assert ps.poison_idx.size == 0 and ps.poison_idx.dtype == np.int64
-    assert not ps.is_poison_N.any()
-    np.testing.assert_array_equal(ps.x_NHWC, x_NHWC)
-    np.testing.assert_array_equal(ps.y_N, y_N)
-
-
-def test_whole_source_class_can_be_poisoned():
-    _, y_N, ps = _poison(n=10)
-    np.testing.assert_array_equal(ps.poison_idx, np.flatnonzero(y_N == 1))
-
-
-def test_too_many_poisons_rejected():
-    with pytest.raises(UserError, match="asked for 11 poisons but class 1 has only 10 training images"):
-        _poison(n=11)
-
-
-def test_negative_poison_count_rejected():
-    assert "-1" in str(_config_error({"attack.n_poison": -1}))
-
-
-def test_source_equal_to_target_rejected():
-    assert "attack.source and attack.target" in str(_config_error({"attack.source": 2, "attack.target": 2}))
-
-
-@pytest.mark.parametrize("source,target", [(4, 1), (1, 4), (-2, 1), (1, -1)])
-def test_class_out_of_range_rejected(source, target):
-    with pytest.raises(UserError, match=r"0\.\.3"):
-        _poison(source=source, target=target)
-
-
-def test_unknown_selection_rejected():
-    assert "'best'" in str(_config_error({"attack.selection": "best"}))
-    assert "first, random" in str(_config_error({"attack.selection": "best"}))
-
-
-def test_bad_trigger_rejected_before_poisoning():
-    with pytest.raises(UserError, match="28x28"):
-        _poison(_pixel(row=28))
-
-
-# --- test set --------------------------------------------------------------------------------
-
-
-def test_triggered_test_set_holds_every_source_image_with_trigger():
-    x_NHWC, y_N = _dataset(seed=1)
-    attack = _pixel(_target(source=2), row=2, col=3, amplitude=0.5)
-    trig = attacks.triggered_test_set(attack, x_NHWC, y_N, 4)
-    np.testing.assert_array_equal(trig.idx, np.flatnonzero(y_N == 2))
-    assert trig.description == "test images of class 2, triggered"
-
-    xt_NHWC = trig.x_NHWC
-    assert xt_NHWC.shape == (np.count_nonzero(y_N == 2), H, W, C)
-    np.testing.assert_array_equal(xt_NHWC, attack.stamp(x_NHWC[y_N == 2], RNG, test=True))
-    delta_NHWC = xt_NHWC - x_NHWC[y_N == 2]
-    np.testing.assert_allclose(delta_NHWC[:, 2, 3, :], 0.5, rtol=1e-6)
-    assert np.count_nonzero(delta_NHWC) == xt_NHWC.shape[0] * C
-
-
-# --- the other triggers ------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("row,col", [(0, 0), (0, 25), (25, 0), (25, 25), (10, 13)])
-def test_patch_is_a_checkerboard_exactly_at_its_position(row, col):
-    x_NHWC, _ = _dataset(c=3)
-    out_NHWC = patch.Patch(patch.Settings(row=row, col=col, size=3), _target()).stamp(x_NHWC, RNG, test=False)
-    want_HW = np.array([[1, 0, 1], [0, 1, 0], [1, 0, 1]], np.float32)
-    np.testing.assert_array_equal(out_NHWC[:, row:row + 3, col:col + 3, :],
-                                  np.broadcast_to(want_HW[None, :, :, None], (N, 3, 3, 3)))
-    rest = np.ones((H, W), bool)
-    rest[row:row + 3, col:col + 3] = False
-    np.testing.assert_array_equal(out_NHWC[:, rest], x_NHWC[:, rest])
-
-
-def test_patch_off_the_image_names_the_valid_range():
-    with pytest.raises(UserError, match=r"patch.row in 0\.\.25 and --attack.patch.col in 0\.\.25"):
-        patch.Patch(patch.Settings(row=26, col=0, size=3), _target()).check((H, W, C))
-    with pytest.raises(UserError, match="29x29 pixels is larger than the 28x28 image"):
-        patch.Patch(patch.Settings(row=0, col=0, size=29), _target()).check((H, W, C))
-    assert "attack.patch.size" in str(_config_error({"attack.patch.size": 0}))
-
-
-def test_blend_mixes_a_fixed_seeded_pattern_everywhere():
-    x_NHWC, _ = _dataset()
-    make = lambda alpha, seed: blend.Blend(blend.Settings(alpha=alpha, pattern_seed=seed), _target())
-    out_NHWC = make(0.2, 3).stamp(x_NHWC, RNG, test=False)
-    pattern_HWC = np.random.default_rng(3).uniform(0, 1, (H, W, C)).astype(np.float32)
-    np.testing.assert_allclose(out_NHWC, 0.8 * x_NHWC + 0.2 * pattern_HWC[None], rtol=1e-6)
-    np.testing.assert_array_equal(out_NHWC, make(0.2, 3).stamp(x_NHWC, np.random.default_rng(9), test=True))
-    assert not np.array_equal(out_NHWC, make(0.2, 4).stamp(x_NHWC, RNG, test=False))
-    assert out_NHWC.min() >= 0 and out_NHWC.max() <= 1
-    assert "attack.blend.alpha" in str(_config_error({"attack.blend.alpha": 1.5}))
-
-
-def test_build_makes_each_attack_from_the_config():
-    def built(overrides):
-        cfg = config.replace(Config(), overrides)
-        a = cfg.attack
-        return attacks.build(a.name, cfg.attack_settings(), attacks.Target(a.source, a.target, a.n_poison,
-                                                                           a.selection, cfg.seed))
-
-    px = built({})
-    assert type(px) is pixel.Pixel and px.s == pixel.Settings(18, 24, 0.25, False)
-    assert px.t == attacks.Target(0, 2, 1000, "first", 0)
-    pt = built({"attack.name": "patch", "attack.patch.row": 1, "attack.patch.col": 2, "attack.patch.size": 4})
-    assert type(pt) is patch.Patch and pt.s == patch.Settings(1, 2, 4)
-    bl = built({"attack.name": "blend", "attack.blend.alpha": 0.3, "attack.blend.pattern_seed": 7, "seed": 5})
-    assert type(bl) is blend.Blend and bl.s == blend.Settings(0.3, 7) and bl.t.seed == 5
-    assert type(built({"attack.name": "none"})) is none.NoAttack
-    with pytest.raises(UserError, match="unknown attack 'sticker'"):
-        attacks.build("sticker", None, _target())
-
-
-def test_all_to_one_poisons_every_class_but_the_target():
-    x_NHWC, y_N = _dataset()
-    corner = lambda n: patch.Patch(patch.Settings(row=0, col=0), _target(source=-1, target=3, n=n))
-    ps = attacks.poison_training_set(corner(30), x_NHWC, y_N, 4)
-    assert set(y_N[ps.poison_idx]) == {0, 1, 2}
-    assert np.all(ps.y_N[ps.poison_idx] == 3)
-    with pytest.raises(UserError, match="only 30 training images"):
-        attacks.poison_training_set(corner(31), x_NHWC, y_N, 4)
-    trig = attacks.triggered_test_set(corner(30), x_NHWC, y_N, 4)
-    np.testing.assert_array_equal(trig.idx, np.flatnonzero(y_N != 3))
-    assert trig.description == "every test image not of the target class 3, triggered"
-    bad = patch.Patch(patch.Settings(row=0, col=0), _target(source=-2, target=3, n=1))
-    with pytest.raises(UserError, match="attack.source -2"):
-        attacks.validate(bad, y_N, 4, (H, W, C))
-
-
-# --- what the base class does for every attack: clean-label poisons, covers, no attack ----------
-
-
-class _CleanLabel(Attack):
-    """Poisons drawn from the target class, keeping their label; +0.5 at (0, 0)."""
-
-    clean_label = True
-
-    def stamp(self, x_NHWC, rng, test):
-        out = x_NHWC.copy()
-        out[:, 0, 0, :] += 0.5
-        return out
-
-
-class _WithCovers(pixel.Pixel):
-    """The pixel attack plus one cover for every two poisons, stamped with a weaker pixel."""
-
-    def n_covers(self, n_poison):
-        return n_poison // 2
-
-    def cover(self, x_NHWC, rng):
-        out = x_NHWC.copy()
-        out[:, self.s.row, self.s.col, :] += 0.1
-        return out
-
-
-def test_a_clean_label_attack_poisons_the_target_class_and_keeps_its_labels():
-    x_NHWC, y_N = _dataset()
-    attack = _CleanLabel(None, _target(source=1, target=3, n=5))
-    ps = attacks.poison_training_set(attack, x_NHWC, y_N, 4)
-    np.testing.assert_array_equal(ps.poison_idx, np.flatnonzero(y_N == 3)[:5])
-    np.testing.assert_array_equal(ps.y_N, y_N)  # no label changes
-    np.testing.assert_allclose(ps.x_NHWC[ps.poison_idx, 0, 0, 0], x_NHWC[ps.poison_idx, 0, 0, 0] + 0.5)
-    with pytest.raises(UserError, match="class 3 has only 10"):
-        attacks.poison_training_set(_CleanLabel(None, _target(target=3, n=11)), x_NHWC, y_N, 4)
-    # At test time the trigger is meant for every other class.
-    trig = attacks.triggered_test_set(attack, x_NHWC, y_N, 4)
-    np.testing.assert_array_equal(trig.idx, np.flatnonzero(y_N != 3))
-
-
-def test_covers_keep_their_labels_and_leave_the_poisons_as_they_were():
-    x_NHWC, y_N = _dataset()
-    t = _target(n=6, selection="random", seed=2)
-    plain = attacks.poison_training_set(_pixel(t), x_NHWC, y_N, 4)
-    covered = attacks.poison_training_set(_WithCovers(pixel.Settings(), t), x_NHWC, y_N, 4)
-    np.testing.assert_array_equal(covered.poison_idx, plain.poison_idx)  # their own random stream
-    np.testing.assert_array_equal(covered.x_NHWC[covered.is_poison_N], plain.x_NHWC[plain.is_poison_N])
-    assert covered.n_cover == 3 and not (covered.is_cover_N & covered.is_poison_N).any()
-    cover_idx = np.flatnonzero(covered.is_cover_N)
-    assert not np.isin(y_N[cover_idx], [3]).any()  # drawn from every class but the target
-    np.testing.assert_array_equal(covered.y_N[cover_idx], y_N[cover_idx])
-    np.testing.assert_allclose(covered.x_NHWC[cover_idx, 18, 24, 0], x_NHWC[cover_idx, 18, 24, 0] + 0.1, rtol=1e-6)
-    untouched = ~(covered.is_cover_N | covered.is_poison_N)
-    np.testing.assert_array_equal(covered.x_NHWC[untouched], x_NHWC[untouched])
-
-
-def test_covers_that_do_not_fit_are_refused():
-    x_NHWC, y_N = _dataset()
-
-    class TooMany(_WithCovers):
-        def n_covers(self, n_poison):
-            return len(y_N)
-
+def test_fourpixel_is_four_distinct_pixels():
+    for seed in range(20):
+        m = _attack("fourpixel", pattern_seed=seed).mask_HW(28, 28)
+        assert m.sum() == 4 and m[:3].sum() == m[-3:].sum() == 0
+
+
+# -- SIG --------------------------------------------------------------------------------------------
+def test_sig_is_a_horizontal_sinusoid_on_target_images():
+    v = sig.sinusoid_W(8, 0.1, 2.0)
+    # sin(2 pi j 2 / 8) for j = 0..7: 0, 1, 0, -1, 0, 1, 0, -1
+    assert np.allclose(v, 0.1 * np.array([0, 1, 0, -1, 0, 1, 0, -1]), atol=1e-7)
+    x = np.full((2, 8, 8, 1), 0.5, np.float32)
+    a = _attack("sig", delta=0.1, frequency=2.0, test_gain=2.0)
+    train, test = a.stamp(x, None, test=False), a.stamp(x, None, test=True)
+    assert np.allclose(train[0, 3, :, 0], 0.5 + v) and np.allclose(test[0, 5, :, 0], 0.5 + 2 * v)
+    assert a.clean_label
+
+
+# -- WaNet ------------------------------------------------------------------------------------------
+def test_bicubic_matrix_interpolates_and_keeps_constants():
+    m = wanet.bicubic_matrix(4, 28)
+    assert np.allclose(m.sum(1), 1.0)
+    assert np.allclose(m[0], [1, 0, 0, 0]) and np.allclose(m[-1], [0, 0, 0, 1])  # align_corners
+    nodes = np.isclose(np.linspace(0, 3, 28) % 1, 0)  # output pixels that sit on a control point
+    assert np.allclose(m[nodes], np.eye(4))
+    # Keys' weights with A = -0.75 half-way between points, by hand: 1 - 3.25/8 and 3 - 3.09375.
+    assert np.allclose(wanet._cubic(np.array([0.5])), [[-0.09375, 0.59375, 0.59375, -0.09375]])
+
+
+def test_warp_with_the_identity_grid_is_the_identity_and_a_shift_moves_pixels():
+    x, _ = _data(n=3, side=8)
+    a = np.linspace(-1, 1, 8)
+    identity = np.stack(np.meshgrid(a, a, indexing="xy"), -1)
+    assert np.allclose(wanet.warp(x, np.broadcast_to(identity, (3, 8, 8, 2))), x, atol=1e-6)
+    shifted = identity.copy()
+    shifted[..., 0] = np.clip(shifted[..., 0] + 2 / 7, -1, 1)  # sample one column to the right
+    out = wanet.warp(x, np.broadcast_to(shifted, (3, 8, 8, 2)))
+    assert np.allclose(out[:, :, :-1], x[:, :, 1:], atol=1e-6)
+
+
+def test_wanet_field_is_small_and_fixed_and_covers_are_noisy():
+    a = _attack("wanet", k=4, s=0.5)
+    grid = wanet.sampling_grid(a.s, 28)
+    lin = np.linspace(-1, 1, 28)
+    identity = np.stack(np.meshgrid(lin, lin, indexing="xy"), -1)
+    shift = np.abs(grid - identity)
+    assert shift.max() > 0 and shift.mean() < 4 * 0.5 / 28
+    x, _ = _data(n=4)
+    assert np.array_equal(a.stamp(x, None, test=False), a.stamp(x, None, test=True))
+    c1 = a.cover(x, np.random.default_rng(0))
+    assert not np.allclose(c1, a.stamp(x, None, test=False))
+    assert a.n_covers(100) == 200
+
+
+# -- Adaptive-Blend ---------------------------------------------------------------------------------
+def test_adaptive_blend_masks_keep_half_the_pieces():
+    a = _attack("adaptive_blend")
+    m = a.masks(50, 28, 28, np.random.default_rng(0))
+    assert m.shape == (50, 28, 28) and set(np.unique(m)) == {0.0, 1.0}
+    assert np.allclose(m.sum((1, 2)), 8 * 7 * 7)  # 8 pieces of 7x7
+    blocks = m.reshape(50, 4, 7, 4, 7)
+    assert (blocks.min((2, 4)) == blocks.max((2, 4))).all()  # whole pieces only
+    assert len({tuple(row) for row in m.reshape(50, -1)}) > 40  # a fresh choice per image
+
+
+def test_adaptive_blend_strengths_and_test_trigger():
+    a = _attack("adaptive_blend")
+    x = np.zeros((2, 28, 28, 1), np.float32)
+    t = a.stamp(x, None, test=True)
+    pattern = np.random.default_rng(0).uniform(0, 1, (28, 28, 1)).astype(np.float32)
+    assert np.allclose(t[0], 0.2 * pattern)
+    tr = a.stamp(x, np.random.default_rng(1), test=False)
+    assert np.isclose(tr.max(), 0.15 * pattern.max(), atol=1e-6) and (tr == 0).mean() >= 0.5
+    assert a.n_covers(30) == 30
+
+
+def test_adaptive_blend_rejects_pieces_that_do_not_tile():
+    with pytest.raises(UserError, match="square number"):
+        config.preset("default", {"attack.name": "adaptive_blend", "attack.adaptive_blend.pieces": 15})
+    with pytest.raises(UserError, match="exceeds"):
+        config.preset("default", {"attack.name": "adaptive_blend", "attack.adaptive_blend.kept": 20})
+    a = _attack("adaptive_blend", pieces=9, kept=3)
+    with pytest.raises(UserError, match="does not divide"):
+        a.check((28, 28, 1))
+
+
+# -- BppAttack --------------------------------------------------------------------------------------
+def test_bpp_squeezes_to_levels():
+    x = np.array([0.0, 0.1, 0.2, 0.5, 0.93, 1.0], np.float32).reshape(1, 1, 6, 1)
+    out = _attack("bpp", levels=3).stamp(x, None, test=False)
+    assert np.allclose(out.ravel(), [0, 0, 0, 0.5, 1, 1])  # x * 2 = 0, .2, .4, 1, 1.86, 2, rounded, halved
+
+
+def test_floyd_steinberg_diffuses_the_error():
+    x = np.full((1, 4, 4, 1), 0.25, np.float32)
+    out = bpp.floyd_steinberg(x, 2)
+    assert set(np.unique(out)) <= {0.0, 1.0}
+    assert abs(out.mean() - 0.25) <= 1 / 16 + 1e-9  # the mean grey survives as a dot pattern
+    assert np.isclose(bpp.floyd_steinberg(np.zeros((1, 3, 3, 1), np.float32), 8), 0).all()
+
+
+# -- smooth -----------------------------------------------------------------------------------------
+def test_smooth_pattern_is_low_frequency_and_bounded():
+    a = _attack("smooth", amplitude=0.1, grid=3)
+    p = smooth.pattern(a.s, (28, 28, 1))
+    assert np.isclose(np.abs(p).max(), 0.1)
+    assert np.abs(np.diff(p, axis=0)).max() < 0.1 / 5 and np.abs(np.diff(p, axis=1)).max() < 0.1 / 5
+
+
+# -- bad settings -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("path,value,match", [
+    ("attack.cross.amplitude", 0.0, "must be > 0"),
+    ("attack.sig.delta", 2.0, "must be > 0.0 and <= 1.0"),
+    ("attack.wanet.k", 1, "must be from 2"),
+    ("attack.bpp.levels", 1, "must be from 2"),
+    ("attack.smooth.grid", 0, "must be from 2"),
+    ("attack.name", "wannet", "did you mean 'wanet'"),
+])
+def test_bad_settings_are_one_user_error(path, value, match):
+    with pytest.raises(UserError, match=match):
+        config.preset("default", {path: value})
+
+
+def test_too_many_covers_is_a_user_error_before_any_work():
+    x, y = _data(n=100)
     with pytest.raises(UserError, match="cover images do not fit"):
-        attacks.poison_training_set(TooMany(pixel.Settings(), _target(n=4)), x_NHWC, y_N, 4)
+        attacks.poison_training_set(_attack("wanet", n_poison=10, cover_ratio=50.0), x, y, N_CLASSES)
 
 
-def test_no_attack_plants_nothing_and_has_no_triggered_test_set():
-    x_NHWC, y_N = _dataset()
-    attack = none.NoAttack(None, _target(n=1000))  # n_poison is moot: nothing is planted
-    ps = attacks.poison_training_set(attack, x_NHWC, y_N, 4)
-    assert ps.n_poison == 0 and ps.n_cover == 0
-    np.testing.assert_array_equal(ps.x_NHWC, x_NHWC)
-    trig = attacks.triggered_test_set(attack, x_NHWC, y_N, 4)
-    assert trig.x_NHWC.shape == (0, H, W, C) and trig.idx.size == 0
+def test_clean_label_poison_count_is_checked_against_the_target_class():
+    x, y = _data(n=100)
+    with pytest.raises(UserError, match="class 2 has only 10"):
+        attacks.poison_training_set(_attack("sig", n_poison=11), x, y, N_CLASSES)
 
 
-def test_a_trigger_that_makes_nan_is_a_bug_not_a_user_error():
-    class Broken(Attack):
-        def stamp(self, x_NHWC, rng, test):
-            return np.full_like(x_NHWC, np.nan)
+def test_patch_larger_than_the_image_says_so():
+    with pytest.raises(UserError, match="larger than the 28x28 image"):
+        _attack("patch", size=29, row=0, col=0).check((28, 28, 1))
 
-    x_NHWC, y_N = _dataset()
-    with pytest.raises(ValueError, match="Broken.stamp") as e:
-        attacks.poison_training_set(Broken(None, _target()), x_NHWC, y_N, 4)
-    assert not isinstance(e.value, UserError)
+
+def test_wanet_needs_square_images():
+    with pytest.raises(UserError, match="square"):
+        _attack("wanet").check((28, 32, 1))
+    assert math.isclose(_attack("wanet").s.s, 0.5)
