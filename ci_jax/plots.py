@@ -212,6 +212,7 @@ def sweep_field(path: PathLike, field: str, series: dict[str, list[tuple[str, di
     one line per combination of the other varied fields."""
     fig, axes = plt.subplots(1, len(metric_names), figsize=(3.2 * len(metric_names), 3.2), squeeze=False)
     for ax, m in zip(axes[0], metric_names):
+        numeric, xs = False, []  # a metric no run has (TPR without poisons) leaves its panel empty
         for label, points in series.items():
             xs = [x for x, e in points if e[m] is not None]
             if not xs:
