@@ -25,7 +25,7 @@ def test_examples_grayscale(tmp_path):
     x_trig = x.copy()
     x_trig[:, 6, 6, :] = 1.0
     out = tmp_path / "sub" / "examples_gray.png"
-    plots.examples(out, x, x_trig, np.zeros(5, int), np.full(5, 7), trigger_rc=(6, 6), n=4)
+    plots.examples(out, {"pixel": (x, x_trig, np.zeros(5, int), np.full(5, 7))}, n=4)
     assert_png(out)
 
 
@@ -33,7 +33,17 @@ def test_examples_rgb_fewer_than_n(tmp_path):
     rng = np.random.default_rng(1)
     x = rng.normal(0.5, 0.5, (3, 8, 8, 3))  # out of [0, 1] on purpose: must be clipped
     out = tmp_path / "examples_rgb.png"
-    plots.examples(out, x, x, np.arange(3), np.arange(3), n=8)
+    plots.examples(out, {"blend": (x, x, np.arange(3), np.arange(3))}, n=8)  # no change: difference 0
+    assert_png(out)
+
+
+def test_examples_of_several_attacks_of_different_lengths(tmp_path):
+    rng = np.random.default_rng(2)
+    x = rng.random((6, 8, 8, 1), dtype=np.float32)
+    out = tmp_path / "examples_many.png"
+    plots.examples(out, {"pixel": (x, x + 0.25, np.zeros(6), np.ones(6)),
+                         "faint": (x[:2], x[:2] + 3 / 255, np.zeros(2), np.zeros(2)),
+                         "empty": (x[:0], x[:0], np.zeros(0), np.zeros(0))}, n=8)
     assert_png(out)
 
 
@@ -41,7 +51,25 @@ def test_examples_rgb_fewer_than_n(tmp_path):
 def test_examples_no_images(tmp_path, n):
     empty = np.zeros((0, 8, 8, 1))
     out = tmp_path / "examples_empty.png"
-    plots.examples(out, empty, empty, np.zeros(0), np.zeros(0), trigger_rc=(1, 1), n=n)
+    plots.examples(out, {"none": (empty, empty, np.zeros(0), np.zeros(0))}, n=n)
+    assert_png(out)
+    plots.examples(out, {}, n=n)
+    assert_png(out)
+
+
+def test_loss_curves(tmp_path):
+    log = [{"step": 25, "epoch": 0, "loss": 2.0, "lr": 1e-3}, {"step": 50, "epoch": 0, "loss": 0.5},
+           {"epoch": 0, "mean_loss": 1.2, "seconds": 3.0}]  # a per-epoch line: not a point
+    out = tmp_path / "loss.png"
+    plots.loss_curves(out, {"baseline": log, "retrained": log[:1]})
+    assert_png(out)
+
+
+def test_loss_curves_without_logs(tmp_path):
+    out = tmp_path / "loss_none.png"
+    plots.loss_curves(out, {"baseline": [], "retrained": [{"epoch": 0, "mean_loss": 1.0}]})
+    assert_png(out)
+    plots.loss_curves(out, {})
     assert_png(out)
 
 
@@ -75,7 +103,7 @@ def test_bic_curves_edge_cases(tmp_path):
     assert_png(out)
 
 
-@pytest.mark.parametrize("rule,tau", [("threshold", 0.4), ("threshold", None), ("gap", 0.4)])
+@pytest.mark.parametrize("rule,tau", [("threshold", 0.4), ("threshold", None), ("top1", 0.4), ("test", None)])
 def test_impurities(tmp_path, rule, tau):
     out = tmp_path / "impurities.png"
     plots.impurities(out, make_classes(), tau=tau, rule=rule)
@@ -116,3 +144,25 @@ def test_overwrite_keeps_single_file(tmp_path):
     plots.roc(out, {"a": (np.array([0.0, 1.0]), np.array([0.0, 1.0]), 0.5)})
     assert_png(out)
     assert [p.name for p in tmp_path.iterdir()] == ["roc.png"]
+
+
+def _entry(**metrics):
+    return {m: metrics.get(m) for m in ("tpr", "fpr", "clean_after", "asr_after")}
+
+
+@pytest.mark.parametrize("xs", [["0.01", "0.1", "1.0", "10.0"], ["mean2", "median3"], ["5"]])
+def test_sweep_field(tmp_path, xs):
+    series = {f"seed group {g}": [(x, _entry(tpr=(0.9, 0.01), fpr=(0.01 * i, 0.0), clean_after=(0.99, 0.0),
+                                             asr_after=(0.0, 0.0))) for i, x in enumerate(xs)]
+              for g in range(2)}
+    out = tmp_path / "defense.ci.tau.png"
+    plots.sweep_field(out, "defense.ci.tau", series, ("tpr", "fpr", "clean_after", "asr_after"))
+    assert_png(out)
+
+
+def test_sweep_field_with_a_metric_no_run_has(tmp_path):
+    # Without poisons TPR is undefined for every run; without retraining so are the after metrics.
+    series = {"all": [(x, _entry(fpr=(0.02, 0.01))) for x in ("0", "1")]}
+    out = tmp_path / "attack.n_poison.png"
+    plots.sweep_field(out, "attack.n_poison", series, ("tpr", "fpr", "clean_after", "asr_after"))
+    assert_png(out)
