@@ -22,7 +22,9 @@ Beyond the paper:
   spread beyond binomial noise kept, since clean components differ in how many of their images
   sit near a decision boundary. A component is removed when its one-sided p-value, under that overdispersed
   binomial, is below alpha / (components x filters) (Bonferroni). Without overdispersion this is
-  the one-sided binomial test (in its arcsine normal approximation) against the clean rate.
+  the one-sided binomial test (in its arcsine normal approximation) against the clean rate. The
+  estimate breaks down once about a quarter of the components are poisoned, and needs ten or so
+  components to stand on: on a two-class dataset it is weak.
 """
 
 from __future__ import annotations
