@@ -80,18 +80,24 @@ def _fail(capsys, tmp_path, *args, data_dir=None):
 
 
 def test_trigger_off_the_image(capsys, tmp_path, idx_dir):
-    msg = _fail(capsys, tmp_path, "--trigger-row", "40", "--n-poison", "5", data_dir=idx_dir)
-    assert "trigger" in msg and "40" in msg and "28x28" in msg
+    msg = _fail(capsys, tmp_path, "--attack.pixel.row", "40", "--attack.n_poison", "5", data_dir=idx_dir)
+    assert "trigger" in msg and "40" in msg and "28x28" in msg and "--attack.pixel.row in 0..27" in msg
+
+
+def test_patch_off_the_image(capsys, tmp_path, idx_dir):
+    msg = _fail(capsys, tmp_path, "--attack.name", "patch", "--attack.patch.col", "26", "--attack.n_poison", "5",
+                data_dir=idx_dir)
+    assert "trigger patch at (24, 26)" in msg and "--attack.patch.col in 0..25" in msg
 
 
 def test_negative_trigger_col(capsys, tmp_path, idx_dir):
-    msg = _fail(capsys, tmp_path, "--trigger-col", "-1", "--n-poison", "5", data_dir=idx_dir)
-    assert "trigger" in msg and "-1" in msg
+    msg = _fail(capsys, tmp_path, "--attack.pixel.col", "-1", "--attack.n_poison", "5", data_dir=idx_dir)
+    assert "attack.pixel.col" in msg and "-1" in msg
 
 
 def test_more_poisons_than_the_source_class_has(capsys, tmp_path, idx_dir):
-    msg = _fail(capsys, tmp_path, "--n-poison", "21", data_dir=idx_dir)
-    assert "21" in msg and "20" in msg and "--n-poison" in msg
+    msg = _fail(capsys, tmp_path, "--attack.n_poison", "21", data_dir=idx_dir)
+    assert "21" in msg and "20" in msg and "--attack.n_poison" in msg
 
 
 def test_default_poison_count_too_large_for_a_small_dataset(capsys, tmp_path, idx_dir):
@@ -100,38 +106,71 @@ def test_default_poison_count_too_large_for_a_small_dataset(capsys, tmp_path, id
 
 
 def test_source_not_a_class_of_the_dataset(capsys, tmp_path, idx_dir):
-    msg = _fail(capsys, tmp_path, "--source", "12", "--n-poison", "5", data_dir=idx_dir)
-    assert "12" in msg and "source" in msg
+    msg = _fail(capsys, tmp_path, "--attack.source", "12", "--attack.n_poison", "5", data_dir=idx_dir)
+    assert "attack.source 12 is not a class of this dataset" in msg and "0..9" in msg
+
+
+def test_a_reserve_larger_than_the_test_split(capsys, tmp_path, idx_dir):
+    msg = _fail(capsys, tmp_path, "--eval.reserve", "50", "--attack.n_poison", "5", data_dir=idx_dir)
+    assert "eval.reserve = 50" in msg and "50-image test split" in msg
+
+
+def test_a_training_batch_larger_than_the_training_set(capsys, tmp_path, idx_dir):
+    msg = _fail(capsys, tmp_path, "--train.batch_size", "256", "--attack.n_poison", "5", data_dir=idx_dir)
+    assert "--train.batch_size = 256 is larger than the 200 images" in msg
 
 
 # --- config checks -----------------------------------------------------------------------------
 
 
 def test_source_equals_target(capsys, tmp_path, idx_dir):
-    msg = _fail(capsys, tmp_path, "--source", "3", "--target", "3", data_dir=idx_dir)
-    assert "source and target" in msg
+    msg = _fail(capsys, tmp_path, "--attack.source", "3", "--attack.target", "3", data_dir=idx_dir)
+    assert "attack.source and attack.target" in msg
 
 
 @pytest.mark.parametrize("flag, value, choices", [
-    ("--dataset", "svhn", ["mnist", "fashion_mnist", "cifar10"]),
-    ("--model", "vgg16", ["resnet20", "cnn"]),
-    ("--filter", "blur", ["mean2", "mean3", "median3", "gaussian", "noise"]),
-    ("--rule", "top2", ["threshold", "top1"]),
-    ("--bic-search", "grid", ["sweep", "ascent"]),
+    ("--data.dataset", "svhn", ["mnist", "fashion_mnist", "cifar10"]),
+    ("--train.model", "vgg16", ["resnet20", "cnn"]),
+    ("--defense.ci.filters", "blur", ["mean2", "mean3", "median3", "gaussian", "noise", "quant"]),
+    ("--defense.ci.rule", "top2", ["threshold", "top1", "test"]),
+    ("--defense.ci.bic_search", "grid", ["sweep", "ascent"]),
+    ("--attack.name", "sticker", ["none", "pixel", "patch", "blend"]),
+    ("--defense.name", "sticker", ["ci", "ac", "ss"]),
 ])
 def test_unknown_name(capsys, tmp_path, idx_dir, flag, value, choices):
     msg = _fail(capsys, tmp_path, flag, value, data_dir=idx_dir)
-    assert repr(value) in msg
+    assert flag[2:] in msg and repr(value) in msg
     for choice in choices:
         assert choice in msg
 
 
-@pytest.mark.parametrize("flag, value, field", [
-    ("--k-max", "0", "k_max"), ("--tau", "-0.5", "tau"), ("--batch-size", "0", "batch_size"),
-    ("--amplitude", "-1", "amplitude"), ("--n-poison", "-3", "n_poison"), ("--epochs", "0", "epochs")])
-def test_out_of_range_field(capsys, tmp_path, idx_dir, flag, value, field):
+@pytest.mark.parametrize("flag, value, expected", [
+    ("--defense.ci.k_max", "0", "defense.ci.k_max = 0: must be from 1 to 1000"),
+    ("--defense.ci.tau", "-0.5", "defense.ci.tau = -0.5: must be >= 0.0"),
+    ("--train.batch_size", "0", "train.batch_size = 0: must be >= 1"),
+    ("--attack.pixel.amplitude", "-1", "attack.pixel.amplitude = -1.0: must be > 0.0"),
+    ("--attack.n_poison", "-3", "attack.n_poison = -3: must be >= 0"),
+    ("--train.epochs", "0", "train.epochs = 0: must be from 1 to 100000"),
+    ("--train.lr", "-1e-3", "train.lr = -0.001: must be > 0.0"),
+    ("--eval.reserve", "-1", "eval.reserve = -1: must be >= 0")])
+def test_out_of_range_field(capsys, tmp_path, idx_dir, flag, value, expected):
+    assert _fail(capsys, tmp_path, flag, value, data_dir=idx_dir) == f"ci-jax: error: config field {expected}"
+
+
+def test_a_negative_flag_value_is_that_value():
+    # argparse takes "-1e-3" for a flag; the CLI joins it to the flag before it.
+    assert cli._join_negative_values(["run", "--train.lr", "-1e-3", "--attack.source", "-1", "--no-plots"]) == \
+        ["run", "--train.lr=-1e-3", "--attack.source=-1", "--no-plots"]
+    assert cli._join_negative_values(["--out", "-run-", "--seed=3", "-5"]) == ["--out", "-run-", "--seed=3", "-5"]
+
+
+@pytest.mark.parametrize("flag, value, expected", [
+    ("--attack.pixel.clip", "yes", "expected true or false"), ("--defense.ci.k_max", "abc", "expected an int"),
+    ("--defense.ci.tau", "half", "expected a number")])
+def test_a_flag_value_that_does_not_parse(capsys, tmp_path, idx_dir, flag, value, expected):
     msg = _fail(capsys, tmp_path, flag, value, data_dir=idx_dir)
-    assert field in msg
+    assert f"{flag} {value!r}: {expected}" in msg
+    assert not (tmp_path / "run").exists()  # refused before the run directory is made
 
 
 # --- data checks -------------------------------------------------------------------------------
@@ -155,14 +194,14 @@ def test_truncated_idx_file(capsys, tmp_path, idx_dir):
     path = bad / "train-images-idx3-ubyte"
     raw = path.read_bytes()
     path.write_bytes(raw[:-100])
-    msg = _fail(capsys, tmp_path, "--n-poison", "5", data_dir=bad)
+    msg = _fail(capsys, tmp_path, "--attack.n_poison", "5", data_dir=bad)
     assert "train-images-idx3-ubyte" in msg and "truncated" in msg
 
 
 def test_one_idx_file_missing(capsys, tmp_path, idx_dir):
     bad = shutil.copytree(idx_dir, tmp_path / "bad")
     (bad / "t10k-labels-idx1-ubyte").unlink()
-    msg = _fail(capsys, tmp_path, "--n-poison", "5", data_dir=bad)
+    msg = _fail(capsys, tmp_path, "--attack.n_poison", "5", data_dir=bad)
     assert "t10k-labels-idx1-ubyte" in msg and "missing" in msg
 
 
@@ -171,7 +210,7 @@ def test_one_idx_file_missing(capsys, tmp_path, idx_dir):
 
 def test_config_file_that_is_not_json(capsys, tmp_path, idx_dir):
     cfg = tmp_path / "cfg.json"
-    cfg.write_text('{"tau": 0.5,,}')
+    cfg.write_text('{"defense.ci.tau": 0.5,,}')
     msg = _fail(capsys, tmp_path, "--config", str(cfg), data_dir=idx_dir)
     assert str(cfg) in msg and "not valid JSON" in msg
 
@@ -190,22 +229,25 @@ def test_config_file_not_an_object(capsys, tmp_path, idx_dir):
 
 def test_config_file_unknown_field_and_wrong_type(capsys, tmp_path, idx_dir):
     cfg = tmp_path / "cfg.json"
-    cfg.write_text(json.dumps({"n_poisons": 5}))
-    assert "n_poisons" in _fail(capsys, tmp_path, "--config", str(cfg), data_dir=idx_dir)
-    cfg.write_text(json.dumps({"k_max": "3"}))
-    assert "k_max" in _fail(capsys, tmp_path, "--config", str(cfg), data_dir=idx_dir)
+    cfg.write_text(json.dumps({"attack": {"n_poisons": 5}}))
+    msg = _fail(capsys, tmp_path, "--config", str(cfg), data_dir=idx_dir)
+    assert "attack.n_poisons" in msg and "did you mean 'attack.n_poison'" in msg and str(cfg) in msg
+    cfg.write_text(json.dumps({"defense": {"ci": {"k_max": "3"}}}))
+    assert "defense.ci.k_max" in _fail(capsys, tmp_path, "--config", str(cfg), data_dir=idx_dir)
+    cfg.write_text(json.dumps({"n_poison": 5}))  # a flat name of the old config
+    assert "'n_poison'" in _fail(capsys, tmp_path, "--config", str(cfg), data_dir=idx_dir)
 
 
 def test_yaml_config_file_is_applied(capsys, tmp_path, idx_dir):
     cfg = tmp_path / "cfg.yaml"
-    cfg.write_text("# the attack, off the image\ntrigger_row: 40\nn_poison: 5\nlr: 1e-3\n")
+    cfg.write_text("# the attack, off the image\nattack:\n  pixel: {row: 40}\n  n_poison: 5\ntrain.lr: 1e-3\n")
     msg = _fail(capsys, tmp_path, "--config", str(cfg), data_dir=idx_dir)
     assert "trigger" in msg and "40" in msg
 
 
 def test_yaml_config_file_that_is_not_yaml(capsys, tmp_path, idx_dir):
     cfg = tmp_path / "cfg.yml"
-    cfg.write_text("tau: 0.5\nk_max: [3\n")
+    cfg.write_text("defense.ci.tau: 0.5\ndefense.ci.k_max: [3\n")
     msg = _fail(capsys, tmp_path, "--config", str(cfg), data_dir=idx_dir)
     assert str(cfg) in msg and "not valid YAML" in msg and "line" in msg
 
@@ -213,8 +255,8 @@ def test_yaml_config_file_that_is_not_yaml(capsys, tmp_path, idx_dir):
 def test_flags_override_the_config_file(capsys, tmp_path, idx_dir):
     # The file's bad tau is replaced by the flag's; what is left is the attack error.
     cfg = tmp_path / "cfg.json"
-    cfg.write_text(json.dumps({"tau": -1.0, "n_poison": 5}))
-    msg = _fail(capsys, tmp_path, "--config", str(cfg), "--tau", "0.5", "--trigger-row", "40",
+    cfg.write_text(json.dumps({"defense": {"ci": {"tau": -1.0}}, "attack.n_poison": 5}))
+    msg = _fail(capsys, tmp_path, "--config", str(cfg), "--defense.ci.tau", "0.5", "--attack.pixel.row", "40",
                 data_dir=idx_dir)
     assert "trigger" in msg
 
@@ -224,8 +266,28 @@ def test_valid_input_gets_as_far_as_training(tmp_path, idx_dir):
     # so the errors in this file come from the checks, not from something unrelated.
     with pytest.raises(AssertionError, match="training started"):
         cli.main(["run", "--out", str(tmp_path / "run"), "--no-plots", "--data-dir", str(idx_dir),
-                  "--n-poison", "5"])
+                  "--attack.n_poison", "5"])
     assert not (tmp_path / "run" / "report.json").exists()
+
+
+@pytest.mark.parametrize("flags", [
+    ["--attack.source", "-1", "--attack.pixel.clip", "true", "--defense.ci.filters", "mean2", "median3"],
+    ["--attack.name", "patch", "--defense.name", "ss", "--defense.ss.eps", "0.05", "--train.lr", "1e-3"],
+    ["--preset", "seed", "--defense.ci.rule", "test", "--defense.retrain", "false"]])
+def test_valid_flags_get_as_far_as_training(tmp_path, idx_dir, flags):
+    with pytest.raises(AssertionError, match="training started"):
+        cli.main(["run", "--out", str(tmp_path / "run"), "--no-plots", "--data-dir", str(idx_dir),
+                  "--attack.n_poison", "5", *flags])
+
+
+def test_flags_become_the_config():
+    args = cli._parser().parse_args(cli._join_negative_values([
+        "run", "--preset", "seed", "--attack.source", "-1", "--attack.pixel.clip", "true",
+        "--defense.ci.filters", "mean2", "median3", "--defense.ci.tau", "1", "--eval.reserve", "0"]))
+    cfg = cli._config(args)
+    assert cfg.attack.source == -1 and cfg.attack.pixel.clip is True
+    assert cfg.defense.ci.filters == ("mean2", "median3") and cfg.defense.ci.tau == 1.0
+    assert cfg.train.epochs == 10 and cfg.defense.ci.rule == "top1"  # the rest from the preset
 
 
 # --- argparse-level behaviour ------------------------------------------------------------------
@@ -236,9 +298,15 @@ def test_run_help_lists_field_flags(capsys):
         cli.main(["run", "--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for flag in ("--n-poison", "--tau", "--k-max", "--filter", "--rule", "--trigger-row",
-                 "--preset", "--config", "--data-dir", "--out", "--clip", "--no-clip"):
+    for flag in ("--attack.n_poison", "--defense.ci.tau", "--defense.ci.k_max", "--defense.ci.filters",
+                 "--defense.ci.rule", "--attack.pixel.row", "--attack.pixel.clip", "--train.lr", "--eval.reserve",
+                 "--defense.name", "--attack.name", "--preset", "--config", "--data-dir", "--out"):
         assert flag in out
+    flat = " ".join(out.split())  # argparse wraps the help text
+    assert "(choices: threshold, top1, test; default: threshold)" in flat
+    assert "--train.lr NUMBER" in flat and "--attack.pixel.clip true|false" in flat
+    assert "--defense.ci.filters NAME [NAME ...]" in flat and "default: median3)" in flat
+    assert "config section defense.ci" in flat
 
 
 def test_top_level_help(capsys):
@@ -248,9 +316,9 @@ def test_top_level_help(capsys):
     assert "run" in capsys.readouterr().out
 
 
-def test_bad_flag_value_is_an_argparse_error_with_exit_2(capsys, tmp_path):
+def test_unknown_flag_is_an_argparse_error_with_exit_2(capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
-        cli.main(["run", "--out", str(tmp_path / "run"), "--k-max", "abc"])
+        cli.main(["run", "--out", str(tmp_path / "run"), "--k-max", "3"])  # the old flat flag
     assert e.value.code == 2
     assert "--k-max" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
@@ -267,6 +335,9 @@ def test_unknown_preset_is_rejected_by_argparse(capsys, tmp_path):
 
 
 def test_one_cpu_device_unless_asked(monkeypatch):
+    from ci_jax import kernels
+
+    monkeypatch.setattr(kernels, "_jaxlib_version", lambda: ())  # no jaxlib-specific flag
     monkeypatch.delenv("CI_JAX_CPU_DEVICES", raising=False)
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_foo=1")
     cli._set_xla_flags()
@@ -277,6 +348,9 @@ def test_one_cpu_device_unless_asked(monkeypatch):
 
 
 def test_set_xla_flags_keeps_the_users_setting(monkeypatch):
+    from ci_jax import kernels
+
+    monkeypatch.setattr(kernels, "_jaxlib_version", lambda: ())
     monkeypatch.setenv("CI_JAX_CPU_DEVICES", "2")
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=3")
     cli._set_xla_flags()
@@ -300,7 +374,7 @@ def test_subprocess_bad_input_is_one_error_line_and_exit_2(tmp_path, idx_dir):
     env.pop(data.DATA_DIR_ENV, None)
     proc = subprocess.run(
         [sys.executable, "-m", "ci_jax.cli", "run", "--out", str(out), "--data-dir", str(idx_dir),
-         "--trigger-row", "40", "--n-poison", "5", "--no-plots"],
+         "--attack.pixel.row", "40", "--attack.n_poison", "5", "--no-plots"],
         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.splitlines()
