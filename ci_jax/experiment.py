@@ -67,6 +67,8 @@ def prepare(cfg: Config, dataset: data.Dataset) -> Prepared:
         raise UserError(f"the test split has no {triggered.description.replace(', triggered', '')} "
                         "left to measure the attack on: check the data or lower --eval.reserve")
     train.check_batch(cfg.train.batch_size, "--train.batch_size", len(poisoned.y_N))
+    # A pass batch beyond the largest set it runs over is padding only (and 2^31 of it is terabytes).
+    train.check_batch(cfg.eval.batch_size, "--eval.batch_size", max(len(poisoned.y_N), n_test))
     return Prepared(attack, defense, poisoned, triggered, reserve_idx, scored,
                     config_lib.model_key(cfg, dataset.sha256))
 

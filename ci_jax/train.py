@@ -254,14 +254,14 @@ class Trainer:
     # -- the named state ------------------------------------------------------------------------
     def named_state(self) -> dict[str, Any]:
         """{"model": ..., "optimizer": ...}: nested dicts of arrays keyed by the parameters' names."""
-        return {"model": _str_keys(self.state[0].to_pure_dict()),
-                "optimizer": _str_keys(self.state[1].to_pure_dict())}
+        return {"model": _str_keys(nnx.to_pure_dict(self.state[0])),
+                "optimizer": _str_keys(nnx.to_pure_dict(self.state[1]))}
 
     def load_named_state(self, named: dict[str, Any]) -> None:
-        template = self.state.to_pure_dict()
+        template = nnx.to_pure_dict(self.state)
         state = jax.tree.map(lambda a: a, self.state)  # a fresh container, the same structure
-        state.replace_by_pure_dict({0: _like(template[0], named["model"]),
-                                    1: _like(template[1], named["optimizer"])})
+        nnx.replace_by_pure_dict(state, {0: _like(template[0], named["model"]),
+                                         1: _like(template[1], named["optimizer"])})
         self.state = jax.device_put(state, self.replicated)
 
 
