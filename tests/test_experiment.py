@@ -1,15 +1,22 @@
 """End to end on a small synthetic task: the planted trigger must be learned, found and removed."""
 
 import json
+import os
 
 import numpy as np
 import pytest
 
-from ci_jax import config, data, experiment
+from ci_jax import cli, config, data, experiment
 from ci_jax.errors import UserError
 
 # diag: with ~200 images a class, full 128-D covariances cost BIC too much to ever split a class.
-CFG = dict(epochs=3, batch_size=32, eval_batch_size=128, n_poison=60, amplitude=1.0, k_max=4, covariance="diag")
+CFG = {"train.epochs": 3, "train.batch_size": 32, "eval.batch_size": 128, "attack.n_poison": 60,
+       "attack.pixel.amplitude": 1.0, "defense.ci.k_max": 4, "defense.ci.covariance": "diag"}
+
+
+def _cfg(**overrides):
+    """The fast preset with CFG and {dotted path: value} overrides (keywords: `__` for the dots)."""
+    return config.preset("fast", {**CFG, **{k.replace("__", "."): v for k, v in overrides.items()}})
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +27,7 @@ def ds():
 @pytest.fixture(scope="module")
 def first_run(ds, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    return out, experiment.run(config.preset("fast", **CFG), out, dataset=ds)
+    return out, experiment.run(_cfg(), out, dataset=ds)
 
 
 def test_trigger_found_and_removed(first_run):
@@ -33,67 +40,155 @@ def test_trigger_found_and_removed(first_run):
     assert report["retrained"]["clean_acc"] > 0.9
     target = next(c for c in d["classes"] if c["label"] == 2)
     assert target["k"] >= 2 and any(c["flagged"] and c["poisons"] > 50 for c in target["components"])
+    assert d["name"] == "ci" and d["filters"] == ["median3"] and d["rule"] == "threshold"
+    assert d["poisons"] == 60 and d["removed_poisons"] == round(d["tpr"] * 60)
+    assert d["removed"] == d["removed_poisons"] + d["removed_clean"] and d["clean_images"] == 1440
+    assert d["covers"] == d["removed_covers"] == 0 and sum(d["removed_per_class"].values()) == d["removed"]
+
+
+def test_report_says_what_was_measured_on_what(first_run, ds):
+    _, report = first_run
+    assert report["attack"] == {"name": "pixel", "poisons": 60, "covers": 0, "clean_label": False,
+                                "asr_measured_on": "test images of class 0, triggered",
+                                "asr_images": int((ds.y_test == 0).sum())}
+    assert report["data"] == {"dataset": "synthetic", "sha256": ds.sha256, "train_images": 1500,
+                              "test_images_scored": 500, "reserve_images": 0}
+    assert report["config"] == config.to_dict(_cfg())
+    assert report["baseline"]["checkpoint"] == "baseline" and report["retrained"]["checkpoint"] == "retrained"
+    assert 0 <= report["baseline"]["target_rate_untriggered"] < 0.1  # the trigger, not the images, does it
+    assert set(report["defense"]["timings_s"]) == {"gmm", "filtered_passes", "impurity"}
+    assert report["device"]["platform"] == "cpu"
+    lines = cli.summary(report, "x/report.json").splitlines()
+    assert len(lines) == 4 and lines[1].startswith("defense    ci removed") and lines[-1].endswith("-> x/report.json")
 
 
 def test_run_directory(first_run):
     out, report = first_run
     assert json.loads((out / "report.json").read_text()) == report
-    assert json.loads((out / "config.json").read_text())["n_poison"] == 60
-    for name in ("examples", "bic", "impurity", "roc"):
+    assert json.loads((out / "config.json").read_text())["attack"]["n_poison"] == 60
+    assert config.from_dict(json.loads((out / "config.json").read_text())) == _cfg()
+    for name in ("examples", "bic", "impurity", "roc", "loss"):
         assert (out / "plots" / f"{name}.png").read_bytes().startswith(b"\x89PNG")
     assert (out / "baseline" / "done.json").exists() and (out / "retrained" / "done.json").exists()
-    assert set(report["timings_s"]) == {"data", "train_baseline", "features", "evaluate", "gmm", "impurity",
-                                       "retrain", "total"}
+    # What the baseline's passes and the defense computed is kept beside it.
+    for name in ("passes.npz", "pass-median3.npz", "gmm.json", "metrics.jsonl", "key.json"):
+        assert (out / "baseline" / name).is_file(), name
+    assert (out / "retrained" / "eval.npz").is_file() and (out / "retrained" / "metrics.jsonl").is_file()
+    assert set(report["timings_s"]) == {"data", "train_baseline", "features", "evaluate", "defense", "retrain",
+                                       "total"}
     assert not list(out.rglob("*.tmp"))
     with np.load(out / "defense.npz") as z:
+        assert set(z.files) == {"score", "removed_idx", "poison_idx", "cover_idx", "reserve_idx"}
         assert len(z["removed_idx"]) == report["defense"]["removed"]
         assert z["score"].shape == (1500,)
+        assert len(z["poison_idx"]) == 60 and len(z["cover_idx"]) == len(z["reserve_idx"]) == 0
         assert set(z["poison_idx"]) <= set(z["removed_idx"]) or report["defense"]["tpr"] < 1
 
 
 def _without_timings(report):
-    return {k: v for k, v in report.items() if k != "timings_s"}
+    """The report but its timings (the run's and the defense's own)."""
+    out = {k: v for k, v in report.items() if k != "timings_s"}
+    out["defense"] = {k: v for k, v in report["defense"].items() if k != "timings_s"}
+    return out
 
 
 def test_rerun_reuses_checkpoints_and_is_identical(first_run, ds):
     out, report = first_run
-    again = experiment.run(config.preset("fast", **CFG), out, dataset=ds)
+    again = experiment.run(_cfg(), out, dataset=ds)
     assert again["timings_s"]["train_baseline"] == 0.0 and again["timings_s"]["retrain"] == 0.0
     assert _without_timings(again) == _without_timings(report)
 
 
 def test_defense_change_reuses_baseline(first_run, ds, tmp_path):
     out, report = first_run
-    changed = experiment.run(config.preset("fast", **CFG, filter="mean3", tau=0.3), out, dataset=ds, make_plots=False)
-    assert changed["timings_s"]["train_baseline"] == 0.0
+    changed = experiment.run(_cfg(defense__ci__filters=["mean3"], defense__ci__tau=0.3), out, dataset=ds,
+                             make_plots=False)
+    assert changed["timings_s"]["train_baseline"] == 0.0 and changed["timings_s"]["features"] == 0.0
     assert changed["baseline"] == report["baseline"]
-    assert changed["config"]["filter"] == "mean3"
+    assert changed["config"]["defense"]["ci"]["filters"] == ["mean3"]
+    assert changed["defense"]["filters"] == ["mean3"]
+    assert (out / "baseline" / "pass-mean3.npz").is_file()  # beside the median's
+    assert not (out / "plots").exists()  # the previous run's figures went with its report
+
+
+def test_another_defense_on_the_same_baseline(first_run, ds, tmp_path):
+    out, report = first_run
+    ss = experiment.run(_cfg(defense__name="ss", defense__retrain=False), tmp_path / "ss", dataset=ds,
+                        make_plots=False, baseline_from=out)
+    assert ss["timings_s"]["train_baseline"] == 0.0
+    assert ss["defense"]["name"] == "ss" and set(ss["defense"]["timings_s"]) == {"scoring"}
+    assert ss["defense"]["removed"] == sum(c["removed"] for c in ss["defense"]["classes"])
+    assert ss["retrained"] == {"skipped": True, "clean_acc": None, "asr": None}
+    assert ss["timings_s"]["retrain"] == 0.0 and not (tmp_path / "ss" / "retrained").exists()
+
+
+def test_a_reserve_is_held_out_of_accuracy_and_asr(first_run, ds, tmp_path):
+    out, report = first_run
+    held = experiment.run(_cfg(eval__reserve=100, defense__retrain=False), tmp_path / "held", dataset=ds,
+                          make_plots=False, baseline_from=out)
+    assert held["timings_s"]["train_baseline"] == 0.0  # eval settings change no model
+    assert held["data"]["reserve_images"] == 100 and held["data"]["test_images_scored"] == 400
+    with np.load(tmp_path / "held" / "defense.npz") as z:
+        reserve = z["reserve_idx"]
+    assert len(reserve) == len(set(reserve)) == 100 and np.all(np.diff(reserve) > 0)
+    p = experiment.prepare(_cfg(eval__reserve=100), ds)
+    np.testing.assert_array_equal(p.reserve_idx, reserve)
+    assert not p.scored_N[reserve].any() and p.scored_N.sum() == 400
+    assert held["attack"]["asr_images"] == int(p.scored_N[p.triggered.idx].sum())
 
 
 def test_same_seed_same_report_in_a_fresh_directory(first_run, ds, tmp_path):
     _, report = first_run
-    fresh = experiment.run(config.preset("fast", **CFG), tmp_path / "fresh", dataset=ds, make_plots=False)
+    fresh = experiment.run(_cfg(), tmp_path / "fresh", dataset=ds, make_plots=False)
     assert _without_timings(fresh) == _without_timings(report)
 
 
 def test_baseline_from_another_run(first_run, ds, tmp_path):
     out, report = first_run
-    other = experiment.run(config.preset("fast", **CFG, tau=0.3), tmp_path / "ablation", dataset=ds,
+    other = experiment.run(_cfg(defense__ci__tau=0.3), tmp_path / "ablation", dataset=ds,
                            make_plots=False, baseline_from=out)
     assert other["timings_s"]["train_baseline"] == 0.0
     assert other["baseline"]["clean_acc"] == report["baseline"]["clean_acc"]
     assert not (tmp_path / "ablation" / "baseline").exists()
+    assert other["baseline"]["checkpoint"] == os.path.relpath(out / "baseline", tmp_path / "ablation")
 
 
 def test_baseline_from_a_run_with_other_training_is_refused(first_run, ds, tmp_path):
     out, _ = first_run
-    with pytest.raises(UserError, match="lr differ"):
-        experiment.run(config.preset("fast", **CFG, lr=0.01), tmp_path / "x", dataset=ds, baseline_from=out)
+    with pytest.raises(UserError, match=r"its baseline was trained otherwise \(train.lr differ\)"):
+        experiment.run(_cfg(train__lr=0.01), tmp_path / "x", dataset=ds, baseline_from=out)
+    other_data = data.synthetic(n_train=1500, n_test=500, seed=1)
+    with pytest.raises(UserError, match="trained on other data"):
+        experiment.run(_cfg(), tmp_path / "y", dataset=other_data, baseline_from=out)
+    with pytest.raises(UserError, match="no finished baseline there"):
+        experiment.run(_cfg(), tmp_path / "z", dataset=ds, baseline_from=tmp_path / "nowhere")
+
+
+def test_a_run_directory_of_the_flat_config_is_refused(first_run, ds, tmp_path):
+    old = tmp_path / "old"
+    (old / "baseline").mkdir(parents=True)
+    (old / "baseline" / "done.json").write_text('{"key": "abc", "epochs": 3}')
+    (old / "config.json").write_text(json.dumps({"trigger": "pixel", "n_poison": 60, "tau": 0.5}))
+    with pytest.raises(UserError, match="older ci-jax.*rerun into a new directory"):
+        experiment.finished_baseline(old, _cfg(), "abc")
+
+
+def test_prepare_checks_everything_before_any_work(ds):
+    p = experiment.prepare(_cfg(), ds)
+    assert p.model_key == config.model_key(_cfg(), ds.sha256)
+    assert p.poisoned.n_poison == 60 and p.triggered.x_NHWC.shape[0] == int((ds.y_test == 0).sum())
+    assert p.scored_N.all() and p.reserve_idx.size == 0
+    assert p.model_key == experiment.prepare(_cfg(defense__ci__tau=3.0, eval__batch_size=64), ds).model_key
+    with pytest.raises(UserError, match="holds out the whole 500-image test split"):
+        experiment.prepare(_cfg(eval__reserve=500), ds)
+    with pytest.raises(UserError, match="gaussian_sigma"):
+        experiment.prepare(_cfg(defense__ci__filters=["gaussian"], defense__ci__gaussian_sigma=8.0), ds)
+    with pytest.raises(UserError, match="--train.batch_size = 2048 is larger than the 1500 images"):
+        experiment.prepare(_cfg(train__batch_size=2048), ds)
 
 
 def test_nothing_removed_reuses_the_baseline_as_the_retrained_model(ds, tmp_path):
-    report = experiment.run(config.preset("fast", **{**CFG, "n_poison": 0}), tmp_path / "clean", dataset=ds,
-                            make_plots=False)
+    report = experiment.run(_cfg(attack__n_poison=0), tmp_path / "clean", dataset=ds, make_plots=False)
     assert report["defense"]["removed"] == 0
     assert report["retrained"] == {**report["baseline"], "checkpoint": "baseline"}
     assert report["timings_s"]["retrain"] == 0.0
@@ -101,9 +196,9 @@ def test_nothing_removed_reuses_the_baseline_as_the_retrained_model(ds, tmp_path
 
 
 # -- kill -9 and resume -------------------------------------------------------------------------
-RESUME_ARGS = ["--preset", "fast", "--epochs", "2", "--batch-size", "32", "--eval-batch-size", "128",
-               "--n-poison", "20", "--amplitude", "1.0", "--k-max", "3", "--covariance", "diag",
-               "--tau", "0.05", "--no-plots"]
+RESUME_ARGS = ["--preset", "fast", "--train.epochs", "2", "--train.batch_size", "32", "--eval.batch_size", "128",
+               "--attack.n_poison", "20", "--attack.pixel.amplitude", "1.0", "--defense.ci.k_max", "3",
+               "--defense.ci.covariance", "diag", "--defense.ci.tau", "0.05", "--no-plots"]
 
 
 def _cli(out, data_dir, kill_at=None):
@@ -169,5 +264,5 @@ def test_damaged_baseline_checkpoint_is_an_error_before_anything_is_written(firs
     for name in ("config.json", "provenance.json", "report.json"):
         (out / name).unlink()
     with pytest.raises(UserError, match="baseline"):
-        experiment.run(config.preset("fast", **CFG), out, dataset=ds)
+        experiment.run(_cfg(), out, dataset=ds)
     assert not any((out / name).exists() for name in ("config.json", "provenance.json", "report.json"))
