@@ -35,6 +35,7 @@ from ci_jax.errors import UserError
 METRICS: tuple[str, ...] = ("clean_before", "asr_before", "removed", "tpr", "fpr", "precision", "auc",
                             "clean_after", "asr_after", "seconds")
 SPEC_KEYS = {"name", "preset", "base", "cases", "grid", "seeds", "retrain_seeds"}
+DEFENSE = "defense.name"  # a summary varying this field gets an ROC plot per attack
 # A Run and its config take about this much memory; a spec whose runs would not fit is refused
 # before they are built (a grid of 10^8 combinations is a typo, not a plan).
 _BYTES_PER_RUN = 16_384
@@ -356,12 +357,12 @@ def summarize(out: str | os.PathLike) -> dict[str, Any]:
             series.setdefault(label, []).append((e[field], e))
         plots.sweep_field(out / "plots" / f"{field}.png", field, series,
                           ("tpr", "fpr", "clean_after", "asr_after"))
-    if "defense" in fields:
+    if DEFENSE in fields:
         by_attack: dict[str, dict[str, tuple]] = {}
-        attack_fields = [f for f in fields if f != "defense"]
+        attack_fields = [f for f in fields if f != DEFENSE]
         for row in rows:
             attack = ", ".join(f"{f}={row[f]}" for f in attack_fields) or "attack"
-            by_attack.setdefault(attack, {}).setdefault(row["defense"], []).append(row["run_id"])
+            by_attack.setdefault(attack, {}).setdefault(row[DEFENSE], []).append(row["run_id"])
         for attack, per_defense in by_attack.items():
             curves = {}
             for defense, run_ids in per_defense.items():
