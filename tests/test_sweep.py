@@ -13,9 +13,10 @@ import yaml
 from ci_jax import config, sweep
 from ci_jax.errors import UserError
 
-BASE = dict(dataset="mnist", epochs=1, batch_size=32, eval_batch_size=128, n_poison=20, amplitude=1.0,
-            k_max=3, covariance="diag")
-SPEC = {"name": "tiny", "preset": "fast", "base": BASE, "grid": {"tau": [0.5, 1000.0]}, "seeds": [0, 1]}
+BASE = {"data.dataset": "mnist", "train.epochs": 1, "train.batch_size": 32, "eval.batch_size": 128,
+        "attack.n_poison": 20, "attack.pixel.amplitude": 1.0, "defense.ci.k_max": 3, "defense.ci.covariance": "diag"}
+TAU = "defense.ci.tau"
+SPEC = {"name": "tiny", "preset": "fast", "base": BASE, "grid": {TAU: [0.5, 1000.0]}, "seeds": [0, 1]}
 
 
 @pytest.fixture(scope="module")
@@ -39,20 +40,42 @@ def _strip(rows):
 
 
 def test_expand_orders_cases_grid_seeds_and_labels_columns():
-    spec = sweep.expand({"cases": [{"case": "pixel"}, {"case": "patch", "trigger": "patch", "trigger_row": 2}],
-                         "grid": {"defense": ["ci", "ss"]}, "seeds": [0, 1]})
-    assert spec.fields == ("case", "trigger", "trigger_row", "defense")
-    assert [(r.varied["case"], r.varied["defense"], r.cfg.seed) for r in spec.runs][:4] == [
+    spec = sweep.expand({"cases": [{"case": "pixel"},
+                                   {"case": "patch", "attack.name": "patch", "attack": {"patch": {"row": 2}}}],
+                         "grid": {"defense.name": ["ci", "ss"]}, "seeds": [0, 1]})
+    assert spec.fields == ("case", "attack.name", "attack.patch.row", "defense.name")
+    assert spec.summary_fields == ("case", "defense.name")  # a case's label stands for its fields
+    assert [(r.varied["case"], r.varied["defense.name"], r.cfg.seed) for r in spec.runs][:4] == [
         ("pixel", "ci", 0), ("pixel", "ci", 1), ("pixel", "ss", 0), ("pixel", "ss", 1)]
     assert len(spec.runs) == 8 and len({r.run_id for r in spec.runs}) == 8
-    assert spec.runs[4].cfg.trigger == "patch" and spec.runs[0].varied["trigger"] == "pixel"
+    assert spec.runs[4].cfg.attack.name == "patch" and spec.runs[4].cfg.attack.patch.row == 2
+    assert spec.runs[0].varied["attack.name"] == "pixel" and spec.runs[0].varied["attack.patch.row"] == 24
+
+
+def test_expand_shows_lists_of_names_as_one_cell_and_drops_duplicate_runs():
+    spec = sweep.expand({"cases": [{"case": "bank", "defense.ci.filters": ["mean2", "median3"]},
+                                   {"case": "default"}],
+                         "grid": {TAU: [0.5, 0.5, 1.0]}, "seeds": [0]})
+    assert [r.varied["defense.ci.filters"] for r in spec.runs] == ["mean2 median3"] * 2 + ["median3"] * 2
+    assert len(spec.runs) == 4  # the repeated tau is one run
+
+
+def test_retrain_seeds_are_the_only_seeds_that_retrain():
+    spec = sweep.expand({"grid": {TAU: [0.5, 1.0]}, "seeds": [0, 1, 2], "retrain_seeds": [1]})
+    assert [(r.cfg.seed, r.cfg.defense.retrain) for r in spec.runs] == [
+        (0, False), (1, True), (2, False), (0, False), (1, True), (2, False)]
+    assert all(r.cfg.defense.retrain for r in sweep.expand({"seeds": [0, 1]}).runs)  # default: every seed
 
 
 @pytest.mark.parametrize("bad,match", [
-    ({"grid": {"tau": []}}, "grid.tau"),
-    ({"grid": {"tua": [1.0]}}, "tua"),
-    ({"grid": {"tau": [-1.0]}}, "tau"),
+    ({"grid": {TAU: []}}, "grid.defense.ci.tau"),
+    ({"grid": {"defense.ci.tua": [1.0]}}, "'defense.ci.tua': did you mean 'defense.ci.tau'"),
+    ({"grid": {TAU: [-1.0]}}, "defense.ci.tau = -1.0: must be >= 0.0"),
+    ({"grid": {"tau": [0.5]}}, "'tau'"),  # the old flat name
+    ({"base": {"defense": {"ci": 3}}}, "defense.ci is a section"),
+    ({"cases": [{"train.epochs": 0}]}, "case 0.*train.epochs"),
     ({"seeds": "0"}, "seeds"),
+    ({"retrain_seeds": [True]}, "retrain_seeds"),
     ({"grid": {"seed": [1]}}, "seeds"),
     ({"colour": 1}, "colour"),
     ({"cases": []}, "cases"),
@@ -63,20 +86,30 @@ def test_bad_spec_is_one_user_error(bad, match):
 
 
 def test_shards_partition_runs_by_baseline():
-    spec = sweep.expand({"grid": {"tau": [0.1, 0.5, 1.0], "n_poison": [10, 20]}, "seeds": [0, 1, 2]})
+    spec = sweep.expand({"grid": {TAU: [0.1, 0.5, 1.0], "attack.n_poison": [10, 20]}, "seeds": [0, 1, 2]})
     shards = [sweep.shard_runs(spec.runs, i, 4) for i in range(4)]
     ids = [r.run_id for s in shards for r in s]
     assert sorted(ids) == sorted(r.run_id for r in spec.runs)
-    key = lambda r: config.fingerprint(r.cfg, config.TRAIN_FIELDS)
+    key = lambda r: config.fingerprint(config.model_identity(r.cfg))
     owners = [{key(r) for r in s} for s in shards]
     assert all(not (a & b) for i, a in enumerate(owners) for b in owners[i + 1:])
+    assert sum(map(len, owners)) == 6  # 2 poison counts x 3 seeds: the taus share a baseline
     with pytest.raises(UserError, match="0 <= i < n"):
         sweep.parse_shard("4/4")
+    assert sweep.parse_shard(" 1/4 ") == (1, 4)
+
+
+def test_data_dirs_one_for_all_or_one_per_dataset():
+    assert sweep.parse_data_dirs(None) is None and sweep.parse_data_dirs([]) is None
+    assert sweep.parse_data_dirs(["../data/mnist"]) == "../data/mnist"
+    assert sweep.parse_data_dirs(["mnist=a", "fashion_mnist=b"]) == {"mnist": "a", "fashion_mnist": "b"}
+    with pytest.raises(UserError, match="NAME=DIR"):
+        sweep.parse_data_dirs(["a", "b"])
 
 
 def test_python_spec(tmp_path):
     path = tmp_path / "spec.py"
-    path.write_text("SPEC = {'grid': {'tau': [0.5, 1.0]}, 'seeds': [0]}\n")
+    path.write_text("SPEC = {'grid': {'defense.ci.tau': [0.5, 1.0]}, 'seeds': [0]}\n")
     assert len(sweep.expand(sweep.read_spec(path)).runs) == 2
     path.write_text("SPEC = 3\n")
     with pytest.raises(UserError, match="SPEC"):
@@ -97,11 +130,11 @@ def test_sweep_shares_baselines_and_writes_summary(full_sweep):
     assert len(rows) == 4 and len({r["run_id"] for r in rows}) == 4
     assert len([d for d in (out / "baselines").iterdir() if d.is_dir()]) == 2  # one per seed, both taus
     for r in rows:  # tau 1000 removes nothing; tau 0.5 removes at least what it flags
-        if float(r["tau"]) == 1000.0:
+        if float(r[TAU]) == 1000.0:
             assert r["removed"] == "0" and r["clean_after"] == r["clean_before"]
     summary = (out / "summary.md").read_text()
-    assert "| tau | seeds |" in summary and summary.count("\n") == 4
-    assert (out / "plots" / "tau.png").read_bytes().startswith(b"\x89PNG")
+    assert "| defense.ci.tau | seeds |" in summary and summary.count("\n") == 4
+    assert (out / "plots" / "defense.ci.tau.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_restart_skips_finished_runs(full_sweep, data_dir):
@@ -123,7 +156,7 @@ def test_two_shards_and_merge_equal_the_unsharded_sweep(full_sweep, data_dir, tm
 
 
 def test_sweep_killed_with_sigkill_resumes_with_every_run_once(data_dir, tmp_path):
-    spec_path = _spec_file(tmp_path, {**SPEC, "grid": {"tau": [0.5, 2.0, 1000.0]}, "seeds": [0]})
+    spec_path = _spec_file(tmp_path, {**SPEC, "grid": {TAU: [0.5, 2.0, 1000.0]}, "seeds": [0]})
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "ci_jax.cli", "sweep", str(spec_path), "--out", str(out),
            "--data-dir", str(data_dir)]
@@ -146,3 +179,36 @@ def test_sweep_killed_with_sigkill_resumes_with_every_run_once(data_dir, tmp_pat
     rows = _rows(csv_path)
     assert len(rows) == 3 and len({r["run_id"] for r in rows}) == 3
     assert not list(out.rglob("*.tmp"))
+
+
+def test_summary_draws_an_roc_per_attack_when_the_defense_varies(tmp_path):
+    """A finished sweep's files, written by hand: two attacks (cases) x two defenses x two seeds."""
+    import json
+
+    import numpy as np
+
+    from ci_jax import files
+
+    runs, rows = [], []
+    rng = np.random.default_rng(0)
+    for case in ("pixel", "patch"):
+        for defense in ("ci", "ss"):
+            for seed in (0, 1):
+                rid = f"{case}-{defense}-{seed}"
+                is_poison = np.arange(50) < 10
+                score = is_poison + rng.random(50) * (0.5 if defense == "ci" else 2.0)
+                files.write_text(tmp_path / "runs" / rid / ".keep", "")
+                np.savez(tmp_path / "runs" / rid / "defense.npz", score=score, poison_idx=np.flatnonzero(is_poison))
+                runs.append(rid)
+                rows.append({"run_id": rid, "case": case, "defense.name": defense, "seed": seed, "tpr": 0.9,
+                             "fpr": 0.01, "clean_after": 0.99, "asr_after": 0.0})
+    fields = ["case", "defense.name"]
+    (tmp_path / "sweep.json").write_text(json.dumps({"spec": {}, "fields": fields, "summary_fields": fields,
+                                                     "run_ids": runs}))
+    sweep.write_rows(tmp_path / "results.csv", ["run_id", *fields, "seed", *sweep.METRICS], rows)
+    summary = sweep.summarize(tmp_path)
+    assert len(summary["rows"]) == 4 and all(r["seeds"] == 2 for r in summary["rows"])
+    for case in ("pixel", "patch"):
+        assert (tmp_path / "plots" / f"roc_case_{case}.png").read_bytes().startswith(b"\x89PNG")
+    assert (tmp_path / "plots" / "defense.name.png").is_file()
+    assert "| case | defense.name | seeds |" in (tmp_path / "summary.md").read_text()
