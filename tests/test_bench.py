@@ -53,18 +53,29 @@ def test_end_to_end_is_the_sum_of_the_stages():
     assert bench.end_to_end(rows, 1000, 100, None, "m") is None
 
 
-@pytest.mark.parametrize("bad", [["--batch-sizes", "0"], ["--models", "vgg"]])
-def test_bad_settings_are_one_error_line(bad, capsys):
-    assert cli.main(TINY + bad) == 2
+def test_an_unknown_model_is_one_error_line(capsys):
+    assert cli.main(TINY + ["--models", "vgg"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("ci-jax: error:")
+    assert len(err) == 1 and err[0].startswith("ci-jax: error: unknown model 'vgg'")
+
+
+@pytest.mark.parametrize("bad, expected", [
+    (["--batch-sizes", "0"], "argument --batch-sizes: 0 must be >= 1"),
+    (["--steps", "-1"], "argument --steps: -1 must be >= 1"),
+    (["--repeats", "x"], "argument --repeats: 'x' is not a whole number")])
+def test_counts_that_are_not_positive_are_argparse_errors(bad, expected, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(TINY + bad)
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"ci-jax bench: error: {expected}"
 
 
 def test_gmm_stage_clusters_a_finished_runs_baseline_features(mnist_like_dir, tmp_path):
     from ci_jax import config, experiment
 
     run = tmp_path / "run"
-    cfg = config.preset("fast", epochs=1, n_poison=20, eval_batch_size=64, k_max=3, covariance="diag")
+    cfg = config.preset("fast", {"train.epochs": 1, "attack.n_poison": 20, "eval.batch_size": 64,
+                                 "defense.ci.k_max": 3, "defense.ci.covariance": "diag"})
     experiment.run(cfg, run, data_dir=mnist_like_dir, make_plots=False)
     out = tmp_path / "bench.json"
     assert cli.main(TINY + ["--data-dir", str(mnist_like_dir), "--run", str(run), "--out", str(out)]) == 0
@@ -74,7 +85,7 @@ def test_gmm_stage_clusters_a_finished_runs_baseline_features(mnist_like_dir, tm
 
 def test_model_convs_finds_every_resnet20_convolution_once():
     convs = bench.model_convs("resnet20", 4, (28, 28, 1), 10)
-    # 2 per block x 9 blocks; the grayscale stem's forward is not a convolution (models.tap_conv)
+    # 2 per block x 9 blocks; the grayscale stem's forward is not a convolution (kernels.tap_conv)
     assert sum(c["count"] for c in convs) == 18
     assert not any(c["is_input"] for c in convs)
     colour = bench.model_convs("resnet20", 4, (32, 32, 3), 10)
@@ -85,8 +96,16 @@ def test_model_convs_finds_every_resnet20_convolution_once():
     assert by_shape[((7, 7, 64), (3, 3, 64, 64))] == 5
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU's kernels")
+def test_model_convs_of_the_cnn_leave_out_its_grayscale_stem():
+    # On the CPU the models run kernels.cpu_conv: a 1-channel stride-1 convolution is taps.
+    gray = bench.model_convs("cnn", 4, (28, 28, 1), 10)
+    assert [(c["lhs"][1:], c["rhs"]) for c in gray] == [((14, 14, 16), (5, 5, 16, 32))]
+    assert [c["is_input"] for c in bench.model_convs("cnn", 4, (32, 32, 3), 10)] == [True, False]
+
+
 def test_conv_ceiling_bounds_the_train_step(capsys):
-    r = bench.bench_convs("cnn", 4, (28, 28, 1), 10, repeats=1, peak=100.0)
+    r = bench.bench_convs("cnn", 4, (32, 32, 3), 10, repeats=1, peak=100.0)  # colour: both convs are convs
     assert [c["count"] for c in r["convs"]] == [1, 1]
     first, second = r["convs"]
     assert "input_grad_ms" not in first and second["input_grad_ms"] > 0  # images take no gradient
