@@ -97,12 +97,24 @@ def test_huge_header_fails_the_length_check_without_allocating(tmp_path, suffix,
     path.write_bytes(gzip.compress(raw) if suffix else raw)
     tracemalloc.start()
     try:
-        with pytest.raises(UserError, match="truncated: header says .* file has 10"):
+        # Refused before reading: the file cannot hold what the header declares (deflate
+        # compresses at most about 1032:1).
+        with pytest.raises(UserError, match=r"header says .* bytes of data, more than a \d+-byte file can hold"):
             data.read_idx(path)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
     assert peak < 16 << 20
+
+
+def test_a_header_declaring_more_than_memory_holds_is_refused_before_reading(tmp_path, monkeypatch):
+    path = tmp_path / "images-idx"
+    data.write_idx(path, np.zeros((3, 28, 28), np.uint8))
+    monkeypatch.setattr(data.files_lib, "available_memory", lambda: 10_000)
+    with pytest.raises(UserError, match=r"images-idx: header says 3x28x28 = 2352 bytes of data: loading it needs"):
+        data.read_idx(path)
+    monkeypatch.setattr(data.files_lib, "available_memory", lambda: None)  # unknown: no limit
+    assert data.read_idx(path).shape == (3, 28, 28)
 
 
 def test_empty_array_with_an_unindexable_shape_is_a_user_error(tmp_path):
@@ -267,6 +279,14 @@ def _truncate(root):
     path = root / "train-images-idx3-ubyte"
     path.write_bytes(gzip.decompress((root / "train-images-idx3-ubyte.gz").read_bytes())[:16 + 1000])
     (root / "train-images-idx3-ubyte.gz").unlink()
+    # Uncompressed, the file's size gives it away before anything is read.
+    return path.name, (f"header says {N_TRAIN}x28x28 = {N_TRAIN * 784} bytes of data, more than a 1016-byte "
+                       "file can hold; the file is corrupt")
+
+
+def _truncate_gz(root):
+    path = root / "train-images-idx3-ubyte.gz"
+    path.write_bytes(gzip.compress(gzip.decompress(path.read_bytes())[:16 + 1000]))
     return path.name, f"truncated: header says {N_TRAIN}x28x28 = {N_TRAIN * 784} bytes of data, file has 1000"
 
 
@@ -321,9 +341,10 @@ def _image_size(root):
 
 @pytest.mark.parametrize(
     "corrupt",
-    [_truncate, _set_byte("train-images-idx3-ubyte", 1, 0x08), _set_byte("t10k-labels-idx1-ubyte", 2, 0x0D),
-     _garbage_gz, _cut_gz, _missing, _label_count, _label_range, _swapped, _image_size],
-    ids=["truncated", "magic", "type_byte", "garbage_gz", "cut_gz", "missing", "label_count",
+    [_truncate, _truncate_gz, _set_byte("train-images-idx3-ubyte", 1, 0x08),
+     _set_byte("t10k-labels-idx1-ubyte", 2, 0x0D), _garbage_gz, _cut_gz, _missing, _label_count, _label_range,
+     _swapped, _image_size],
+    ids=["truncated", "truncated_gz", "magic", "type_byte", "garbage_gz", "cut_gz", "missing", "label_count",
          "label_range", "swapped", "image_size"],
 )
 def test_corrupt_files_raise_user_error_naming_the_file(idx_dir, corrupt):
