@@ -41,8 +41,9 @@ import numpy as np
 from scipy import stats
 
 from ci_jax import cache, faults, filters, plots
-from ci_jax.defenses import gmm
+from ci_jax.defenses import gmm, gmm_jax
 from ci_jax.defenses.base import Defense, Result, View, timed
+from ci_jax.errors import UserError
 from ci_jax.settings import section, setting
 
 RULES: tuple[str, ...] = ("threshold", "top1", "test")
@@ -71,6 +72,14 @@ class Settings:
     k_max: int = setting(10, "largest number of mixture components per class", low=1, high=1000)
     covariance: str = setting("full", "mixture covariance type (scikit-learn's)", choices=gmm.COVARIANCES)
     reg_covar: float = setting(1e-3, "added to the mixture covariances' diagonal", low=0.0, low_open=True)
+    gmm_backend: str = setting("sklearn", "who fits the mixtures: scikit-learn on the host (the reference), or "
+                               "EM in JAX on the device, every class at once (full covariances)",
+                               choices=("sklearn", "jax"))
+
+    def check(self) -> None:
+        if self.gmm_backend == "jax" and self.covariance != "full":
+            raise UserError(f"defense.ci.gmm_backend jax fits full covariances only, not {self.covariance}: "
+                            "use --defense.ci.gmm_backend sklearn")
 
     def filter_params(self) -> filters.Params:
         return filters.Params(self.gaussian_sigma, self.noise_width, self.quant_levels)
@@ -146,11 +155,12 @@ class CI(Defense):
     def clusters(self, view: View) -> tuple[np.ndarray, list[dict[str, Any]]]:
         """The per-class mixtures, fitted once per baseline and mixture settings (gmm.json)."""
         search = self.search(view.seed)
-        key = f"{view.key}/{search}"
+        key = f"{view.key}/{search}/{self.s.gmm_backend}"
+        fit = gmm_jax.cluster if self.s.gmm_backend == "jax" else gmm.cluster
         labels = view.classes()
 
         def compute() -> dict[str, Any]:
-            comp_N, classes = gmm.cluster(view.feats_ND, view.y_N, search)
+            comp_N, classes = fit(view.feats_ND, view.y_N, search)
             faults.point("gmm")
             return {"comp": comp_N.tolist(), "classes": classes}
 
