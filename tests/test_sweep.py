@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -212,3 +213,25 @@ def test_summary_draws_an_roc_per_attack_when_the_defense_varies(tmp_path):
         assert (tmp_path / "plots" / f"roc_case_{case}.png").read_bytes().startswith(b"\x89PNG")
     assert (tmp_path / "plots" / "defense.name.png").is_file()
     assert "| case | defense.name | seeds |" in (tmp_path / "summary.md").read_text()
+
+
+SPECS = sorted((Path(__file__).parents[1] / "experiments").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SPECS, ids=lambda p: p.name)
+def test_the_experiment_specs_expand(path):
+    spec = sweep.expand(sweep.read_spec(path), where=str(path))
+    assert spec.runs and all(f in config.PATHS or f == "case" for f in spec.fields)
+
+
+def test_the_filter_and_benchmark_specs_keep_their_meaning():
+    root = Path(__file__).parents[1] / "experiments"
+    filt = {r.varied["case"]: r.cfg.defense.ci for r in sweep.expand(sweep.read_spec(root / "sweeps" / "filter.yaml")).runs}
+    assert filt["gaussian0.5"].filters == ("gaussian",) and filt["gaussian0.5"].gaussian_sigma == 0.5
+    assert filt["noise0.3"].filters == ("noise",) and filt["noise0.3"].noise_width == 0.3
+    assert filt["mean2"].filters == ("mean2",)
+    bench = sweep.expand(sweep.read_spec(root / "benchmark_defenses.yaml")).runs
+    assert len(bench) == 4 * 3 * 3 and {r.cfg.train.batch_size for r in bench} == {32}
+    none = [r.cfg for r in bench if r.varied["case"] == "none"]
+    assert all(c.attack.name == "pixel" and c.attack.n_poison == 0 for c in none)
+    assert {r.cfg.defense.name for r in bench} == {"ci", "ac", "ss"}
