@@ -16,6 +16,7 @@ from typing import Any, Callable, ClassVar
 import numpy as np
 
 from ci_jax import cache
+from ci_jax.errors import UserError
 
 # (images, transform or None) -> (decisions, penultimate features)
 Predict = Callable[..., tuple[np.ndarray, np.ndarray]]
@@ -73,6 +74,12 @@ class View:
 
         fits = lambda a: a["pred"].shape == (n,) and _in_classes(a["pred"], self.num_classes)
         return self.cached(f"pass-{name}", compute, fits)["pred"]
+
+    def need_reserve(self, defense: str) -> Reserve:
+        """The reserve, or a UserError saying how to get one."""
+        if self.reserve is None:
+            raise UserError(f"defense {defense} needs clean held-out images: set --eval.reserve N (e.g. 1000)")
+        return self.reserve
 
     def poisons_in(self, idx: np.ndarray) -> dict[str, int]:
         """{"poisons": n} for a report entry, or nothing when the ground truth is unknown."""

@@ -92,12 +92,10 @@ class SCAn(Defense):
     needs_reserve = True
 
     def run(self, view: View) -> Result:
-        if view.reserve is None:
-            raise UserError("defense scan needs clean held-out images: set --eval.reserve N (e.g. 1000)")
         return timed_result(lambda: self._run(view))
 
     def _run(self, view: View) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-        r = view.reserve
+        r = view.need_reserve("scan")
         missing = sorted(set(view.classes()) - set(np.unique(r.y_N).tolist()))
         if missing:
             raise UserError(f"defense scan: the reserve holds no image of class(es) {missing}: raise --eval.reserve")

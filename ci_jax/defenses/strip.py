@@ -50,9 +50,7 @@ class STRIP(Defense):
     needs_reserve = True
 
     def run(self, view: View) -> Result:
-        if view.reserve is None:
-            raise UserError("defense strip needs clean held-out images: set --eval.reserve N (e.g. 1000)")
-        r = view.reserve
+        r = view.need_reserve("strip")
         if len(r.y_N) < self.s.blends + 10:
             raise UserError(f"defense strip: --eval.reserve {len(r.y_N)} is too small for {self.s.blends} blend "
                             f"images plus clean images to set the cut-off: raise it to at least {self.s.blends + 10}")
