@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from ci_jax import attacks, config, data, defenses, filters, models
 from ci_jax import settings as settings_lib
 from ci_jax.config import Config
-from ci_jax.defenses import ac, ci, gmm
+from ci_jax.defenses import ci, gmm
 from ci_jax.errors import UserError
 
 # --- presets -----------------------------------------------------------------------------------
