@@ -119,7 +119,7 @@ def _config(args: argparse.Namespace):
     from ci_jax import config as config_lib
     from ci_jax import settings
 
-    overrides = settings.flatten(config_lib.Config, config_lib.load_file(args.config), f"config file {args.config}") \
+    overrides = config_lib.flatten(config_lib.load_file(args.config), f"config file {args.config}") \
         if args.config else {}
     for path, leaf in config_lib.PATHS.items():
         text = getattr(args, path)

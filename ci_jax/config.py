@@ -130,11 +130,43 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# The flat field names of ci-jax before config sections, and where each went: a config file or spec
+# that still uses one gets told the new path.
+RENAMED: dict[str, str] = {
+    "dataset": "data.dataset", "trigger": "attack.name", "trigger_row": "attack.pixel.row (or attack.patch.row)",
+    "trigger_col": "attack.pixel.col (or attack.patch.col)", "amplitude": "attack.pixel.amplitude",
+    "patch_size": "attack.patch.size", "blend_alpha": "attack.blend.alpha", "trigger_seed": "attack.blend.pattern_seed",
+    "chess_delta": "attack.chessboard.amplitude", "clip": "attack.pixel.clip", "source": "attack.source",
+    "target": "attack.target", "n_poison": "attack.n_poison", "selection": "attack.selection",
+    "model": "train.model", "epochs": "train.epochs", "batch_size": "train.batch_size",
+    "optimizer": "train.optimizer", "lr": "train.lr", "momentum": "train.momentum", "nesterov": "train.nesterov",
+    "weight_decay": "train.weight_decay", "schedule": "train.schedule", "eval_batch_size": "eval.batch_size",
+    "bic_search": "defense.ci.bic_search", "k_max": "defense.ci.k_max", "covariance": "defense.ci.covariance",
+    "reg_covar": "defense.ci.reg_covar", "filter": "defense.ci.filters",
+    "filter_param": "defense.ci.gaussian_sigma or defense.ci.noise_width", "rule": "defense.ci.rule",
+    "tau": "defense.ci.tau", "defense": "defense.name", "ac_reduce": "defense.ac.reduce", "ac_dims": "defense.ac.dims",
+    "ac_rule": "defense.ac.rule", "ac_size": "defense.ac.size", "ac_silhouette": "defense.ac.silhouette",
+    "ss_eps": "defense.ss.eps",
+}
+
+
+def flatten(d: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """{dotted path: value} from a mapping of config fields (nested sections or dotted paths); a
+    field name from before config sections gets its new path in the error."""
+    if isinstance(d, Mapping):
+        old = [k for k, v in d.items() if isinstance(k, str) and k in RENAMED and k not in PATHS
+               and not isinstance(v, Mapping)]
+        if old:
+            raise UserError(f"{where}: config field {old[0]!r} is now {RENAMED[old[0]]} (fields are grouped in "
+                            "sections since ci-jax 0.2)")
+    return settings.flatten(Config, d, where)
+
+
 def preset(name: str, overrides: Mapping[str, Any] | None = None) -> Config:
     """The preset `name` with `overrides` ({dotted path: value}, or nested sections) applied."""
     if name not in PRESETS:
         raise unknown_name("preset", name, PRESETS)
-    return replace(Config(), {**PRESETS[name], **settings.flatten(Config, overrides or {}, "overrides")})
+    return replace(Config(), {**PRESETS[name], **flatten(overrides or {}, "overrides")})
 
 
 def replace(cfg: Config, overrides: Mapping[str, Any]) -> Config:
@@ -154,7 +186,7 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 
 def from_dict(d: Mapping[str, Any], where: str = "config") -> Config:
     """A validated Config from config.json's nested form (or any mapping of fields)."""
-    return replace(Config(), settings.flatten(Config, d, where))
+    return replace(Config(), flatten(d, where))
 
 
 # -- what identifies what ---------------------------------------------------------------------

@@ -83,7 +83,7 @@ def expand(spec: dict[str, Any], where: str = "spec") -> Spec:
     if unknown:
         raise UserError(f"{where}: unknown key(s) {', '.join(sorted(map(str, unknown)))}; "
                         f"a spec has {', '.join(sorted(SPEC_KEYS))}")
-    flat = lambda m, what: settings.flatten(Config, _mapping(m, f"{where}: {what}"), f"{where}: {what}")
+    flat = lambda m, what: config_lib.flatten(_mapping(m, f"{where}: {what}"), f"{where}: {what}")
     base = flat(spec.get("base", {}), "base")
     grid = _mapping(spec.get("grid", {}), f"{where}: grid")
     for field, values in grid.items():

@@ -157,8 +157,7 @@ def test_flip_test_by_hand():
     a = np.arcsin(np.sqrt((flips[0] + 3 / 8) / (size + 3 / 4)))
     centre = np.median(a)
     assert np.isclose(est[0]["clean_flip_rate"], np.sin(centre) ** 2)
-    above = a[a > centre] - centre
-    between = max(0.0, (1.4826 * np.median(above)) ** 2 - 1 / (4 * 1000 + 2))
+    between = max(0.0, (1.4826 * (np.quantile(a, 0.75) - centre)) ** 2 - 1 / (4 * 1000 + 2))
     assert np.isclose(est[0]["overdispersion_sd"], math.sqrt(between))
     assert np.isclose(z[0, 30], (a[30] - centre) / math.sqrt(between + 1 / (4 * 500 + 2)))
     # Bonferroni over 31 components and 1 filter at 1 %: the one-sided normal quantile of 0.01 / 31.
@@ -166,21 +165,40 @@ def test_flip_test_by_hand():
 
 
 def test_flip_test_needs_most_components_clean():
-    # Its robust spread breaks down once a quarter of the components are poisoned: with five
-    # components, one poisoned one is already too many (the median of the upper half includes it).
-    size = np.array([1000.0, 1000, 1000, 1000, 500])
-    _, flagged, _ = ci.flip_test(np.array([[10.0, 12, 8, 11, 450]]), size, np.ones(5, bool), alpha=0.01)
+    # Its robust spread breaks down once a quarter of the components are poisoned: with two of
+    # five, the upper quartile is a poisoned one.
+    size = np.array([1000.0, 1000, 1000, 500, 500])
+    _, flagged, _ = ci.flip_test(np.array([[10.0, 12, 8, 450, 460]]), size, np.ones(5, bool), alpha=0.01)
     assert not flagged.any()
 
 
-def test_flip_test_tolerates_heterogeneous_clean_components():
-    # Clean flip shares spread from 1 % to 30 % (hard classes): none of them is an outlier.
-    rng = np.random.default_rng(0)
-    rates = np.concatenate([rng.uniform(0.0, 0.1, 25), rng.uniform(0.1, 0.3, 8)])
-    size = rng.integers(300, 3000, len(rates)).astype(float)
-    flips = np.round(rates * size)[None]
-    _, flagged, _ = ci.flip_test(flips, size, np.ones(len(rates), bool), alpha=0.01)
-    assert not flagged.any()
+# The clean components of real baselines under a 3x3 median (sizes, flips), from
+# runs of `ci-jax run` (MNIST default; Fashion-MNIST at 6 epochs): their flip shares spread from 0 to
+# 30 %, far beyond binomial noise.
+FASHION_CLEAN = ([3068, 1932, 554, 460, 1763, 3223, 1408, 3138, 1095, 1767, 1970, 1239, 844, 1947, 2541, 3459, 2265,
+                  1914, 1821, 1909, 4091, 2077, 2857, 1066, 1162, 2957, 1881],
+                 [34, 362, 26, 168, 26, 105, 107, 15, 216, 202, 379, 253, 269, 563, 15, 59, 163, 500, 408, 165, 21, 0,
+                  0, 47, 72, 2, 8])
+MNIST_CLEAN = ([685, 1043, 3195, 782, 2803, 345, 2812, 2749, 2367, 879, 2719, 2533, 2903, 810, 2129, 2852, 850, 1719,
+                2982, 825, 2111, 2503, 1843, 819, 585, 515, 616, 3556, 1679, 969, 2262, 2718],
+               [31, 41, 11, 1, 0, 22, 5, 1, 2, 26, 0, 3, 6, 53, 5, 2, 15, 0, 5, 42, 21, 1, 0, 22, 17, 10, 78, 7, 30, 139,
+                27, 7])
+
+
+@pytest.mark.parametrize("clean", [FASHION_CLEAN, MNIST_CLEAN], ids=["fashion", "mnist"])
+def test_flip_test_tolerates_heterogeneous_clean_components_and_finds_the_poison(clean):
+    sizes, flips = clean
+    # A poison component of 950 images, 99 % of which flip (as on both datasets).
+    size = np.array(sizes + [950], float)
+    _, flagged, _ = ci.flip_test(np.array([flips + [940]], float), size, np.ones(len(size), bool), alpha=0.01)
+    assert flagged.tolist() == [False] * len(sizes) + [True]
+
+
+def test_flip_test_with_clean_components_that_never_flip():
+    # Ties at the median (every clean component keeps all its decisions) leave binomial noise alone.
+    size = np.array([1000.0] * 20 + [400])
+    _, flagged, est = ci.flip_test(np.array([[0.0] * 20 + [300]]), size, np.ones(21, bool), alpha=0.01)
+    assert flagged.tolist() == [False] * 20 + [True] and est[0]["overdispersion_sd"] == 0.0
 
 
 def test_flip_test_only_flags_eligible_components():

@@ -357,7 +357,12 @@ def test_keys_given_twice_are_refused(tmp_path, name, text):
     path = tmp_path / name
     path.write_text(text)
     with pytest.raises(UserError, match="given twice"):
-        config.settings.flatten(config.Config, config.load_file(path), str(path))
+        config.flatten(config.load_file(path), str(path))
+
+
+def test_an_old_flat_field_name_gets_its_new_path():
+    with pytest.raises(UserError, match="'tau' is now defense.ci.tau"):
+        config.from_dict({"tau": 0.3})
 
 
 @pytest.mark.parametrize("sig,code,word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "interrupted")])
