@@ -117,12 +117,12 @@ def bench_train(model: str, batch: int, x_NHWC: jax.Array, y_N: jax.Array, num_c
     t = _trainer(model, batch, batch, x_NHWC.shape[1:], num_classes)
     x_NHWC, y_N = jax.device_put((x_NHWC, y_N), t.replicated)
     idx_SB = t.epoch_indices(x_NHWC.shape[0], 0)
-    step_fn, compile_s, flops = _compile(t._train_step, t.state, x_NHWC, y_N, idx_SB, 0)
+    step_fn, compile_s, flops = _compile(t._train_step, t.state, x_NHWC, y_N, idx_SB, 0, t.lr_S, 0)
 
     def run():
         losses = []
         for i in range(steps):
-            t.state, loss = step_fn(t.state, x_NHWC, y_N, idx_SB, i % idx_SB.shape[0])
+            t.state, loss = step_fn(t.state, x_NHWC, y_N, idx_SB, i % idx_SB.shape[0], t.lr_S, i % idx_SB.shape[0])
             losses.append(loss)
             train.throttle(losses)
         return losses

@@ -90,6 +90,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="directory with the dataset's files (as for `run`), or one NAME=DIR per "
                             "dataset of the sweep")
     sweep.add_argument("--plots", action="store_true", help="also draw each run's plots")
+    sweep.add_argument("--stack", type=_positive, default=1, metavar="K",
+                       help="train up to K models as one program (baselines that differ in seed or attack, "
+                            "retrains of one baseline): for accelerators; default 1")
     sweep.add_argument("--models", metavar="DIR",
                        help="keep trained models here instead of in --out: sweeps sharing it share models")
     merge = sub.add_parser("merge", help="join a sharded sweep's CSVs and write its summary")
@@ -157,7 +160,7 @@ def _sweep(args: argparse.Namespace) -> None:
 
     csv_path = sweep.run(args.spec, args.out, shard=sweep.parse_shard(args.shard),
                          data_dir=sweep.parse_data_dirs(args.data_dir),
-                         make_plots=args.plots, models_dir=args.models)
+                         make_plots=args.plots, models_dir=args.models, stack=args.stack)
     print(f"results -> {csv_path}")
     if csv_path.name == "results.csv":  # the whole sweep, summarised (a shard waits for merge)
         print(open(os.path.join(args.out, "summary.md")).read())

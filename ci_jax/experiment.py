@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 import shutil
 import time
@@ -106,9 +107,50 @@ def baseline_passes(baseline: train.Trainer, p: Prepared, dataset: data.Dataset,
         timings.update(features=t1 - t0, evaluate=time.perf_counter() - t1)
         return {"pred": pred_N, "feats": feats_ND, **tests}
 
-    key = f"{p.model_key}/eval{cfg.eval.batch_size}"
-    fits = _fits(len(p.poisoned.y_N), len(dataset.y_test), len(p.triggered.idx), dataset.num_classes)
-    return cache.npz(baseline_dir / "passes.npz", key, compute, fits)
+    return cache.npz(baseline_dir / "passes.npz", passes_key(p, cfg), compute, passes_fit(p, dataset))
+
+
+def passes_key(p: Prepared, cfg: Config) -> str:
+    return f"{p.model_key}/eval{cfg.eval.batch_size}"
+
+
+def passes_fit(p: Prepared, dataset: data.Dataset):
+    return _fits(len(p.poisoned.y_N), len(dataset.y_test), len(p.triggered.idx), dataset.num_classes)
+
+
+def _view(cfg: Config, dataset: data.Dataset, p: Prepared, baseline: train.Trainer, baseline_dir: Path,
+          passes: dict[str, np.ndarray]) -> View:
+    reserve = None
+    if len(p.reserve_idx):
+        r = p.reserve_idx
+        reserve = Reserve(dataset.x_test[r], dataset.y_test[r], passes["feats_test"][r], passes["pred_test"][r], r,
+                          key=f"reserve{len(r)}-seed{cfg.seed}")
+    return View(x_NHWC=p.poisoned.x_NHWC, y_N=p.poisoned.y_N, feats_ND=passes["feats"], pred_N=passes["pred"],
+                num_classes=dataset.num_classes, predict=baseline.predict, seed=cfg.seed, reserve=reserve,
+                cache_dir=baseline_dir, key=passes_key(p, cfg), is_poison_N=p.poisoned.is_poison_N)
+
+
+def defend(p: Prepared, view: View, cfg: Config) -> defenses.Result:
+    """The defense's result, computed once per baseline, reserve and defense settings and kept
+    beside the baseline (defense-NAME-HASH.npz); a reused result reports no timings of its own."""
+    settings = {"settings": config_lib.to_dict(cfg).get("defense", {}).get(cfg.defense.name),
+                "reserve": view.reserve.key if view.reserve is not None else None}
+    name = f"defense-{cfg.defense.name}-{config_lib.fingerprint(settings)}"
+    n = len(view.y_N)
+    computed = []
+
+    def compute() -> dict[str, np.ndarray]:
+        r = p.defense.run(view)
+        computed.append(r)
+        return {"score": np.asarray(r.score_N, np.float64), "clean": np.asarray(r.is_clean_N, bool),
+                "report": np.asarray(json.dumps(r.report, allow_nan=False))}
+
+    fits = lambda a: a["score"].shape == (n,) and a["clean"].shape == (n,) and a["clean"].dtype == bool \
+        and isinstance(json.loads(str(a["report"])), dict)
+    arrays = view.cached(name, compute, fits)
+    if computed:
+        return computed[0]
+    return defenses.Result(arrays["score"], arrays["clean"], json.loads(str(arrays["report"])), {})
 
 
 def _scores(pred_test: np.ndarray, pred_trig: np.ndarray, dataset: data.Dataset, p: Prepared,
@@ -206,16 +248,9 @@ def _run_locked(cfg: Config, out: Path, dataset: data.Dataset, p: Prepared, base
     tqdm.write(f"baseline: clean acc {before['clean_acc']:.4f}, ASR {_pct(before['asr'])}"
                + (" (reused checkpoint)" if info["reused"] else ""))
 
-    reserve = None
-    if len(p.reserve_idx):
-        r = p.reserve_idx
-        reserve = Reserve(dataset.x_test[r], dataset.y_test[r], passes["feats_test"][r], passes["pred_test"][r], r)
-    view = View(x_NHWC=poisoned.x_NHWC, y_N=poisoned.y_N, feats_ND=passes["feats"], pred_N=passes["pred"],
-                num_classes=dataset.num_classes, predict=baseline.predict, seed=cfg.seed, reserve=reserve,
-                cache_dir=baseline_dir, key=f"{p.model_key}/eval{cfg.eval.batch_size}",
-                is_poison_N=poisoned.is_poison_N)
+    view = _view(cfg, dataset, p, baseline, baseline_dir, passes)
     t0 = time.perf_counter()
-    result = p.defense.run(view)
+    result = defend(p, view, cfg)
     timings["defense"] = time.perf_counter() - t0
     detection = metrics.detection(poisoned.is_poison_N, ~result.is_clean_N, result.score_N,
                                   is_cover_N=poisoned.is_cover_N, y_N=poisoned.y_N)
@@ -259,9 +294,7 @@ def _retrain(cfg: Config, out: Path, dataset: data.Dataset, p: Prepared, keep_N:
     if keep_N.all():
         tqdm.write("retrained: nothing removed, the baseline is the retrained model")
         return baseline_dir, dict(before)
-    removed_hash = hashlib.sha256(np.flatnonzero(~keep_N).astype(np.int64).tobytes()).hexdigest()[:16]
-    retrain_key = f"{p.model_key}-{removed_hash}"
-    retrained_dir = Path(shared_dir) / "retrained" / retrain_key if shared_dir else out / "retrained"
+    retrain_key, retrained_dir = retrain_target(p, keep_N, shared_dir, out)
     x_NHWC, y_N = p.poisoned.x_NHWC[keep_N], p.poisoned.y_N[keep_N]
     train.check_batch(cfg.train.batch_size, "--train.batch_size", len(y_N))
     retrained = train.Trainer(cfg, dataset.x_train.shape[1:], dataset.num_classes,
@@ -276,6 +309,86 @@ def _retrain(cfg: Config, out: Path, dataset: data.Dataset, p: Prepared, keep_N:
     after = _scores(evals["pred_test"], evals["pred_trig"], dataset, p, cfg.attack.target)
     tqdm.write(f"retrained: clean acc {after['clean_acc']:.4f}, ASR {_pct(after['asr'])}")
     return retrained_dir, after
+
+
+def retrain_target(p: Prepared, keep_N: np.ndarray, shared_dir: str | os.PathLike | None,
+                   out: Path | None) -> tuple[str, Path]:
+    """(key, directory) of the model retrained on what a defense kept: keyed by the baseline and
+    the removed set."""
+    removed_hash = hashlib.sha256(np.flatnonzero(~keep_N).astype(np.int64).tobytes()).hexdigest()[:16]
+    key = f"{p.model_key}-{removed_hash}"
+    return key, Path(shared_dir) / "retrained" / key if shared_dir else out / "retrained"
+
+
+def baseline_member(cfg: Config, dataset: data.Dataset, shared_dir: str | os.PathLike):
+    """(stack member, prepared run) of a sweep run's baseline, for `stack.train_members`."""
+    from ci_jax import stack
+
+    p = prepare(cfg, dataset)
+    member = stack.Member(cfg, np.arange(len(p.poisoned.y_N)), Path(shared_dir) / "baselines" / p.model_key,
+                          p.model_key, "baseline")
+    return member, p
+
+
+def retrain_member(cfg: Config, dataset: data.Dataset, shared_dir: str | os.PathLike):
+    """(stack member, prepared run) of what a sweep run retrains after its defense, or None when it
+    retrains nothing. The baseline must be trained (it is reused); its passes and the defense's
+    result are computed or read from their caches, so the run itself later finds them there."""
+    from ci_jax import stack
+
+    p = prepare(cfg, dataset)
+    baseline_dir = Path(shared_dir) / "baselines" / p.model_key
+    baseline = train.Trainer(cfg, dataset.x_train.shape[1:], dataset.num_classes,
+                             train.steps_per_epoch(len(p.poisoned.y_N), cfg.train.batch_size))
+    train.train(baseline, p.poisoned.x_NHWC, p.poisoned.y_N, baseline_dir, p.model_key, desc="baseline")
+    passes = baseline_passes(baseline, p, dataset, baseline_dir, cfg, {})
+    keep_N = defend(p, _view(cfg, dataset, p, baseline, baseline_dir, passes), cfg).is_clean_N
+    if not cfg.defense.retrain or keep_N.all():
+        return None
+    key, directory = retrain_target(p, keep_N, shared_dir, None)
+    return stack.Member(cfg, np.flatnonzero(keep_N), directory, key, "retrain"), p
+
+
+def stacked_passes(members_and_runs: list, dataset: data.Dataset) -> None:
+    """Writes passes.npz of freshly stacked-trained baselines in one vmapped pass per set: the
+    training set, the test split and the triggered test images of each."""
+    from ci_jax import stack
+
+    todo = [(m, p) for m, p in members_and_runs
+            if cache.load_npz(m.ckpt_dir / "passes.npz", passes_key(p, m.cfg), passes_fit(p, dataset)) is None]
+    if not todo:
+        return
+    trainers = []
+    for m, p in todo:
+        t = train.Trainer(m.cfg, dataset.x_train.shape[1:], dataset.num_classes,
+                          train.steps_per_epoch(len(p.poisoned.y_N), m.cfg.train.batch_size))
+        train.train(t, p.poisoned.x_NHWC, p.poisoned.y_N, m.ckpt_dir, m.key)  # restores: finished
+        trainers.append(t)
+    for group in _by_eval_batch(trainers, todo):
+        ts = [trainers[i] for i in group]
+        runs = [todo[i][1] for i in group]
+        xs, offsets = _concat([p.poisoned.x_NHWC for p in runs])
+        feats = stack.predict(ts, xs, [o + np.arange(len(p.poisoned.y_N)) for o, p in zip(offsets, runs)], "features")
+        tests = stack.predict(ts, dataset.x_test, [np.arange(len(dataset.y_test))] * len(ts), "test")
+        trig_x, trig_off = _concat([p.triggered.x_NHWC for p in runs])
+        trig = stack.predict(ts, trig_x, [o + np.arange(len(p.triggered.idx)) for o, p in zip(trig_off, runs)],
+                             "triggered")
+        for i, (pred, f), (pt, ft), (pg, _) in zip(group, feats, tests, trig):
+            m, p = todo[i]
+            cache.save_npz(m.ckpt_dir / "passes.npz", key=np.asarray(passes_key(p, m.cfg)), pred=pred, feats=f,
+                           pred_test=pt, feats_test=ft, pred_trig=pg)
+
+
+def _by_eval_batch(trainers, todo) -> list[list[int]]:
+    groups: dict[tuple, list[int]] = {}
+    for i, (m, _) in enumerate(todo):
+        groups.setdefault((m.cfg.train.model, m.cfg.eval.batch_size), []).append(i)
+    return list(groups.values())
+
+
+def _concat(arrays: list[np.ndarray]) -> tuple[np.ndarray, list[int]]:
+    offsets = np.cumsum([0] + [len(a) for a in arrays])[:-1].tolist()
+    return (np.concatenate(arrays) if arrays else np.zeros((0,))), offsets
 
 
 def _pct(v: float | None) -> str:

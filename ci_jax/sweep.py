@@ -232,11 +232,14 @@ def results_path(out: Path, i: int, n: int) -> Path:
 # -- running ------------------------------------------------------------------------------------
 def run(spec_path: str | os.PathLike, out: str | os.PathLike, *, shard: tuple[int, int] = (0, 1),
         data_dir: str | os.PathLike | None = None, make_plots: bool = False,
-        models_dir: str | os.PathLike | None = None) -> Path:
+        models_dir: str | os.PathLike | None = None, stack: int = 1) -> Path:
     """Runs (or resumes) this shard of the sweep; returns its results CSV.
 
     models_dir: where the baselines and retrained models live (default: `out`); sweeps given
     the same one share every model they have in common.
+    stack: train up to this many models as one program (`ci_jax.stack`): first the baselines the
+    runs need, then the models they retrain; the runs then find them finished. The results are
+    those of unstacked training up to float rounding.
     """
     from ci_jax import data, experiment  # late: spec errors come before jax starts
 
@@ -254,6 +257,8 @@ def run(spec_path: str | os.PathLike, out: str | os.PathLike, *, shard: tuple[in
     done = {r["run_id"] for r in rows}
     mine = shard_runs(spec.runs, i, n)
     datasets: dict[str, Any] = {}
+    if stack > 1:
+        _train_stacked([r for r in mine if r.run_id not in done], datasets, data_dir, Path(models_dir or out), stack)
     with tqdm(total=len(mine), desc=f"{spec.name} shard {i}/{n}" if n > 1 else spec.name, unit="run") as bar:
         for r in mine:
             if r.run_id not in done:
@@ -270,6 +275,50 @@ def run(spec_path: str | os.PathLike, out: str | os.PathLike, *, shard: tuple[in
     if n == 1:
         summarize(out)
     return csv_path
+
+
+def _train_stacked(runs: list[Run], datasets: dict[str, Any], data_dir, shared: Path, k: int) -> None:
+    from ci_jax import data, experiment
+    from ci_jax import stack as stack_lib
+
+    for name in dict.fromkeys(r.cfg.data.dataset for r in runs):
+        if name not in datasets:
+            datasets[name] = data.load(name, _data_dir(data_dir, name))
+        ds = datasets[name]
+        mine = [r for r in runs if r.cfg.data.dataset == name]
+        baselines = {}
+        for r in mine:
+            m, p = experiment.baseline_member(r.cfg, ds, shared)
+            baselines.setdefault(m.key, (m, p))
+        _train_chunks(list(baselines.values()), ds, k)
+        experiment.stacked_passes(list(baselines.values()), ds)
+        retrains = {}
+        for r in mine:
+            job = experiment.retrain_member(r.cfg, ds, shared)
+            if job is not None:
+                retrains.setdefault(job[0].key, job)
+        _train_chunks(list(retrains.values()), ds, k)
+
+
+def _train_chunks(jobs: list, ds, k: int) -> None:
+    """Stacks of up to k jobs (member, prepared run), each stack on the images of its own runs."""
+    from ci_jax import stack as stack_lib
+
+    groups: dict[tuple, list] = {}
+    for m, p in jobs:
+        groups.setdefault(stack_lib.stack_key(m.cfg), []).append((m, p))
+    for group in groups.values():
+        for start in range(0, len(group), k):
+            chunk = group[start:start + k]
+            xs, ys, members, offsets = [], [], [], {}
+            for m, p in chunk:
+                if p.model_key not in offsets:  # runs of one baseline share its images
+                    offsets[p.model_key] = sum(len(x) for x in xs)
+                    xs.append(p.poisoned.x_NHWC)
+                    ys.append(p.poisoned.y_N)
+                members.append(dataclasses.replace(m, idx_N=offsets[p.model_key] + m.idx_N))
+            stack_lib.train_members(members, np.concatenate(xs), np.concatenate(ys), ds.x_train.shape[1:],
+                                    ds.num_classes, k)
 
 
 def merge(out: str | os.PathLike) -> Path:

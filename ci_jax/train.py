@@ -104,20 +104,67 @@ def steps_per_epoch(n: int, batch: int) -> int:
 
 
 def make_optimizer(cfg, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """The optimizer, its learning rate injected at every step (so that models with different
+    schedules can share one step, see `stack`), and the schedule that gives it."""
     t = cfg.train
     if t.schedule == "onecycle":
-        lr = optax.cosine_onecycle_schedule(total_steps, t.lr, pct_start=0.25, div_factor=25.0,
-                                            final_div_factor=1e3)
+        schedule = optax.cosine_onecycle_schedule(total_steps, t.lr, pct_start=0.25, div_factor=25.0,
+                                                  final_div_factor=1e3)
     elif t.schedule == "cosine":
-        lr = optax.cosine_decay_schedule(t.lr, total_steps)
+        schedule = optax.cosine_decay_schedule(t.lr, total_steps)
     else:
-        lr = optax.constant_schedule(t.lr)
+        schedule = optax.constant_schedule(t.lr)
     # Decay kernels only, not BatchNorm scales and biases.
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
     if t.optimizer == "adam":
-        return optax.adamw(lr, weight_decay=t.weight_decay, mask=decay_mask), lr
-    return optax.chain(optax.add_decayed_weights(t.weight_decay, mask=decay_mask),
-                       optax.sgd(lr, momentum=t.momentum or None, nesterov=t.nesterov)), lr
+        tx = optax.inject_hyperparams(optax.adamw)(learning_rate=t.lr, weight_decay=t.weight_decay, mask=decay_mask)
+    else:
+        tx = optax.inject_hyperparams(lambda learning_rate: optax.chain(
+            optax.add_decayed_weights(t.weight_decay, mask=decay_mask),
+            optax.sgd(learning_rate, momentum=t.momentum or None, nesterov=t.nesterov)))(learning_rate=t.lr)
+    return tx, schedule
+
+
+def lr_table(schedule: optax.Schedule, total_steps: int) -> jax.Array:
+    """The learning rate of every step, evaluated on the device as the schedule would be in-graph."""
+    return jax.jit(jax.vmap(schedule))(jnp.arange(total_steps)).astype(jnp.float32)
+
+
+def update(train_def, state, x_BHWC: jax.Array, y_B: jax.Array, lr: jax.Array):
+    """One optimizer step of one model on one batch: (new state, loss). Shared by `Trainer` and
+    `stack.Stack` (vmapped there)."""
+    model, opt = nnx.merge(train_def, state)
+
+    def loss_fn(m):
+        logits_BK, _ = m(x_BHWC)
+        return optax.softmax_cross_entropy_with_integer_labels(logits_BK, y_B).mean()
+
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    opt.opt_state.hyperparams["learning_rate"][...] = lr
+    opt.update(model, grads)
+    return nnx.state((model, opt)), loss
+
+
+def forward(eval_def, model_state, x_BHWC: jax.Array):
+    """(decisions, penultimate features, logits) of one model on a batch."""
+    model = nnx.merge(eval_def, model_state)
+    logits_BK, feats_BD = model(x_BHWC)
+    return jnp.argmax(logits_BK, -1).astype(jnp.int32), feats_BD, logits_BK
+
+
+def diverged(loss: float, step: int, cfg) -> UserError:
+    t = cfg.train
+    return UserError(f"training diverged: loss is {loss} at step {step} (lr {t.lr}, weight decay {t.weight_decay}): "
+                     "lower --train.lr or --train.weight_decay, or change --train.optimizer")
+
+
+def epoch_indices(seed: int, n: int, batch: int, epoch: int) -> jax.Array:
+    """(steps, B) indices of one epoch: a permutation of n drawn from (seed, epoch), wrapped
+    round so that every batch is full."""
+    steps = steps_per_epoch(n, batch)
+    perm = jax.random.permutation(jax.random.fold_in(jax.random.key(seed), epoch), n)
+    reps = math.ceil(steps * batch / n)
+    return jnp.concatenate([perm] * reps)[: steps * batch].reshape(steps, batch)
 
 
 def _out_of_memory(e: Exception, flag: str, batch: int) -> UserError | None:
@@ -143,6 +190,7 @@ class Trainer:
         model.eval()
         self.eval_def, _ = nnx.split(model)
         self.state = jax.device_put(state, self.replicated)
+        self.lr_S = jax.device_put(lr_table(self.schedule, max(1, self.total_steps)), self.replicated)
         self._train_step = jax.jit(self._step, donate_argnums=0)
         self._forward = jax.jit(self._fwd, static_argnums=3)
 
@@ -151,39 +199,22 @@ class Trainer:
         return self.state[0]
 
     # -- jitted bodies --------------------------------------------------------------------------
-    def _step(self, state, x_NHWC, y_N, idx_SB, i):
-        model, opt = nnx.merge(self.train_def, state)
+    def _step(self, state, x_NHWC, y_N, idx_SB, i, lr_S, g):
         idx_B = idx_SB[i]  # indexed inside the step: no extra dispatch per step
         x_BHWC = jax.lax.with_sharding_constraint(x_NHWC[idx_B], self.sharded)
         y_B = jax.lax.with_sharding_constraint(y_N[idx_B], self.sharded)
-
-        def loss_fn(m):
-            logits_BK, _ = m(x_BHWC)
-            return optax.softmax_cross_entropy_with_integer_labels(logits_BK, y_B).mean()
-
-        loss, grads = nnx.value_and_grad(loss_fn)(model)
-        opt.update(model, grads)
-        return nnx.state((model, opt)), loss
+        return update(self.train_def, state, x_BHWC, y_B, lr_S[g])
 
     def _fwd(self, model_state, x_NHWC, start, batch: int):
         # Per-image work only: predict() queues many independent calls, and on forced CPU devices
         # (one shared thread pool) two in-flight calls that each wait at a cross-device
         # all-reduce can deadlock.
-        model = nnx.merge(self.eval_def, model_state)
         x_BHWC = jax.lax.dynamic_slice_in_dim(x_NHWC, start, batch)
-        x_BHWC = jax.lax.with_sharding_constraint(x_BHWC, self.sharded)
-        logits_BK, feats_BD = model(x_BHWC)
-        return jnp.argmax(logits_BK, -1).astype(jnp.int32), feats_BD, logits_BK
+        return forward(self.eval_def, model_state, jax.lax.with_sharding_constraint(x_BHWC, self.sharded))
 
     # -- training -------------------------------------------------------------------------------
     def epoch_indices(self, n: int, epoch: int) -> jax.Array:
-        """(steps, B) indices: a seeded permutation, wrapped round so every batch is full."""
-        b = self.cfg.train.batch_size
-        steps = steps_per_epoch(n, b)
-        key = jax.random.fold_in(jax.random.key(self.cfg.seed), epoch)
-        perm = jax.random.permutation(key, n)
-        reps = math.ceil(steps * b / n)
-        return jnp.concatenate([perm] * reps)[: steps * b].reshape(steps, b)
+        return epoch_indices(self.cfg.seed, n, self.cfg.train.batch_size, epoch)
 
     def fit_epoch(self, x_NHWC: jax.Array, y_N: jax.Array, epoch: int, desc: str,
                   log: Callable[[dict[str, Any]], None] = lambda entry: None) -> float:
@@ -196,16 +227,13 @@ class Trainer:
         with tqdm(total=steps, desc=f"{desc} epoch {epoch + 1}/{self.cfg.train.epochs}", unit="step",
                   leave=False, mininterval=1.0) as bar:
             for i in range(steps):
-                self.state, loss = self._train_step(self.state, x_NHWC, y_N, idx_SB, i)
+                self.state, loss = self._train_step(self.state, x_NHWC, y_N, idx_SB, i, self.lr_S, epoch * steps + i)
                 losses.append(loss)
                 throttle(losses)
                 if (i + 1) % LOG_EVERY == 0 or i + 1 == steps:
                     last, step = float(loss), epoch * steps + i
                     if not math.isfinite(last):
-                        t = self.cfg.train
-                        raise UserError(f"training diverged: loss is {last} at step {step} (lr {t.lr}, "
-                                        f"weight decay {t.weight_decay}): lower --train.lr or "
-                                        "--train.weight_decay, or change --train.optimizer")
+                        raise diverged(last, step, self.cfg)
                     rate = (i + 1) * b / (time.perf_counter() - t0)
                     log({"step": step + 1, "epoch": epoch, "loss": last, "lr": float(self.schedule(step)),
                          "images_per_s": rate})
@@ -417,6 +445,18 @@ def _reuse(trainer: Trainer, ckpt_dir: Path) -> dict[str, Any]:
 
 def _train_locked(trainer: Trainer, x_NHWC: np.ndarray, y_N: np.ndarray, ckpt_dir: Path, key: str,
                   desc: str) -> dict[str, Any]:
+    mngr, start = open_for_training(trainer, ckpt_dir, key)
+    try:
+        if start == trainer.cfg.train.epochs and _finished(ckpt_dir, key):
+            return {"reused": True, "resumed_from_epoch": start, "seconds": 0.0, "images_per_s": None}
+        return resume(trainer, mngr, x_NHWC, y_N, ckpt_dir, key, start, desc)
+    finally:
+        mngr.close()  # also after a failure: leaves no Orbax threads behind
+
+
+def open_for_training(trainer: Trainer, ckpt_dir: Path, key: str) -> tuple[ocp.CheckpointManager, int]:
+    """Under the directory's lock: clears a stale directory (another key), refuses a damaged one,
+    marks it with `key`, restores the latest epoch into `trainer`. Returns (manager, epoch)."""
     meta = _read_marker(ckpt_dir, "key.json")
     if meta is not None and meta["key"] != key:
         shutil.rmtree(ckpt_dir)
@@ -430,9 +470,10 @@ def _train_locked(trainer: Trainer, x_NHWC: np.ndarray, y_N: np.ndarray, ckpt_di
     files.write_json(ckpt_dir / "key.json", {"key": key})
     mngr = _manager(ckpt_dir / "orbax")
     try:
-        return _train(trainer, mngr, x_NHWC, y_N, ckpt_dir, key, done is not None, desc)
-    finally:
-        mngr.close()  # also after a failure: leaves no Orbax threads behind
+        return mngr, _restore(mngr, trainer, ckpt_dir)
+    except BaseException:
+        mngr.close()
+        raise
 
 
 class Log:
@@ -473,12 +514,10 @@ def read_log(ckpt_dir: str | os.PathLike) -> list[dict[str, Any]]:
     return _read_lines(Path(ckpt_dir) / "metrics.jsonl")
 
 
-def _train(trainer: Trainer, mngr: ocp.CheckpointManager, x_NHWC: np.ndarray, y_N: np.ndarray,
-           ckpt_dir: Path, key: str, done: bool, desc: str) -> dict[str, Any]:
-    start_epoch = _restore(mngr, trainer, ckpt_dir)
+def resume(trainer: Trainer, mngr: ocp.CheckpointManager, x_NHWC: np.ndarray, y_N: np.ndarray,
+           ckpt_dir: Path, key: str, start_epoch: int, desc: str) -> dict[str, Any]:
+    """Trains `trainer` (restored at start_epoch) to the end, saving each epoch, then marks done."""
     epochs = trainer.cfg.train.epochs
-    if done and start_epoch == epochs:
-        return {"reused": True, "resumed_from_epoch": start_epoch, "seconds": 0.0, "images_per_s": None}
     log = Log(ckpt_dir / "metrics.jsonl", start_epoch)
     b = trainer.cfg.train.batch_size
     try:

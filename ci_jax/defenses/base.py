@@ -32,6 +32,7 @@ class Reserve:
     feats_ND: np.ndarray
     pred_N: np.ndarray
     idx: np.ndarray  # their indices in the test split
+    key: str = ""  # names which images they are, for the caches of the defenses that use them
 
 
 @dataclasses.dataclass(eq=False)

@@ -66,7 +66,7 @@ class STRIP(Defense):
                 total += entropy_N(logits)
             return total / len(overlays)
 
-        name = f"strip-blends{self.s.blends}-seed{view.seed}"
+        name = f"strip-blends{self.s.blends}-{r.key or 'reserve'}"
         (train_H, clean_H), seconds = timed(lambda: self._entropies(view, name, mean_entropy, r.x_NHWC[calib]))
         if self.s.threshold == "normal":
             mu, sd = stats.norm.fit(clean_H)
