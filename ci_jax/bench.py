@@ -51,6 +51,12 @@ def add_arguments(p: argparse.ArgumentParser, positive: Callable[[str], int]) ->
     p.add_argument("--convs", action="store_true",
                    help="also time each convolution of the model alone (forward, input and kernel "
                         "gradients) at each train batch size: the ceiling of the train step")
+    p.add_argument("--defenses", nargs="*", metavar="NAME",
+                   help="also time these defenses (none named: every one) on the baseline's features, caches off")
+    p.add_argument("--stack", nargs="+", type=positive, metavar="K",
+                   help="also time stacks of K models: the train step and the features pass, per model and in total")
+    p.add_argument("--gmm-backends", nargs="+", default=["sklearn", "jax"], metavar="NAME",
+                   help="mixture backends whose GMM stage is timed")
     p.add_argument("--quick", action="store_true", help="tiny settings: a smoke test, not a measurement")
     p.add_argument("--out", help="write the results here as JSON")
 
@@ -240,42 +246,117 @@ def bench_convs(model: str, batch: int, image_shape, num_classes: int, repeats: 
             "train_convs_ms": 1e3 * train_s, "pass_convs_ms": 1e3 * pass_s, "peak_gflops": peak}
 
 
-def bench_gmm(feats_ND: np.ndarray, y_N: np.ndarray, source: str) -> dict[str, Any]:
-    """The CI defense's mixtures as it fits them: per class, parallel processes, BIC search."""
-    from ci_jax.defenses import ci, gmm
+def bench_gmm(view, source: str, backend: str) -> dict[str, Any]:
+    """The CI defense's mixtures as it fits them (scikit-learn: per class in parallel processes;
+    jax: every class at once on the device), BIC ascent, default settings."""
+    from ci_jax.defenses import ci, gmm, gmm_jax
 
-    cfg = config.preset("default")
+    cfg = config.preset("default", {"defense.ci.gmm_backend": backend})
     search = ci.CI(cfg.defense.ci).search(cfg.seed)
+    fit = gmm_jax.cluster if backend == "jax" else gmm.cluster
     t0 = time.perf_counter()
-    _, classes = gmm.cluster(feats_ND, y_N, search)
+    _, classes = fit(view.feats_ND, view.y_N, search)
     seconds = time.perf_counter() - t0
     fits = sum(max(1, len(c["bic"])) for c in classes)
-    return {"stage": "gmm", "features": int(feats_ND.shape[0]), "dim": int(feats_ND.shape[1]),
-            "source": source, "bic_search": search.bic_search, "seconds": seconds, "fits": fits,
-            "fits_per_s": fits / seconds, "k_per_class": [c["k"] for c in classes]}
+    return {"stage": "gmm", "backend": backend, "features": int(view.feats_ND.shape[0]),
+            "dim": int(view.feats_ND.shape[1]), "source": source, "bic_search": search.bic_search,
+            "seconds": seconds, "fits": fits, "fits_per_s": fits / seconds, "k_per_class": [c["k"] for c in classes]}
 
 
-def _gmm_features(args, ds: data.Dataset, n: int, eval_batch: int) -> tuple[np.ndarray, np.ndarray, str]:
-    """(feats_ND, y_N, source): a finished run's baseline features, else a fresh resnet20's."""
+def bench_defense(view, name: str, source: str) -> dict[str, Any]:
+    """One defense's `run` on the baseline's cached features, with its own caches off: what a
+    first run of it costs (CI: mixtures, filtered pass and impurity; STRIP: its blended passes)."""
+    import dataclasses as dc
+
+    from ci_jax import defenses
+
+    cfg = config.preset("default", {"defense.name": name, "eval.reserve": 1000})
+    defense = defenses.build(name, cfg.defense_settings())
+    t0 = time.perf_counter()
+    result = defense.run(dc.replace(view, cache_dir=None, timings_s={}))
+    seconds = time.perf_counter() - t0
+    row = {"stage": "defense", "defense": name, "features": int(view.feats_ND.shape[0]), "source": source,
+           "seconds": seconds, "parts_s": result.timings_s, "removed": int((~result.is_clean_N).sum())}
+    if "blended_images_per_s" in result.report:
+        row["blended_images_per_s"] = result.report["blended_images_per_s"]
+    return row
+
+
+def bench_stack(model: str, batch: int, k: int, x_NHWC: np.ndarray, y_N: np.ndarray, num_classes: int,
+                steps: int, repeats: int, eval_batch: int) -> dict[str, Any]:
+    """A stack of k models (seeds 0..k-1) on one data set: the stacked train step and the stacked
+    features pass, images/s per model and for the stack."""
+    from ci_jax import stack
+
+    cfgs = [config.preset("default", {"train.model": model, "train.batch_size": batch, "eval.batch_size": eval_batch,
+                                      "seed": s}) for s in range(k)]
+    members = [stack.Member(c, np.arange(len(y_N)), None, f"m{j}") for j, c in enumerate(cfgs)]
+    st = stack.Stack(members, x_NHWC.shape[1:], num_classes)
+    x, y = jax.device_put((jnp.asarray(x_NHWC), jnp.asarray(y_N, jnp.int32)), st.replicated)
+    idx = st.epoch_indices(0)
+    steps_K = jnp.asarray(st.steps_K)
+    state = st.stacked_state()
+    t0 = time.perf_counter()
+    state, loss = st._step(state, x, y, idx, 0, steps_K, st.lr_KS, 0)
+    jax.block_until_ready(loss)
+    compile_s = time.perf_counter() - t0
+    holder = {"state": state}
+
+    def run():
+        losses = []
+        for i in range(steps):
+            holder["state"], loss = st._step(holder["state"], x, y, idx, i % idx.shape[1], steps_K, st.lr_KS, 0)
+            losses.append(loss)
+        return losses
+
+    jax.block_until_ready(run())
+    train_s = _best_time(run, repeats)
+    st.unstack_into_trainers(holder["state"])
+    n_pass = min(len(y_N), 8 * eval_batch)
+    stack.predict(st.trainers, x_NHWC, [np.arange(n_pass)] * k)  # compile
+    pass_s = _best_time(lambda: stack.predict(st.trainers, x_NHWC, [np.arange(n_pass)] * k), repeats)
+    per_model = steps * batch / train_s
+    return {"stage": "stack", "model": model, "batch": batch, "k": k, "compile_s": compile_s,
+            "train_images_per_s_per_model": per_model, "train_images_per_s": per_model * k,
+            "pass_images_per_s_per_model": n_pass / pass_s, "pass_images_per_s": n_pass * k / pass_s}
+
+
+def _baseline_view(args, ds: data.Dataset, n: int, eval_batch: int):
+    """(View, source): a finished run's baseline (its cached passes, a reserve of 1,000 test
+    images), else a freshly initialised resnet20 on the data."""
+    from ci_jax import experiment, train
+
     if not args.run:
         reps = math.ceil(n / len(ds.y_train))
         x, y = np.concatenate([ds.x_train] * reps)[:n], np.concatenate([ds.y_train] * reps)[:n]
         t = _trainer("resnet20", 32, eval_batch, x.shape[1:], ds.num_classes)
-        return t.predict(x)[1], y, "random-init resnet20"
-    from ci_jax import experiment, train
+        pred, feats = t.predict(x)
+        r = np.arange(min(1000, len(ds.y_test) - 1))
+        tp, tf = t.predict(ds.x_test[r])
+        from ci_jax.defenses.base import Reserve, View
 
+        view = View(x_NHWC=x, y_N=y, feats_ND=feats, pred_N=pred, num_classes=ds.num_classes, predict=t.predict,
+                    seed=0, reserve=Reserve(ds.x_test[r], ds.y_test[r], tf, tp, r, key="bench"))
+        return view, "random-init resnet20"
     try:
         saved = files.read_json(os.path.join(args.run, "config.json"))
     except (OSError, ValueError) as e:
         raise UserError(f"--run {args.run}: no config.json there ({e})") from None
-    cfg = config.replace(experiment.config_from_run(saved, f"--run {args.run}"), {"eval.batch_size": eval_batch})
+    cfg = config.replace(experiment.config_from_run(saved, f"--run {args.run}"),
+                         {"eval.batch_size": eval_batch, "eval.reserve": min(1000, len(ds.y_test) - 1)})
     p = experiment.prepare(cfg, ds)
     ckpt = experiment.finished_baseline(args.run, cfg, p.model_key, flag="--run")
     t = train.Trainer(cfg, ds.x_train.shape[1:], ds.num_classes,
                       train.steps_per_epoch(len(p.poisoned.y_N), cfg.train.batch_size))
     train.train(t, p.poisoned.x_NHWC, p.poisoned.y_N, ckpt, p.model_key)  # restores: the baseline is finished
     passes = experiment.baseline_passes(t, p, ds, ckpt, cfg, {})  # the run's cached pass
-    return passes["feats"][:n], p.poisoned.y_N[:n], f"trained baseline of {args.run} ({cfg.train.model})"
+    view = experiment._view(cfg, ds, p, t, ckpt, passes)
+    if n < len(view.y_N):
+        import dataclasses as dc
+
+        view = dc.replace(view, x_NHWC=view.x_NHWC[:n], y_N=view.y_N[:n], feats_ND=view.feats_ND[:n],
+                          pred_N=view.pred_N[:n], is_poison_N=view.is_poison_N[:n])
+    return view, f"trained baseline of {args.run} ({cfg.train.model})"
 
 
 def end_to_end(results: list[dict[str, Any]], n_train: int, n_test: int, gmm_s: float | None,
@@ -344,9 +425,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for transform in (None, blur):
                 results.append(bench_pass(model, b, x_pass, ds.num_classes, args.repeats, peak, transform))
                 _print_row(results[-1])
-    feats, y, source = _gmm_features(args, ds, s["gmm_images"], max(s["eval_batch_sizes"]))
-    gmm = bench_gmm(feats, y, source)
-    _print_row(gmm)
+    for k in args.stack or ():
+        for model in args.models:
+            results.append(bench_stack(model, s["batch_sizes"][0], k, ds.x_train, ds.y_train, ds.num_classes,
+                                       s["steps"], args.repeats, s["eval_batch_sizes"][0]))
+            _print_row(results[-1])
+    view, source = _baseline_view(args, ds, s["gmm_images"], max(s["eval_batch_sizes"]))
+    gmms = []
+    for backend in args.gmm_backends:
+        if backend not in ("sklearn", "jax"):
+            raise unknown_name("GMM backend", backend, ("sklearn", "jax"))
+        gmms.append(bench_gmm(view, source, backend))
+        _print_row(gmms[-1])
+    gmm = gmms[0]
+    from ci_jax import defenses
+
+    for name in (args.defenses if args.defenses else defenses.NAMES) if args.defenses is not None else ():
+        if name not in defenses.NAMES:
+            raise unknown_name("defense", name, defenses.NAMES)
+        results.append(bench_defense(view, name, source))
+        _print_row(results[-1])
     n_train = 60000 if args.data_dir else len(ds.y_train)
     n_test = 10000 if args.data_dir else len(ds.y_test)
     for model in args.models:
@@ -358,7 +456,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     report = {"device": device_info(), "fp32_matmul_peak_gflops": peak, "quick": bool(args.quick),
               "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in s.items()},
               "repeats": args.repeats, "data": "mnist" if args.data_dir else "synthetic",
-              "stages": results + [gmm]}
+              "stages": results + gmms}
     if args.out:
         files.write_json(args.out, report)
     print(f"device {report['device']['kind']} x{jax.device_count()} ({jax.default_backend()}), "
@@ -372,8 +470,16 @@ def _fmt(v, spec: str) -> str:
 
 def _print_row(r: dict[str, Any]) -> None:
     if r["stage"] == "gmm":
-        print(f"{'gmm':10s} {r['features']:>6d} x {r['dim']:<3d} {r['seconds']:8.1f} s  "
+        print(f"{'gmm':10s} {r['backend']:9s} {r['features']:>6d} x {r['dim']:<3d} {r['seconds']:8.1f} s  "
               f"{r['fits_per_s']:.2f} fits/s  k={r['k_per_class']}  ({r['source']})", flush=True)
+    elif r["stage"] == "defense":
+        extra = f"  {r['blended_images_per_s']:.0f} blended img/s" if "blended_images_per_s" in r else ""
+        print(f"{'defense':10s} {r['defense']:9s} {r['features']:>6d} images {r['seconds']:8.1f} s  "
+              f"removed {r['removed']}{extra}", flush=True)
+    elif r["stage"] == "stack":
+        print(f"{'stack':10s} {r['model']:9s} B={r['batch']:<5d} K={r['k']:<3d} train {r['train_images_per_s']:8.0f} img/s "
+              f"({r['train_images_per_s_per_model']:.0f} per model)  pass {r['pass_images_per_s']:8.0f} img/s "
+              f"({r['pass_images_per_s_per_model']:.0f} per model)", flush=True)
     elif r["stage"] == "convs":
         for c in r["convs"]:
             times = "  ".join(f"{k[:-3]} {c[k]:6.2f} ms {c[k[:-3] + '_gflops']:5.1f} GFLOP/s"
