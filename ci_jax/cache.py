@@ -40,6 +40,17 @@ def save_npz(path: Path, **arrays: Any) -> None:
     files.atomic_write(path, write)
 
 
+def _keep(save: Callable[[], None], path: Path) -> None:
+    """A cache is a convenience: where it cannot be written (a read-only run shared through
+    --baseline-from), the run goes on without it."""
+    try:
+        save()
+    except OSError as e:
+        from tqdm.auto import tqdm
+
+        tqdm.write(f"note: not cached, {path} cannot be written ({e.strerror or e})")
+
+
 def npz(path: Path | None, key: str, compute: Callable[[], Arrays],
         fits: Callable[[Arrays], bool] | None = None) -> Arrays:
     """`compute()`, kept in `path` under `key`; no caching when path is None."""
@@ -49,7 +60,7 @@ def npz(path: Path | None, key: str, compute: Callable[[], Arrays],
             return hit
     arrays = compute()
     if path is not None:
-        save_npz(path, key=np.asarray(key), **arrays)
+        _keep(lambda: save_npz(path, key=np.asarray(key), **arrays), path)
     return arrays
 
 
@@ -65,5 +76,5 @@ def json_value(path: Path | None, key: str, compute: Callable[[], Any],
             pass
     value = compute()
     if path is not None:
-        files.write_json(path, {"key": key, "value": value})
+        _keep(lambda: files.write_json(path, {"key": key, "value": value}), path)
     return value

@@ -201,6 +201,17 @@ def model_identity(cfg: Config) -> dict[str, Any]:
             "train": settings.to_dict(cfg.train)}
 
 
+def run_identity(cfg: Config) -> dict[str, Any]:
+    """Everything that decides a run's result: the config without the subsections of the attacks
+    and defenses it does not use (a grid over a defense's field leaves the other defenses' runs alone)."""
+    d = to_dict(cfg)
+    for holder, chosen in (("attack", cfg.attack.name), ("defense", cfg.defense.name)):
+        for name in list(d[holder]):
+            if isinstance(d[holder][name], dict) and name != chosen:
+                del d[holder][name]
+    return d
+
+
 def fingerprint(obj: Any) -> str:
     """A short stable hash of a JSON-able value."""
     blob = json.dumps(obj, sort_keys=True, default=list)

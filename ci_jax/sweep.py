@@ -123,7 +123,7 @@ def expand(spec: dict[str, Any], where: str = "spec") -> Spec:
                     cfg = config_lib.preset(preset, overrides)
                 except UserError as e:
                     raise UserError(f"{where}: case {label}, {varied}: {e}") from None
-                run_id = config_lib.fingerprint(config_lib.to_dict(cfg))
+                run_id = config_lib.fingerprint(config_lib.run_identity(cfg))
                 if run_id in seen:
                     continue  # e.g. a grid value equal to a case's own: one run, not two
                 seen.add(run_id)
@@ -392,7 +392,10 @@ def summarize(out: str | os.PathLike) -> dict[str, Any]:
     out = Path(out)
     meta = files.read_json(out / "sweep.json")
     fields = meta["summary_fields"]
-    rows = read_rows(out / "results.csv")
+    # Only this spec's runs: a directory may also hold rows of an earlier spec that shared it (say,
+    # a detection-only pass before the retraining one).
+    wanted = set(meta["run_ids"])
+    rows = [r for r in read_rows(out / "results.csv") if r["run_id"] in wanted]
     table = aggregate(rows, fields)
     files.write_json(out / "summary.json", {"fields": fields, "rows": table})
     files.write_text(out / "summary.md", markdown(table, fields))

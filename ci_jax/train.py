@@ -359,15 +359,20 @@ def _read_marker(ckpt_dir: Path, name: str) -> dict[str, Any] | None:
     return d
 
 
-def _restore(mngr: ocp.CheckpointManager, trainer: Trainer, ckpt_dir: Path) -> int:
+def _restore(mngr: ocp.CheckpointManager, trainer: Trainer, ckpt_dir: Path, model_only: bool = False) -> int:
     """Loads the latest finalized step into `trainer`; returns it (0 when there is none).
 
     Orbax lists only finalized steps (saved under a temporary name, then renamed), so what a
     killed save left behind is never seen here. A step whose parameters do not match the model
     (its code changed) names what differs; one that fails to restore was damaged afterwards.
+    model_only: a finished model, reused for inference: only its parameters must match (an
+    optimizer state of another layout, from another version of ci-jax, is left alone).
     """
     latest = None
     expected = trainer.named_state()
+    fresh_optimizer = expected["optimizer"]
+    if model_only:
+        expected = {"model": expected["model"]}
     try:
         latest = mngr.latest_step()
         if latest is None:
@@ -378,21 +383,27 @@ def _restore(mngr: ocp.CheckpointManager, trainer: Trainer, ckpt_dir: Path) -> i
         raise _damaged(ckpt_dir, f"cannot read {step}: {type(e).__name__}: {one_line(e)}") from None
     if saved is not None and hasattr(saved, "tree"):
         saved = saved.tree
-    differs = mismatch(expected, _as_dict(saved)) if saved is not None else None
+    saved = _as_dict(saved) if saved is not None else None
+    if model_only and saved is not None:
+        saved = {"model": saved.get("model", {})}
+    differs = mismatch(expected, saved) if saved is not None else None
     if differs:
         raise UserError(f"checkpoint directory {ckpt_dir} holds a model that does not match "
                         f"{trainer.cfg.train.model}'s parameters ({differs}): it was saved by other "
                         "model code; delete that directory to train this model again")
     try:
-        restored = mngr.restore(latest, args=ocp.args.StandardRestore(
-            jax.tree.map(ocp.utils.to_shape_dtype_struct, expected)))
+        if model_only:  # the saved tree as it is, of which the model is taken
+            restored = {"model": _as_dict(mngr.restore(latest, args=ocp.args.StandardRestore()))["model"]}
+        else:
+            restored = mngr.restore(latest, args=ocp.args.StandardRestore(
+                jax.tree.map(ocp.utils.to_shape_dtype_struct, expected)))
     except Exception as e:  # noqa: BLE001
         raise _damaged(ckpt_dir, f"cannot restore epoch {latest}: {type(e).__name__}: {one_line(e)}") from None
     # Training stops before saving a non-finite loss, so non-finite weights mean damaged bytes.
     if not all(np.isfinite(np.asarray(a)).all() for a in jax.tree.leaves(restored)
                if jnp.issubdtype(np.asarray(a).dtype, jnp.inexact)):
         raise _damaged(ckpt_dir, f"epoch {latest} holds non-finite weights")
-    trainer.load_named_state(restored)
+    trainer.load_named_state({"optimizer": fresh_optimizer, **restored})
     return latest
 
 
@@ -435,7 +446,7 @@ def _finished(ckpt_dir: Path, key: str) -> bool:
 def _reuse(trainer: Trainer, ckpt_dir: Path) -> dict[str, Any]:
     mngr = _manager(ckpt_dir / "orbax")
     try:
-        epoch = _restore(mngr, trainer, ckpt_dir)
+        epoch = _restore(mngr, trainer, ckpt_dir, model_only=True)
     finally:
         mngr.close()
     if epoch != trainer.cfg.train.epochs:

@@ -263,14 +263,30 @@ def test_a_full_disk_is_one_line(capsys, tmp_path, mnist_like_dir, monkeypatch):
     assert code == 2 and "No space left on device" in err and "rerun the same command" in err and "\n" not in err
 
 
-def test_reusing_a_finished_baseline_writes_nothing_into_its_run(finished, ds, tmp_path):
-    """A finished baseline is only read (it may sit on a read-only mount): its passes and mixtures
-    are reused, and no lock is taken."""
+def test_reusing_a_finished_baseline_takes_no_lock_and_only_adds_caches(finished, ds, tmp_path):
+    """A finished baseline is only read (it may sit on a read-only mount): no lock is taken, and
+    what is new there is a cache of the new defense setting."""
     stamp = lambda: {p: p.stat().st_mtime_ns for p in finished[0].rglob("*")}
     before = stamp()
     experiment.run(_cfg(**{"defense.ci.tau": 0.3}), tmp_path / "ablation", dataset=ds, make_plots=False,
                    baseline_from=finished[0])
-    assert stamp() == before
+    after = stamp()
+    changed = {p for p in after if before.get(p) != after[p]} - {finished[0] / "baseline"}  # the directory's mtime
+    assert changed and all(p.parent.name == "baseline" and p.name.startswith("defense-ci-") for p in changed)
+
+
+def test_a_read_only_baseline_is_used_without_its_caches(finished, ds, tmp_path, monkeypatch, capsys):
+    real = files.atomic_write
+
+    def read_only(path, write):
+        if "finished" in str(path):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real(path, write)
+    monkeypatch.setattr(files, "atomic_write", read_only)
+    report = experiment.run(_cfg(**{"defense.ci.tau": 0.31}), tmp_path / "ro", dataset=ds, make_plots=False,
+                            baseline_from=finished[0])
+    assert report["baseline"] == {**finished[1]["baseline"], "checkpoint": report["baseline"]["checkpoint"]}
+    assert "not cached" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("args", [["--repeats", "-1"], ["--pass-images", "-5"], ["--steps", "0"]])
