@@ -54,13 +54,15 @@ def _show_image(ax, img: np.ndarray) -> None:
     ax.set_yticks([])
 
 
-def examples(path: PathLike, attacks: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]],
+def examples(path: PathLike, attacks: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]],
              n: int = 8) -> None:
     """Per attack, three rows: clean test images, the same images triggered (titles: the model's
-    decisions), and their difference (triggered - clean, red positive, blue negative, scaled to the
-    largest change of that attack so that a 3/255 pattern shows)."""
+    decisions, when given), and their difference (triggered - clean, red positive, blue negative,
+    scaled to the largest change of that attack so that a 3/255 pattern shows)."""
     blocks = []
     for name, (x_clean, x_trig, pred_clean, pred_trig) in attacks.items():
+        if pred_clean is None or pred_trig is None:
+            pred_clean = pred_trig = np.full(len(x_clean), -1)
         count = min(max(n, 0), len(x_clean), len(x_trig), len(np.ravel(pred_clean)), len(np.ravel(pred_trig)))
         if count:
             blocks.append((name, np.asarray(x_clean)[:count], np.asarray(x_trig)[:count],
@@ -80,9 +82,10 @@ def examples(path: PathLike, attacks: dict[str, tuple[np.ndarray, np.ndarray, np
             for ax in (top, mid, low):
                 ax.set_axis_on()
             _show_image(top, x_clean[j])
-            top.set_title(f"pred {int(pred_clean[j])}", fontsize=7)
             _show_image(mid, x_trig[j])
-            mid.set_title(f"pred {int(pred_trig[j])}", fontsize=7)
+            if int(pred_clean[j]) >= 0:
+                top.set_title(f"pred {int(pred_clean[j])}", fontsize=7)
+                mid.set_title(f"pred {int(pred_trig[j])}", fontsize=7)
             low.imshow(diff[j], cmap="bwr", vmin=-scale, vmax=scale, interpolation="nearest")
             low.set_xticks([])
             low.set_yticks([])
