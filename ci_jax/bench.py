@@ -331,7 +331,7 @@ def _baseline_view(args, ds: data.Dataset, n: int, eval_batch: int):
         x, y = np.concatenate([ds.x_train] * reps)[:n], np.concatenate([ds.y_train] * reps)[:n]
         t = _trainer("resnet20", 32, eval_batch, x.shape[1:], ds.num_classes)
         pred, feats = t.predict(x)
-        r = np.arange(min(1000, len(ds.y_test) - 1))
+        r = np.arange(min(1000, len(ds.y_test) // 10))
         tp, tf = t.predict(ds.x_test[r])
         from ci_jax.defenses.base import Reserve, View
 
@@ -343,7 +343,7 @@ def _baseline_view(args, ds: data.Dataset, n: int, eval_batch: int):
     except (OSError, ValueError) as e:
         raise UserError(f"--run {args.run}: no config.json there ({e})") from None
     cfg = config.replace(experiment.config_from_run(saved, f"--run {args.run}"),
-                         {"eval.batch_size": eval_batch, "eval.reserve": min(1000, len(ds.y_test) - 1)})
+                         {"eval.batch_size": eval_batch, "eval.reserve": min(1000, len(ds.y_test) // 10)})
     p = experiment.prepare(cfg, ds)
     ckpt = experiment.finished_baseline(args.run, cfg, p.model_key, flag="--run")
     t = train.Trainer(cfg, ds.x_train.shape[1:], ds.num_classes,
