@@ -383,6 +383,8 @@ def _restore(mngr: ocp.CheckpointManager, trainer: Trainer, ckpt_dir: Path, mode
         raise _damaged(ckpt_dir, f"cannot read {step}: {type(e).__name__}: {one_line(e)}") from None
     if saved is not None and hasattr(saved, "tree"):
         saved = saved.tree
+    if saved is None and model_only:  # no tree metadata to take the model from: restore the whole state
+        model_only, expected = False, trainer.named_state()
     saved = _as_dict(saved) if saved is not None else None
     if model_only and saved is not None:
         saved = {"model": saved.get("model", {})}
