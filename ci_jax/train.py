@@ -386,6 +386,8 @@ def _restore(mngr: ocp.CheckpointManager, trainer: Trainer, ckpt_dir: Path, mode
     if saved is None and model_only:  # no tree metadata to take the model from: restore the whole state
         model_only, expected = False, trainer.named_state()
     saved = _as_dict(saved) if saved is not None else None
+    if model_only and saved is not None and mismatch({"o": fresh_optimizer}, {"o": saved.get("optimizer", {})}) is None:
+        model_only, expected = False, trainer.named_state()  # the same layout: the whole state, as saved
     if model_only and saved is not None:
         saved = {"model": saved.get("model", {})}
     differs = mismatch(expected, saved) if saved is not None else None
