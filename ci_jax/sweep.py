@@ -96,7 +96,7 @@ def expand(spec: dict[str, Any], where: str = "spec") -> Spec:
     cases = [({"case": str(c["case"])} if "case" in c else {}) | flat({k: v for k, v in c.items() if k != "case"}, "case")
              for c in cases]
     seeds = _seeds(spec.get("seeds", [0]), f"{where}: seeds")
-    retrain_seeds = set(_seeds(spec.get("retrain_seeds", seeds), f"{where}: retrain_seeds"))
+    retrain_seeds = set(_seeds(spec.get("retrain_seeds", seeds), f"{where}: retrain_seeds", empty_ok=True))
     if "seed" in grid or "seed" in base or any("seed" in c for c in cases):
         raise UserError(f"{where}: set seeds with the top-level `seeds` list, not as a field")
     count = len(cases) * math.prod(len(v) for v in grid.values()) * len(seeds)
@@ -137,10 +137,10 @@ def _show(value: Any) -> Any:
     return " ".join(value) if isinstance(value, tuple) else value
 
 
-def _seeds(value: Any, where: str) -> list[int]:
-    if not isinstance(value, list) or not value or not all(isinstance(s, int) and not isinstance(s, bool)
-                                                           for s in value):
-        raise UserError(f"{where} must be a non-empty list of whole numbers")
+def _seeds(value: Any, where: str, empty_ok: bool = False) -> list[int]:
+    if not isinstance(value, list) or not (value or empty_ok) or \
+            not all(isinstance(s, int) and not isinstance(s, bool) for s in value):
+        raise UserError(f"{where} must be a {'' if empty_ok else 'non-empty '}list of whole numbers")
     return value
 
 
