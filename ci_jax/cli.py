@@ -179,6 +179,15 @@ def _bench(args: argparse.Namespace) -> None:
     bench.run(args)
 
 
+def _leave(message: str, code: int) -> None:
+    """Ends an interrupted process at once, once every `finally` has run: tearing the interpreter
+    down while XLA's threads are still running the interrupted program can crash it."""
+    print(message, file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 class _Terminated(BaseException):
     """SIGTERM, raised in the main thread so that every `finally` and atomic write cleans up."""
 
@@ -216,11 +225,9 @@ def main(argv: Sequence[str] | None = None) -> int:
               "rerun the same command to resume", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"ci-jax: {INTERRUPTED}", file=sys.stderr)
-        return 130
+        _leave(f"ci-jax: {INTERRUPTED}", 130)
     except _Terminated:
-        print(f"ci-jax: {INTERRUPTED} (terminated)", file=sys.stderr)
-        return 143
+        _leave(f"ci-jax: {INTERRUPTED} (terminated)", 143)
     finally:
         signal.signal(signal.SIGTERM, previous)
     return 0
