@@ -237,6 +237,7 @@ def _run_locked(cfg: Config, out: Path, dataset: data.Dataset, p: Prepared, base
                              train.steps_per_epoch(len(poisoned.y_N), cfg.train.batch_size))
     info = train.train(baseline, poisoned.x_NHWC, poisoned.y_N, baseline_dir, p.model_key, desc="baseline")
     timings["train_baseline"] = info["seconds"]
+    _clear_dead_writers(baseline_dir)
     # From here on this run replaces the previous one: its report and figures go first.
     _retire_outputs(out)
     files.write_json(out / "config.json", config_lib.to_dict(cfg))
@@ -301,6 +302,7 @@ def _retrain(cfg: Config, out: Path, dataset: data.Dataset, p: Prepared, keep_N:
                               train.steps_per_epoch(len(y_N), cfg.train.batch_size))
     info = train.train(retrained, x_NHWC, y_N, retrained_dir, retrain_key, desc="retrain")
     timings["retrain"] = info["seconds"]
+    _clear_dead_writers(retrained_dir)
     t0 = time.perf_counter()
     fits = _fits(None, len(dataset.y_test), len(p.triggered.idx), dataset.num_classes)
     evals = cache.npz(retrained_dir / "eval.npz", f"{retrain_key}/eval{cfg.eval.batch_size}",
@@ -389,6 +391,14 @@ def _by_eval_batch(trainers, todo) -> list[list[int]]:
 def _concat(arrays: list[np.ndarray]) -> tuple[np.ndarray, list[int]]:
     offsets = np.cumsum([0] + [len(a) for a in arrays])[:-1].tolist()
     return (np.concatenate(arrays) if arrays else np.zeros((0,))), offsets
+
+
+def _clear_dead_writers(model_dir: Path) -> None:
+    """Leftovers of killed writers of a model's caches (it may be shared, and read-only)."""
+    try:
+        files.clear_stale_tmp(model_dir, shared=True)
+    except OSError:
+        pass
 
 
 def _pct(v: float | None) -> str:

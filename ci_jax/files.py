@@ -6,6 +6,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import stat
 import tempfile
 from pathlib import Path
@@ -19,7 +20,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Calls write(tmp_path) for a temporary file beside `path`, then renames it over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # The writer's pid in the name: a directory shared by processes can tell a dead writer's leftovers.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
@@ -49,14 +51,29 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.load(f)
 
 
-def clear_stale_tmp(directory: str | os.PathLike, name: str = "*") -> None:
+def clear_stale_tmp(directory: str | os.PathLike, name: str = "*", shared: bool = False) -> None:
     """Removes temporary files that a killed writer left in `directory` (for files `name`).
 
-    Only for a directory (or file name) that this process alone writes: another writer's
-    temporary file would vanish under it.
+    shared: the directory has other writers (a sweep's shared models): only the files of writers
+    that are no longer alive go. Otherwise every one does: the caller is the only writer.
     """
     for tmp in Path(directory).glob(f".{name}.*.tmp"):
+        if shared and _writer_alive(tmp.name):
+            continue
         tmp.unlink(missing_ok=True)
+
+
+def _writer_alive(tmp_name: str) -> bool:
+    m = re.search(r"\.(\d+)-[^.]*\.tmp$", tmp_name)
+    if m is None:
+        return False  # no pid: written before pids were recorded, long gone
+    try:
+        os.kill(int(m[1]), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @contextlib.contextmanager

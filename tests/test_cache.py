@@ -1,6 +1,8 @@
 """What is computed once and kept (ci_jax.cache), and host work in worker processes (ci_jax.parallel)."""
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -97,3 +99,17 @@ def test_map_processes_raises_what_a_worker_raised():
         parallel.map_processes(_fail_on_three, [(i,) for i in range(5)], max_workers=2)
     # The pool is usable again afterwards.
     assert parallel.map_processes(_fail_on_three, [(1,), (2,)], max_workers=2) == [1, 2]
+
+
+def test_shared_directories_lose_only_dead_writers_leftovers(tmp_path):
+    from ci_jax import files
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    mine = tmp_path / f".x.npz.{os.getpid()}-abc.tmp"
+    gone = tmp_path / f".x.npz.{int(dead.stdout)}-abc.tmp"
+    for p in (mine, gone):
+        p.write_text("partial")
+    files.clear_stale_tmp(tmp_path, shared=True)
+    assert mine.exists() and not gone.exists()
+    files.clear_stale_tmp(tmp_path)
+    assert not mine.exists()
