@@ -89,7 +89,7 @@ os.environ["XLA_FLAGS"] = kernels.xla_flags()
 import jax
 from ci_jax import config, data, stack, train
 ds = data.synthetic(n_train=600, n_test=200, seed=0)
-cfgs = [config.preset("fast", {"train.epochs": 3, "train.batch_size": 32, "eval.batch_size": 64, "seed": s,
+cfgs = [config.preset("fast", {"train.epochs": 2, "train.batch_size": 32, "eval.batch_size": 64, "seed": s,
                                "train.optimizer": "sgd", "train.lr": 0.01}) for s in (0, 1, 2)]
 keep = [np.arange(600), np.arange(600)[::2], np.arange(600)[100:]]
 root = Path(sys.argv[1])
@@ -126,14 +126,14 @@ def test_kill_9_during_a_stacked_training_then_restart_ends_with_the_same_models
     result = lambda p: json.loads(p.stdout.split("RESULT ", 1)[1])
     assert result(resumed) == result(whole)
     log = train.read_log(tmp_path / "killed" / "1")
-    assert [e["epoch"] for e in log if "mean_loss" in e] == [0, 1, 2]
+    assert [e["epoch"] for e in log if "mean_loss" in e] == [0, 1]
 
 
 SPEC = {"name": "s", "preset": "fast",
         "base": {"attack.n_poison": 20, "train.batch_size": 32, "attack.pixel.amplitude": 1.0,
                  "defense.ci.covariance": "diag", "defense.ci.tau": 0.05},
         "cases": [{"case": "none", "attack.name": "none"}, {"case": "pixel", "attack.name": "pixel"}],
-        "grid": {"defense.name": ["ci", "ss"]}, "seeds": [0, 1]}
+        "grid": {"defense.name": ["ci", "ss"]}, "seeds": [0]}
 
 
 def test_a_stacked_sweep_gives_the_rows_of_an_unstacked_one(mnist_like_dir, tmp_path):
@@ -143,9 +143,9 @@ def test_a_stacked_sweep_gives_the_rows_of_an_unstacked_one(mnist_like_dir, tmp_
     for k in (1, 4):
         csv_path = sweep.run(spec, tmp_path / f"k{k}", data_dir=mnist_like_dir, stack=k)
         rows[k] = [{c: v for c, v in r.items() if c != "seconds"} for r in sweep.read_rows(csv_path)]
-    assert rows[1] == rows[4] and len(rows[1]) == 8
+    assert rows[1] == rows[4] and len(rows[1]) == 4
     logs = [train.read_log(d) for d in (tmp_path / "k4" / "baselines").iterdir()]
-    assert all(e.get("stack") == 4 for log in logs for e in log)
+    assert all(e.get("stack") == 2 for log in logs for e in log)  # the two baselines, one stack
 
 
 # -- mixtures on the device -------------------------------------------------------------------------
