@@ -382,3 +382,23 @@ def test_subprocess_bad_input_is_one_error_line_and_exit_2(tmp_path, idx_dir):
     assert lines[0].startswith("ci-jax: error: trigger pixel at (40, 24)")
     assert proc.stdout == ""
     assert not (out / "report.json").exists()
+
+
+def test_every_choice_of_every_named_field_is_in_the_help(capsys):
+    from ci_jax import config as config_lib
+
+    with pytest.raises(SystemExit):
+        cli.main(["run", "--help"])
+    flat = " ".join(capsys.readouterr().out.split())
+    named = [leaf for leaf in config_lib.PATHS.values() if leaf.meta["choices"] is not None]
+    assert len(named) >= 15
+    for leaf in named:
+        assert f"--{leaf.path}" in flat
+        assert f"choices: {', '.join(leaf.meta['choices'])};" in flat, leaf.path
+        assert leaf.meta["help"].split()[0] in flat
+
+
+def test_an_unknown_name_on_the_command_line_suggests_the_nearest(capsys, tmp_path, mnist_like_dir):
+    code = cli.main(["run", "--data-dir", str(mnist_like_dir), "--out", str(tmp_path / "o"),
+                     "--defense.ci.rule", "treshold"])
+    assert code == 2 and "did you mean 'threshold'?" in capsys.readouterr().err

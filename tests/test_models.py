@@ -127,3 +127,14 @@ def test_cpu_convolutions_use_eigen_not_ynnpack():
     grad = jax.jit(jax.grad(lambda x, w: jnp.sum(kernels._conv(x, w, 1, ((1, 1), (1, 1)))), (0, 1)))
     hlo = grad.lower(x, w).compile().as_text()
     assert "convolution" in hlo and "__ynn_fusion" not in hlo
+
+
+def test_importing_ci_jax_changes_no_environment_variable():
+    import os
+    import subprocess
+    import sys
+
+    code = ("import os, json; before = dict(os.environ); import ci_jax, ci_jax.cli, ci_jax.config, ci_jax.train, "
+            "ci_jax.experiment, ci_jax.sweep, ci_jax.stack; print(json.dumps(dict(os.environ) == before))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "true"

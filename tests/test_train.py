@@ -370,3 +370,12 @@ def test_predict_on_no_images_gives_empty_outputs_of_the_right_shapes(ds):
     t = _trainer(_cfg(), ds)
     pred, feats = t.predict(ds.x_test[:0])
     assert pred.shape == (0,) and feats.shape == (0, t.predict(ds.x_test[:1])[1].shape[1])
+
+
+def test_restoring_into_another_architecture_names_what_differs(ds, trained_dir, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(trained_dir, ckpt)
+    other = train.Trainer(_cfg({"train.model": "resnet20"}), ds.x_train.shape[1:], ds.num_classes,
+                          train.steps_per_epoch(len(ds.y_train), 32))
+    with pytest.raises(UserError, match=r"does not match resnet20's parameters \(missing: .*extra: .*saved by other model code"):
+        train.train(other, ds.x_train, ds.y_train, ckpt, key="k")
