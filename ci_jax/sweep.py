@@ -279,7 +279,6 @@ def run(spec_path: str | os.PathLike, out: str | os.PathLike, *, shard: tuple[in
 
 def _train_stacked(runs: list[Run], datasets: dict[str, Any], data_dir, shared: Path, k: int) -> None:
     from ci_jax import data, experiment
-    from ci_jax import stack as stack_lib
 
     for name in dict.fromkeys(r.cfg.data.dataset for r in runs):
         if name not in datasets:

@@ -119,12 +119,6 @@ class TriggeredTest:
     description: str
 
 
-def _is_int(value: object) -> bool:
-    import numbers
-
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 def validate(attack: Attack, y_N: np.ndarray, num_classes: int, image_shape: tuple[int, int, int]) -> None:
     """UserError for an attack that cannot be carried out on this data, before any work."""
     t = attack.t
