@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from ci_jax import attacks, config
-from ci_jax.attacks import additive, adaptive_blend, bpp, sig, smooth, wanet
+from ci_jax.attacks import bpp, sig, smooth, wanet
 from ci_jax.errors import UserError
 
 N_CLASSES = 10

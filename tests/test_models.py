@@ -130,7 +130,6 @@ def test_cpu_convolutions_use_eigen_not_ynnpack():
 
 
 def test_importing_ci_jax_changes_no_environment_variable():
-    import os
     import subprocess
     import sys
 

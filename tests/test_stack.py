@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -81,7 +80,6 @@ def test_stacked_inference_equals_each_models_own(ds, tmp_path):
 
 KILL_SCRIPT = """
 import sys
-from pathlib import Path
 import numpy as np
 from ci_jax import kernels
 import os
