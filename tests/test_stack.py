@@ -80,6 +80,8 @@ def test_stacked_inference_equals_each_models_own(ds, tmp_path):
 
 KILL_SCRIPT = """
 import sys
+from pathlib import Path
+
 import numpy as np
 from ci_jax import kernels
 import os
