@@ -9,7 +9,7 @@ set -euo pipefail
 [ $# -ge 4 ] || { echo "usage: $0 OLD_REV NEW_REV DATA_DIR OUT_JSON [ROUNDS]" >&2; exit 2; }
 old=$1 new=$2 data=$(realpath "$3") out_json=$4 rounds=${5:-2}
 [ -d "$data" ] || { echo "$0: no data dir $data" >&2; exit 2; }
-py=$(realpath .venv/bin/python)
+py=$PWD/.venv/bin/python
 work=$(mktemp -d "${TMPDIR:-/tmp}/ci-jax-ab.XXXXXX")
 trap 'git worktree remove --force "$work/A" 2>/dev/null; git worktree remove --force "$work/B" 2>/dev/null; rm -rf "$work"' EXIT
 git worktree add --detach "$work/A" "$old" >/dev/null
