@@ -5,6 +5,8 @@ Workers come from joblib's loky executor: fresh interpreters (a fork of a proces
 threads can deadlock) that need no `if __name__ == "__main__"` guard in the user's script. Each
 worker watches its parent and exits within a second of the parent's death, so a parent ended by
 SIGTERM or kill -9 leaves no worker behind (loky's own workers would idle on for minutes).
+Each worker's BLAS and OpenMP pools get the cores divided by the workers, as joblib's Parallel
+gives them: n workers each running every core's worth of BLAS threads thrash the cores.
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ from typing import Any, Callable, Sequence
 from joblib.externals import loky
 
 WATCH_S = 1.0
+# joblib's list (joblib._parallel_backends.ParallelBackendBase.MAX_NUM_THREADS_VARS).
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS",
+               "VECLIB_MAXIMUM_THREADS", "NUMBA_NUM_THREADS", "NUMEXPR_NUM_THREADS")
 
 
 def _watch(parent: int) -> None:
@@ -37,13 +42,20 @@ def workers() -> int:
         return os.cpu_count() or 1
 
 
+def worker_env(n_workers: int) -> dict[str, str]:
+    """Thread limits for each of n workers: the cores shared out, unless the user set them."""
+    share = str(max(1, workers() // n_workers))
+    return {var: os.environ.get(var, share) for var in THREAD_VARS}
+
+
 def map_processes(fn: Callable[..., Any], args: Sequence[tuple], max_workers: int | None = None) -> list[Any]:
     """[fn(*a) for a in args], in parallel worker processes; in this process when there is one
     item or one core."""
     n = min(len(args), max_workers or workers())
     if n <= 1:
         return [fn(*a) for a in args]
-    pool = loky.get_reusable_executor(max_workers=n, initializer=_die_with_parent, initargs=(os.getpid(),))
+    pool = loky.get_reusable_executor(max_workers=n, initializer=_die_with_parent, initargs=(os.getpid(),),
+                                      env=worker_env(n))
     futures = [pool.submit(fn, *a) for a in args]
     try:
         return [f.result() for f in futures]

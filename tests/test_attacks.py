@@ -244,6 +244,10 @@ def test_too_many_covers_is_a_user_error_before_any_work():
     x, y = _data(n=100)
     with pytest.raises(UserError, match="cover images do not fit"):
         attacks.poison_training_set(_attack("wanet", n_poison=10, cover_ratio=50.0), x, y, N_CLASSES)
+    # 85 covers fit beside 10 poisons in 100 images, but not in the 80 outside the target class
+    # and the poisons: covers never come from the target class.
+    with pytest.raises(UserError, match="85 cover images do not fit .* the 80 training images left outside"):
+        attacks.poison_training_set(_attack("wanet", n_poison=10, cover_ratio=8.5), x, y, N_CLASSES)
 
 
 def test_clean_label_poison_count_is_checked_against_the_target_class():

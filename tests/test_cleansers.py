@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from ci_jax import config, data, defenses, train
-from ci_jax.defenses import ci, scan, spectre
+from ci_jax.defenses import ac, ci, scan, spectre
 from ci_jax.defenses.base import Reserve, View
 from ci_jax.errors import UserError
 
@@ -60,6 +60,17 @@ def test_spectre_only_top_class_removes_from_the_target_alone():
     assert removed[is_poison].all() and not removed[y != TARGET].any()
 
 
+@pytest.mark.parametrize("n", [2, 5, 12, 40])
+def test_spectre_small_classes_give_finite_scores_and_lose_no_more_than_their_share(n):
+    feats, y, is_poison, _, _ = _planted(n_poison=0)
+    keep = np.concatenate([np.flatnonzero(y != 4), np.flatnonzero(y == 4)[:n]])
+    feats, y = feats[keep], y[keep]
+    res = defenses.build("spectre", _settings("spectre", eps=0.1)).run(_view(feats, y, np.zeros(len(y), bool)))
+    assert np.isfinite(res.score_N).all()
+    expected = round(1.5 * round(0.1 * n)) if n >= 3 else 0
+    assert (~res.is_clean_N[y == 4]).sum() == expected
+
+
 def test_robust_subset_drops_outliers_and_keeps_the_bulk():
     rng = np.random.default_rng(1)
     z = np.concatenate([rng.normal(0, 1, (900, 4)), rng.normal(0, 1, (100, 4)) + [0, 0, 0, 12]])
@@ -98,9 +109,18 @@ def test_scan_global_model_recovers_the_two_covariances():
     mu = rng.multivariate_normal(np.zeros(3), s_mu_true, 200)
     y = np.repeat(np.arange(200), 50)
     x = mu[y] + rng.multivariate_normal(np.zeros(3), s_e_true, len(y))
-    s_mu, s_e = scan.global_model(x - x.mean(0), y)
+    s_mu, s_e, converged = scan.global_model(x - x.mean(0), y)
+    assert converged
     assert np.allclose(np.diag(s_e), np.diag(s_e_true), rtol=0.1)
     assert np.allclose(np.diag(s_mu), np.diag(s_mu_true), rtol=0.3)
+
+
+def test_scan_class_that_2_means_cannot_split_scores_zero_and_keeps_its_images():
+    feats, y, is_poison, rf, ry = _planted(n_poison=0)
+    feats[y == 3] = rf[ry == 3] = feats[y == 3][0]  # every image of class 3 alike: no second subgroup
+    reserve = Reserve(np.zeros((len(ry), 1, 1, 1), np.float32), ry, rf, ry.copy(), np.arange(len(ry)))
+    res = defenses.build("scan", _settings("scan")).run(_view(feats, y, is_poison, reserve))
+    assert np.isfinite(res.score_N).all() and (res.score_N[y == 3] == 0).all() and res.is_clean_N[y == 3].all()
 
 
 def test_scan_and_strip_need_a_reserve():
@@ -110,6 +130,25 @@ def test_scan_and_strip_need_a_reserve():
     feats, y, is_poison, _, _ = _planted()
     with pytest.raises(UserError, match="--eval.reserve"):
         defenses.build("scan", _settings("scan")).run(_view(feats, y, is_poison))
+
+
+# -- AC and SS -------------------------------------------------------------------------------------
+def test_ac_silhouette_of_a_large_class_always_sees_its_small_cluster():
+    # 5,000 images and one far-away image: a plain sample of 4,000 misses it one time in five, and
+    # scikit-learn then refuses a one-cluster silhouette.
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(0, 1, (4999, 2)), [[50.0, 50.0]]])
+    labels = np.r_[np.zeros(4999, np.int64), 1]
+    for seed in range(10):
+        assert ac.silhouette(x, labels, seed) > 0.5
+    assert ac.silhouette(np.array([[0.0], [0.0], [1.0]]), np.array([0, 0, 1]), 0) is None
+
+
+def test_ss_removes_one_and_a_half_eps_despite_rounding():
+    # 1.5 x 0.3 x 100 is 44.999... in floating point: 45 images are meant.
+    feats, y, is_poison, _, _ = _planted(n_per_class=100, n_poison=0)
+    res = defenses.build("ss", _settings("ss", eps=0.3)).run(_view(feats, y, is_poison))
+    assert all(c["removed"] == 45 for c in res.report["classes"])
 
 
 # -- STRIP ------------------------------------------------------------------------------------------
@@ -141,6 +180,20 @@ def test_strip_removes_images_whose_blends_stay_confident():
     removed = ~res.is_clean_N
     assert removed[is_poison].all() and removed[~is_poison].mean() <= 0.05
     assert res.report["blend_images"] == 8 and res.report["clean_images_for_cut_off"] == 192
+
+
+def test_strip_with_clean_entropies_all_alike_uses_their_quantile():
+    # A model whose softmax is uniform for everything: every entropy is log K, sd 0, no normal fits.
+    flat = lambda x, transform=None, desc=None, logits=False: (
+        np.zeros(len(x), np.int32), np.zeros((len(x), 4)), np.zeros((len(x), K))) if logits else None
+    rng = np.random.default_rng(0)
+    x, rx = rng.uniform(0, 1, (50, 2, 2, 1)).astype(np.float32), rng.uniform(0, 1, (40, 2, 2, 1)).astype(np.float32)
+    y, ry = (np.arange(50) % K).astype(np.int32), (np.arange(40) % K).astype(np.int32)
+    view = _view(np.zeros((50, 4), np.float32), y, np.zeros(50, bool),
+                 Reserve(rx, ry, np.zeros((40, 4)), ry.copy(), np.arange(40)), predict=flat, x=x)
+    res = defenses.build("strip", _settings("strip", blends=4)).run(view)
+    assert np.isclose(res.report["cut_off_entropy"], math.log(K)) and res.is_clean_N.all()
+    assert np.isfinite(res.score_N).all()
 
 
 def test_strip_entropy_of_a_uniform_softmax_is_log_k():

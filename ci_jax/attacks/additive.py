@@ -1,5 +1,7 @@
 """The CI authors' small additive patterns (Xiang, Miller, Kesidis, MLSP 2019, and their attack
-code in github.com/zhenxianglance/RE-paper, src/utils.py: pattern_craft / add_backdoor):
+code: chessboard and static in github.com/zhenxianglance/RE-paper, src/utils.py (pattern_craft /
+add_backdoor); the cross and its position range in their later
+github.com/zhenxianglance/2ClassBADetection, attack_utils.py):
 x' = round(255 (x + A pattern)) / 255, clipped to [0, 1], with amplitude A = 3/255.
 
 - chessboard: +A on every pixel whose row + column is even (global);

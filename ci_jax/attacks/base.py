@@ -136,9 +136,12 @@ def validate(attack: Attack, y_N: np.ndarray, num_classes: int, image_shape: tup
         raise UserError(f"asked for {t.n_poison} poisons but {which} only {available} training "
                         "images: lower --attack.n_poison")
     n_cover = attack.n_covers(t.n_poison)
-    if n_cover > len(y_N) - t.n_poison:
-        raise UserError(f"{n_cover} cover images do not fit beside {t.n_poison} poisons in "
-                        f"{len(y_N)} training images: lower the attack's cover ratio or --attack.n_poison")
+    # Covers come from the images of every class but the target that are not poisons.
+    free = int(np.count_nonzero(np.asarray(y_N) != t.target)) - (0 if attack.clean_label else t.n_poison)
+    if n_cover > free:
+        raise UserError(f"{n_cover} cover images do not fit beside {t.n_poison} poisons in the {free} "
+                        f"training images left outside the target class: lower the attack's cover ratio "
+                        "or --attack.n_poison")
     attack.check(tuple(int(d) for d in image_shape))
 
 
@@ -162,17 +165,16 @@ def poison_training_set(attack: Attack, x_NHWC: np.ndarray, y_N: np.ndarray, num
     if n:
         candidates = np.flatnonzero(np.isin(y_N, attack.poison_classes(num_classes))).astype(np.int64)
         idx = _select(candidates, n, attack.t.selection, attack.rng(_SELECT))
-        out_x[idx] = _checked(attack, attack.stamp(out_x[idx], attack.rng(_STAMP), test=False))
+        out_x[idx] = _checked(attack, attack.stamp(out_x[idx], attack.rng(_STAMP), test=False), out_x[idx])
         if not attack.clean_label:
             out_y[idx] = attack.t.target
         is_poison[idx] = True
         n_cover = attack.n_covers(n)
         if n_cover:
             free = np.flatnonzero(~is_poison & (y_N != attack.t.target))
-            if n_cover > free.size:
-                free = np.flatnonzero(~is_poison)
             cover_idx = np.sort(attack.rng(_COVER_SELECT).choice(free, size=n_cover, replace=False))
-            out_x[cover_idx] = _checked(attack, attack.cover(out_x[cover_idx], attack.rng(_COVER_STAMP)))
+            covers = attack.cover(out_x[cover_idx], attack.rng(_COVER_STAMP))
+            out_x[cover_idx] = _checked(attack, covers, out_x[cover_idx])
             is_cover[cover_idx] = True
     return PoisonedSet(out_x, out_y, is_poison, is_cover)
 
@@ -184,14 +186,18 @@ def triggered_test_set(attack: Attack, x_NHWC: np.ndarray, y_N: np.ndarray, num_
         return TriggeredTest(x_NHWC[:0].astype(np.float32), np.zeros(0, np.int64), "no attack: none")
     attack.check(tuple(int(d) for d in x_NHWC.shape[1:]))  # a UserError, not an IndexError in stamp
     idx = np.flatnonzero(np.isin(y_N, attack.source_classes(num_classes))).astype(np.int64)
-    x = _checked(attack, attack.stamp(x_NHWC[idx].astype(np.float32), attack.rng(_STAMP), test=True))
+    clean = x_NHWC[idx].astype(np.float32)
+    x = _checked(attack, attack.stamp(clean, attack.rng(_STAMP), test=True), clean)
     return TriggeredTest(x, idx, attack.describe_asr(num_classes))
 
 
-def _checked(attack: Attack, x_NHWC: np.ndarray) -> np.ndarray:
-    # A trigger that made NaN or changed the shape is a bug in the attack, not a user mistake.
-    if x_NHWC.dtype != np.float32 or not np.isfinite(x_NHWC).all():
-        raise ValueError(f"{type(attack).__name__}.stamp returned {x_NHWC.dtype} with non-finite values")
+def _checked(attack: Attack, x_NHWC: np.ndarray, like: np.ndarray) -> np.ndarray:
+    # A trigger that made NaN or changed the shape or type is a bug in the attack, not a user mistake.
+    name = type(attack).__name__
+    if x_NHWC.shape != like.shape or x_NHWC.dtype != np.float32:
+        raise ValueError(f"{name}.stamp returned {x_NHWC.dtype} {x_NHWC.shape} for float32 {like.shape}")
+    if not np.isfinite(x_NHWC).all():
+        raise ValueError(f"{name}.stamp returned non-finite values")
     return x_NHWC
 
 

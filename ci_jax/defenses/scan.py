@@ -11,11 +11,18 @@ J_k is an outlier among the classes, J*_k = (J_k - median J) / (1.4826 MAD J) > 
 identities: its subgroup with fewer reserve images is the poison and is removed.
 
 Assumptions: poisons of a class carry a second identity (the trigger) in the features; the
-reserve is clean and holds every class. Deviations: J* is one-sided (a class less split than the
-others is not suspicious; the authors' Matlab has this form commented out, their code takes
-|J - median|); the one-identity mean is the Matlab form S_mu (N S_mu + S_e)^-1 sum r (the Python
-ports drop a factor); pseudo-inverses throughout, as the authors' F = pinv(S_e), since ReLU
-features can have dead dimensions.
+reserve is clean and holds every class. F = pinv(S_e) comes from the reserve alone, so a feature
+that is dead on clean images but fires for the trigger gets no weight (as in the authors' design).
+The median/MAD normalisation needs several classes: with 2 it cannot flag anything
+(J* <= 1/1.4826), with 3-4 it is weak.
+
+Deviations: J* is one-sided (a class less split than the others is not suspicious; the authors'
+Matlab has this form commented out, their code takes |J - median|). The one-identity mean is the
+posterior mean S_mu (N S_mu + S_e)^+ sum r, as in the authors' own EM step (global_model.m); their
+calc_test, and the Python ports, use S_e (N S_mu + S_e)^+ sum r. Pseudo-inverses throughout, as the
+authors' F = pinv(S_e), since ReLU features can have dead dimensions. Where EM has not converged
+after EM_ITERS steps the last estimate is used and the report says so (the Matlab gives up). A
+class that 2-means cannot split in two is scored 0 and keeps its images.
 """
 
 from __future__ import annotations
@@ -39,8 +46,8 @@ class Settings:
                                low=0.0, low_open=True)
 
 
-def global_model(x_ND: np.ndarray, y_N: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(S_mu, S_e) by EM on centred clean features (joint Bayesian, Chen et al., ECCV 2012)."""
+def global_model(x_ND: np.ndarray, y_N: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
+    """(S_mu, S_e, converged) by EM on centred clean features (joint Bayesian, Chen et al., ECCV 2012)."""
     labels = np.unique(y_N)
     onehot = (y_N[:, None] == labels[None, :]).astype(np.float64)
     counts = onehot.sum(0)
@@ -55,8 +62,8 @@ def global_model(x_ND: np.ndarray, y_N: np.ndarray) -> tuple[np.ndarray, np.ndar
         change = np.linalg.norm(new_mu - s_mu) + np.linalg.norm(new_e - s_e)
         s_mu, s_e = new_mu, new_e
         if change < EM_TOL:
-            break
-    return s_mu, s_e
+            return s_mu, s_e, True
+    return s_mu, s_e, False
 
 
 def split(x_ND: np.ndarray, f_DD: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -100,7 +107,7 @@ class SCAn(Defense):
         if missing:
             raise UserError(f"defense scan: the reserve holds no image of class(es) {missing}: raise --eval.reserve")
         clean = r.feats_ND.astype(np.float64)
-        s_mu, s_e = global_model(clean - clean.mean(0), r.y_N)
+        s_mu, s_e, converged = global_model(clean - clean.mean(0), r.y_N)
         f_DD = np.linalg.pinv(s_e)
         feats = np.concatenate([view.feats_ND, r.feats_ND]).astype(np.float64)
         feats -= feats.mean(0)
@@ -124,18 +131,20 @@ class SCAn(Defense):
         for (c, idx, z, sus, j), js_c in zip(per_class, j_star):
             train_idx = idx[~from_reserve[idx]]
             sus_train = sus[~from_reserve[idx]]
-            # Inside a class, how much closer to the suspect subgroup's mean: orders its images.
-            u_sus, u_other = feats[idx][sus].mean(0), feats[idx][~sus].mean(0) if (~sus).any() else feats[idx].mean(0)
-            d_sus = (((feats[train_idx] - u_sus) @ f_DD) * (feats[train_idx] - u_sus)).sum(1)
-            d_other = (((feats[train_idx] - u_other) @ f_DD) * (feats[train_idx] - u_other)).sum(1)
-            score_N[train_idx] = js_c / (1 + np.exp(np.clip(d_sus - d_other, -50, 50)))
-            flagged = bool(js_c > self.s.threshold)
+            two = bool(z.any() and not z.all())  # 2-means found two subgroups
+            if two:
+                # Inside a class, how much closer to the suspect subgroup's mean: orders its images.
+                u_sus, u_other = feats[idx][sus].mean(0), feats[idx][~sus].mean(0)
+                d_sus = (((feats[train_idx] - u_sus) @ f_DD) * (feats[train_idx] - u_sus)).sum(1)
+                d_other = (((feats[train_idx] - u_other) @ f_DD) * (feats[train_idx] - u_other)).sum(1)
+                score_N[train_idx] = js_c / (1 + np.exp(np.clip(d_sus - d_other, -50, 50)))
+            flagged = two and bool(js_c > self.s.threshold)
             if flagged:
                 removed_N[train_idx[sus_train]] = True
             classes.append({"label": c, "J": j, "J_star": float(js_c), "flagged": flagged,
                             "suspect_subgroup": int(sus_train.sum()), "size": int(train_idx.size),
                             **view.poisons_in(train_idx)})
-        return score_N, removed_N, {"classes": classes}
+        return score_N, removed_N, {"em_converged": converged, "classes": classes}
 
 
 def timed_result(fn) -> Result:

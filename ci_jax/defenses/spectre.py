@@ -1,9 +1,11 @@
 """SPECTRE (Hayase, Kong, Somani, Oh, "SPECTRE: Defending Against Backdoor Attacks Using Robust
-Statistics", ICML 2021), as the authors' Julia code runs it (github.com/SewoongLab/spectre-defense,
+Statistics", ICML 2021), after the authors' Julia code (github.com/SewoongLab/spectre-defense,
 quantum_filters.jl, dkk17.jl).
 
 Per labelled class, with eps_n = eps x (class size) the assumed number of poisons:
-1. PCA of the class's centred features to K = min(64, d) dimensions.
+1. PCA of the class's centred features to K = min(64, d) dimensions (backdoor-toolbox's port; the
+   authors' quantum_filters.jl takes 100 and k up to 100: the same for ResNet-20's 64 features),
+   and fewer in a class too small for a K-dimensional covariance (n - 2 eps_n - 2).
 2. For each k in {1, 4, 9, ..., K}: project to the top k directions; estimate the clean
    covariance robustly with the filter of Diakonikolas, Kamath, Kane, Li, Moitra, Stewart ("Being
    Robust (in High Dimensions) Can Be Practical", ICML 2017), which removes at most 2 eps_n points;
@@ -16,7 +18,9 @@ Assumptions: the poisons are at most eps of their class and shift its features a
 directions. Removing 1.5 eps of every class is the paper's rule (the authors' code runs on the known
 target class only; backdoor-toolbox runs every class and removes only the most spiked one, our
 `only_top_class`). Like SS, it removes 1.5 eps of a clean class too. Whitening centres on the class
-mean, as the authors' code does (the paper writes the robust mean).
+mean, as the authors' code does (the paper writes the robust mean). A whitened covariance with no
+eigenvalue above 1 gets uniform QUE weights (plain squared norms) where the reference's exponent
+would change sign. A class of fewer than 3 images is not scored and loses nothing.
 """
 
 from __future__ import annotations
@@ -144,9 +148,11 @@ def class_scores(feats_ND: np.ndarray, eps: float, alpha: float) -> tuple[np.nda
     if n < 3 or not np.any(centred):
         return np.zeros(n), 0.0, 0
     _, _, vt = np.linalg.svd(centred, full_matrices=False)
-    big_k = min(K_MAX, d, n - 1, vt.shape[0])
-    reps = centred @ vt[:big_k].T
     eps_n = max(1, round(eps * n))
+    # Both covariances (of the robust subset, at most 2 eps_n fewer points, and of what 1.5 eps_n
+    # removal keeps) must have more points than dimensions, or whitening blows up their null space.
+    big_k = max(1, min(K_MAX, d, n - 2 * eps_n - 2, vt.shape[0]))
+    reps = centred @ vt[:big_k].T
     best = (-math.inf, None, 0)
     for k in sorted({max(1, round(t * t)) for t in np.linspace(1, math.sqrt(big_k), math.ceil(math.sqrt(big_k)))}):
         z = reps[:, :k]
@@ -179,7 +185,8 @@ class SPECTRE(Defense):
         classes: list[dict[str, Any]] = []
         for j, (c, (s_n, spike, k)) in enumerate(zip(labels, per_class)):
             idx = np.flatnonzero(view.y_N == c)
-            n_remove = min(idx.size, round(1.5 * max(1, round(self.s.eps * idx.size))))
+            # The authors' count, 1.5 eps_n; none from a class too small to score (k = 0).
+            n_remove = min(idx.size, round(1.5 * round(self.s.eps * idx.size))) if k else 0
             order = np.argsort(-s_n, kind="stable")
             # Scaled by the class's cut-off (the lowest score it removes): one threshold, 1, for all.
             cut = s_n[order[n_remove - 1]] if n_remove else 0.0

@@ -68,10 +68,10 @@ class STRIP(Defense):
 
         name = f"strip-blends{self.s.blends}-{r.key or 'reserve'}"
         (train_H, clean_H), seconds = timed(lambda: self._entropies(view, name, mean_entropy, r.x_NHWC[calib]))
-        if self.s.threshold == "normal":
-            mu, sd = stats.norm.fit(clean_H)
+        mu, sd = stats.norm.fit(clean_H)
+        if self.s.threshold == "normal" and sd > 0:
             cut = float(stats.norm.ppf(self.s.frr, mu, sd))
-        else:
+        else:  # the empirical quantile, also where every clean entropy is the same (no normal fits)
             cut = float(np.quantile(clean_H, self.s.frr))
         removed_N = train_H < cut
         images = len(view.y_N) * self.s.blends
