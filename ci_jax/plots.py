@@ -209,6 +209,36 @@ def roc(path: PathLike, curves: dict[str, tuple[np.ndarray, np.ndarray, float | 
     _save(fig, path)
 
 
+def defense_grid(path: PathLike, title: str, attacks: list[str], defenses: list[str],
+                 cells: dict[tuple[str, str], dict]) -> None:
+    """Attack x defense: each cell's TPR (its colour) at its FPR, and the ASR after retraining where
+    a seed was retrained; means over seeds. cells[(attack, defense)] holds a sweep summary entry
+    (metric -> (mean, std) or None); a missing cell is left blank."""
+    fig, ax = plt.subplots(figsize=(1.0 + 1.45 * len(defenses), 0.9 + 0.62 * len(attacks)))
+    tpr = np.full((len(attacks), len(defenses)), np.nan)
+    for (i, a), (j, d) in ((ia, jd) for ia in enumerate(attacks) for jd in enumerate(defenses)):
+        e = cells.get((a, d))
+        if e is None:
+            continue
+        if e["tpr"] is not None:
+            tpr[i, j] = e["tpr"][0]
+        pct = lambda m: "-" if e[m] is None else f"{100 * e[m][0]:.1f}"
+        text = (f"TPR {pct('tpr')}\n" if e["tpr"] is not None else "") + f"FPR {pct('fpr')}"
+        if e["asr_after"] is not None:
+            text += f"\nASR after {pct('asr_after')}"
+        ax.text(j, i, text, ha="center", va="center", fontsize=6.5)
+    cmap = plt.get_cmap("RdYlGn").copy()
+    cmap.set_bad("0.9")  # no poisons (no TPR) or no run
+    ax.imshow(np.ma.masked_invalid(tpr), cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")
+    ax.set_xticks(range(len(defenses)))
+    ax.set_xticklabels(defenses, fontsize=8)
+    ax.set_yticks(range(len(attacks)))
+    ax.set_yticklabels(attacks, fontsize=8)
+    ax.set_title(f"{title}: TPR (colour), FPR and ASR after retraining, %", fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)
+
+
 def sweep_field(path: PathLike, field: str, series: dict[str, list[tuple[str, dict]]],
                 metric_names: tuple[str, ...]) -> None:
     """One panel per metric: its mean over seeds (error bars: std) against the field's values,

@@ -2,7 +2,7 @@
 
 A spec (YAML, JSON, or a Python file defining SPEC) names a preset, base config fields, an
 optional list of `cases` (each a set of fields, with an optional `case` label), a `grid` of
-fields to vary (every combination), and the `seeds`. Runs = cases x grid x seeds.
+fields to vary (every combination), and the `seeds`. Runs = seeds x cases x grid.
 
 Runs that share data, attack, model, training and seed share one baseline under
 OUT/baselines/ (or MODELS/baselines/), trained once; its passes and mixtures are cached beside it. A finished run appends one
@@ -73,7 +73,8 @@ def read_spec(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def expand(spec: dict[str, Any], where: str = "spec") -> Spec:
-    """The runs of a spec, in a fixed order: cases, then grid combinations, then seeds.
+    """The runs of a spec, in a fixed order: seeds, then cases, then grid combinations, so that a
+    sweep stopped part-way has covered every cell once before it repeats any with another seed.
 
     Fields are dotted config paths (`defense.ci.tau`), in `base`, `cases` and `grid` alike; a
     case may give a `case` label. `retrain_seeds` (default: every seed) lists the seeds whose runs
@@ -110,25 +111,22 @@ def expand(spec: dict[str, Any], where: str = "spec") -> Spec:
     fields = (("case",) if labelled else ()) + tuple(case_fields) + tuple(f for f in grid if f not in case_fields)
     preset = spec.get("preset", "default")
     runs, seen = [], set()
-    for i, case in enumerate(cases):
+    for seed, (i, case), combo in itertools.product(seeds, enumerate(cases), itertools.product(*grid.values())):
         label = case.get("case", str(i))
-        fields_of_case = {k: v for k, v in case.items() if k != "case"}
-        for combo in itertools.product(*grid.values()):
-            varied = {**fields_of_case, **dict(zip(grid, combo))}
-            for seed in seeds:
-                overrides = {**base, **varied, "seed": seed}
-                if seed not in retrain_seeds:
-                    overrides["defense.retrain"] = False
-                try:
-                    cfg = config_lib.preset(preset, overrides)
-                except UserError as e:
-                    raise UserError(f"{where}: case {label}, {varied}: {e}") from None
-                run_id = config_lib.fingerprint(config_lib.run_identity(cfg))
-                if run_id in seen:
-                    continue  # e.g. a grid value equal to a case's own: one run, not two
-                seen.add(run_id)
-                row = ({"case": label} if labelled else {}) | {f: _show(settings.get(cfg, f)) for f in fields if f != "case"}
-                runs.append(Run(run_id, cfg, row))
+        varied = {**{k: v for k, v in case.items() if k != "case"}, **dict(zip(grid, combo))}
+        overrides = {**base, **varied, "seed": seed}
+        if seed not in retrain_seeds:
+            overrides["defense.retrain"] = False
+        try:
+            cfg = config_lib.preset(preset, overrides)
+        except UserError as e:
+            raise UserError(f"{where}: case {label}, {varied}: {e}") from None
+        run_id = config_lib.fingerprint(config_lib.run_identity(cfg))
+        if run_id in seen:
+            continue  # e.g. a grid value equal to a case's own: one run, not two
+        seen.add(run_id)
+        row = ({"case": label} if labelled else {}) | {f: _show(settings.get(cfg, f)) for f in fields if f != "case"}
+        runs.append(Run(run_id, cfg, row))
     summary = (("case",) + tuple(grid)) if labelled else fields
     return Spec(str(spec.get("name", "sweep")), fields, tuple(runs), summary)
 
@@ -384,9 +382,9 @@ def markdown(table: list[dict[str, Any]], fields: list[str]) -> str:
 
 
 def summarize(out: str | os.PathLike) -> dict[str, Any]:
-    """summary.md / summary.json (mean ± std over seeds), a plot per varied field, and an ROC
-    plot per attack when the defense varies."""
-    from ci_jax import metrics, plots
+    """summary.md / summary.json (mean ± std over seeds), a plot per varied field, and, when the
+    defense varies, an attack x defense grid per dataset and an ROC plot per attack."""
+    from ci_jax import plots
 
     out = Path(out)
     meta = files.read_json(out / "sweep.json")
@@ -409,26 +407,59 @@ def summarize(out: str | os.PathLike) -> dict[str, Any]:
         plots.sweep_field(out / "plots" / f"{field}.png", field, series,
                           ("tpr", "fpr", "clean_after", "asr_after"))
     if DEFENSE in fields:
-        by_attack: dict[str, dict[str, tuple]] = {}
-        attack_fields = [f for f in fields if f != DEFENSE]
-        for row in rows:
-            attack = ", ".join(f"{f}={row[f]}" for f in attack_fields) or "attack"
-            by_attack.setdefault(attack, {}).setdefault(row[DEFENSE], []).append(row["run_id"])
-        for attack, per_defense in by_attack.items():
-            curves = {}
-            for defense, run_ids in per_defense.items():
-                score, truth = [], []
-                for rid in run_ids:  # seeds pooled: one curve per defense
-                    with np.load(out / "runs" / rid / "defense.npz") as z:
-                        is_poison = np.zeros(len(z["score"]), bool)
-                        is_poison[z["poison_idx"]] = True
-                        score.append(z["score"])
-                        truth.append(is_poison)
-                s, t = np.concatenate(score), np.concatenate(truth)
-                if t.any() and not t.all():
-                    fpr, tpr = metrics.roc_curve(t, s)
-                    curves[defense] = (fpr, tpr, metrics.roc_auc(t, s))
-            if curves:
-                slug = re.sub(r"[^A-Za-z0-9]+", "_", attack).strip("_")
-                plots.roc(out / "plots" / f"roc_{slug}.png", curves, title=f"ROC: {attack}")
+        _defense_grids(out, table, rows, fields)
+        _roc_per_attack(out, rows, fields)
     return {"fields": fields, "rows": table}
+
+
+def _roc_per_attack(out: Path, rows: list[dict[str, str]], fields: list[str]) -> None:
+    """plots/roc_ATTACK.png: one ROC curve per defense, seeds pooled."""
+    from ci_jax import metrics, plots
+
+    by_attack: dict[str, dict[str, tuple]] = {}
+    attack_fields = [f for f in fields if f != DEFENSE]
+    for row in rows:
+        attack = ", ".join(f"{f}={row[f]}" for f in attack_fields) or "attack"
+        by_attack.setdefault(attack, {}).setdefault(row[DEFENSE], []).append(row["run_id"])
+    for attack, per_defense in by_attack.items():
+        curves = {}
+        for defense, run_ids in per_defense.items():
+            score, truth = [], []
+            for rid in run_ids:  # seeds pooled: one curve per defense
+                with np.load(out / "runs" / rid / "defense.npz") as z:
+                    is_poison = np.zeros(len(z["score"]), bool)
+                    is_poison[z["poison_idx"]] = True
+                    score.append(z["score"])
+                    truth.append(is_poison)
+            s, t = np.concatenate(score), np.concatenate(truth)
+            if t.any() and not t.all():
+                fpr, tpr = metrics.roc_curve(t, s)
+                curves[defense] = (fpr, tpr, metrics.roc_auc(t, s))
+        if curves:
+            plots.roc(out / "plots" / f"roc_{_slug(attack)}.png", curves, title=f"ROC: {attack}")
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")
+
+
+def _defense_grids(out: Path, table: list[dict[str, Any]], rows: list[dict[str, str]], fields: list[str]) -> None:
+    """plots/grid_DATASET.png: attack x defense, one figure per dataset. An attack is a summary
+    row's other fields (its case label), less a leading dataset name."""
+    from ci_jax import plots
+
+    attack_fields = [f for f in fields if f != DEFENSE]
+    dataset_of: dict[tuple, str] = {}
+    for r in rows:
+        dataset_of.setdefault(tuple(r[f] for f in attack_fields), r.get("data.dataset") or "all")
+    grids: dict[str, dict[tuple[str, str], dict[str, Any]]] = {}
+    for e in table:
+        key = tuple(e[f] for f in attack_fields)
+        dataset = dataset_of.get(key, "all")
+        attack = ", ".join(map(str, key)) or "attack"
+        attack = attack[len(dataset) + 1:] if attack.startswith(f"{dataset} ") else attack
+        grids.setdefault(dataset, {})[(attack, e[DEFENSE])] = e
+    for dataset, cells in grids.items():
+        attacks = list(dict.fromkeys(a for a, _ in cells))
+        defenses = list(dict.fromkeys(d for _, d in cells))
+        plots.defense_grid(out / "plots" / f"grid_{_slug(dataset)}.png", dataset, attacks, defenses, cells)

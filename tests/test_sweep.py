@@ -40,16 +40,17 @@ def _strip(rows):
     return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
 
 
-def test_expand_orders_cases_grid_seeds_and_labels_columns():
+def test_expand_orders_seeds_cases_grid_and_labels_columns():
     spec = sweep.expand({"cases": [{"case": "pixel"},
                                    {"case": "patch", "attack.name": "patch", "attack": {"patch": {"row": 2}}}],
                          "grid": {"defense.name": ["ci", "ss"]}, "seeds": [0, 1]})
     assert spec.fields == ("case", "attack.name", "attack.patch.row", "defense.name")
     assert spec.summary_fields == ("case", "defense.name")  # a case's label stands for its fields
-    assert [(r.varied["case"], r.varied["defense.name"], r.cfg.seed) for r in spec.runs][:4] == [
-        ("pixel", "ci", 0), ("pixel", "ci", 1), ("pixel", "ss", 0), ("pixel", "ss", 1)]
+    # Every cell once, then again with the next seed: a sweep stopped part-way covers the grid.
+    assert [(r.varied["case"], r.varied["defense.name"], r.cfg.seed) for r in spec.runs][:5] == [
+        ("pixel", "ci", 0), ("pixel", "ss", 0), ("patch", "ci", 0), ("patch", "ss", 0), ("pixel", "ci", 1)]
     assert len(spec.runs) == 8 and len({r.run_id for r in spec.runs}) == 8
-    assert spec.runs[4].cfg.attack.name == "patch" and spec.runs[4].cfg.attack.patch.row == 2
+    assert spec.runs[2].cfg.attack.name == "patch" and spec.runs[2].cfg.attack.patch.row == 2
     assert spec.runs[0].varied["attack.name"] == "pixel" and spec.runs[0].varied["attack.patch.row"] == 24
 
 
@@ -64,7 +65,7 @@ def test_expand_shows_lists_of_names_as_one_cell_and_drops_duplicate_runs():
 def test_retrain_seeds_are_the_only_seeds_that_retrain():
     spec = sweep.expand({"grid": {TAU: [0.5, 1.0]}, "seeds": [0, 1, 2], "retrain_seeds": [1]})
     assert [(r.cfg.seed, r.cfg.defense.retrain) for r in spec.runs] == [
-        (0, False), (1, True), (2, False), (0, False), (1, True), (2, False)]
+        (0, False), (0, False), (1, True), (1, True), (2, False), (2, False)]
     assert all(r.cfg.defense.retrain for r in sweep.expand({"seeds": [0, 1]}).runs)  # default: every seed
 
 
@@ -213,6 +214,44 @@ def test_summary_draws_an_roc_per_attack_when_the_defense_varies(tmp_path):
         assert (tmp_path / "plots" / f"roc_case_{case}.png").read_bytes().startswith(b"\x89PNG")
     assert (tmp_path / "plots" / "defense.name.png").is_file()
     assert "| case | defense.name | seeds |" in (tmp_path / "summary.md").read_text()
+
+
+def test_summary_draws_an_attack_by_defense_grid_per_dataset(tmp_path, monkeypatch):
+    import json
+
+    import numpy as np
+
+    from ci_jax import plots
+
+    fields = ["case", "data.dataset", "attack.name", "defense.name"]
+    rows = []
+    for case, dataset, attack in (("mnist none", "mnist", "none"), ("mnist pixel", "mnist", "pixel"),
+                                  ("fashion_mnist pixel", "fashion_mnist", "pixel")):
+        for defense in ("ci", "ss"):
+            for seed in (0, 1):
+                poisons = attack != "none"
+                rows.append({"run_id": f"{case}-{defense}-{seed}", "case": case, "data.dataset": dataset,
+                             "attack.name": attack, "defense.name": defense, "seed": seed,
+                             "tpr": (0.9 + 0.1 * seed) if poisons else "", "fpr": 0.01 * seed,
+                             "asr_after": 0.02 if seed == 0 else ""})
+    (tmp_path / "sweep.json").write_text(json.dumps({"spec": {}, "fields": fields,
+                                                     "summary_fields": ["case", "defense.name"],
+                                                     "run_ids": [r["run_id"] for r in rows]}))
+    sweep.write_rows(tmp_path / "results.csv", ["run_id", *fields, "seed", *sweep.METRICS], rows)
+    drawn = {}
+    real = plots.defense_grid
+    monkeypatch.setattr(plots, "defense_grid", lambda path, title, attacks, defenses, cells: (
+        drawn.__setitem__(title, (attacks, defenses, cells)), real(path, title, attacks, defenses, cells)))
+    monkeypatch.setattr(sweep, "_roc_per_attack", lambda *a: None)  # needs each run's defense.npz
+    sweep.summarize(tmp_path)
+    assert sorted(drawn) == ["fashion_mnist", "mnist"]
+    attacks, defenses, cells = drawn["mnist"]
+    assert attacks == ["none", "pixel"] and defenses == ["ci", "ss"]
+    assert np.allclose(cells[("pixel", "ci")]["tpr"], (0.95, 0.05)) and cells[("pixel", "ci")]["asr_after"] == (0.02, 0.0)
+    assert cells[("none", "ss")]["tpr"] is None and np.allclose(cells[("none", "ss")]["fpr"], (0.005, 0.005))
+    assert drawn["fashion_mnist"][0] == ["pixel"]
+    for name in ("mnist", "fashion_mnist"):
+        assert (tmp_path / "plots" / f"grid_{name}.png").read_bytes().startswith(b"\x89PNG")
 
 
 SPECS = sorted((Path(__file__).parents[1] / "experiments").rglob("*.yaml"))
