@@ -89,6 +89,9 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--data-dir", nargs="+", metavar="DIR|NAME=DIR",
                        help="directory with the dataset's files (as for `run`), or one NAME=DIR per "
                             "dataset of the sweep")
+    sweep.add_argument("--where", nargs="+", metavar="PATH=VALUE[,VALUE]",
+                       help="run only the runs with these config values, e.g. data.dataset=mnist seed=0 "
+                            "(a large spec piece by piece; the summary covers every run done)")
     sweep.add_argument("--plots", action="store_true", help="also draw each run's plots")
     sweep.add_argument("--stack", type=_positive, default=1, metavar="K",
                        help="train up to K models as one program (baselines that differ in seed or attack, "
@@ -158,7 +161,8 @@ def summary(report: dict, where: str) -> str:
 def _sweep(args: argparse.Namespace) -> None:
     from ci_jax import sweep
 
-    csv_path = sweep.run(args.spec, args.out, shard=sweep.parse_shard(args.shard),
+    where = sweep.parse_where(args.where)
+    csv_path = sweep.run(args.spec, args.out, shard=sweep.parse_shard(args.shard), where=where,
                          data_dir=sweep.parse_data_dirs(args.data_dir),
                          make_plots=args.plots, models_dir=args.models, stack=args.stack)
     print(f"results -> {csv_path}")

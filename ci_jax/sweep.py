@@ -8,7 +8,8 @@ Runs that share data, attack, model, training and seed share one baseline under
 OUT/baselines/ (or MODELS/baselines/), trained once; its passes and mixtures are cached beside it. A finished run appends one
 row to the results CSV (rewritten atomically), so a restarted sweep skips exactly the runs
 already there. `shard=(i, n)` runs a deterministic 1/n of the baselines with all their runs,
-writing results-i-of-n.csv; `merge` joins the shards and writes the summary.
+writing results-i-of-n.csv; `merge` joins the shards and writes the summary. `where` picks the
+runs with given config values, so that a large spec can be run piece by piece.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class Run:
     run_id: str
     cfg: Config
     varied: dict[str, Any]  # the case label and the fields this run sets beyond the base
+    detect_id: str  # the same run without retraining: its row stands in for this one's detection
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,7 +128,8 @@ def expand(spec: dict[str, Any], where: str = "spec") -> Spec:
             continue  # e.g. a grid value equal to a case's own: one run, not two
         seen.add(run_id)
         row = ({"case": label} if labelled else {}) | {f: _show(settings.get(cfg, f)) for f in fields if f != "case"}
-        runs.append(Run(run_id, cfg, row))
+        detect_id = config_lib.fingerprint(config_lib.run_identity(config_lib.replace(cfg, {"defense.retrain": False})))
+        runs.append(Run(run_id, cfg, row, detect_id))
     summary = (("case",) + tuple(grid)) if labelled else fields
     return Spec(str(spec.get("name", "sweep")), fields, tuple(runs), summary)
 
@@ -177,6 +180,37 @@ def parse_shard(text: str) -> tuple[int, int]:
     if not m or not 0 <= int(m[1]) < int(m[2]):
         raise UserError(f"--shard {text!r}: expected i/n with 0 <= i < n, e.g. 0/4 for the first of four")
     return int(m[1]), int(m[2])
+
+
+def parse_where(items: list[str] | None) -> dict[str, list[str]]:
+    """--where PATH=VALUE[,VALUE...] (repeatable) -> {dotted path: accepted values as text}."""
+    where: dict[str, list[str]] = {}
+    for item in items or ():
+        path, sep, values = item.partition("=")
+        if not sep or not path or not values:
+            raise UserError(f"--where {item!r}: expected PATH=VALUE[,VALUE...], e.g. data.dataset=mnist or seed=0,1")
+        config_lib.flatten({path: None}, "--where")  # an unknown path, with a suggestion
+        where.setdefault(path, []).extend(v.strip() for v in values.split(","))
+    return where
+
+
+def select(runs: tuple[Run, ...] | list[Run], where: dict[str, list[str]]) -> list[Run]:
+    """The runs whose config has, at every path of `where`, one of its values (a list of names as
+    its names separated by spaces, e.g. defense.ci.filters=median3 quant)."""
+    def text(run: Run, path: str) -> str:
+        value = settings.get(run.cfg, path)
+        return " ".join(value) if isinstance(value, tuple) else str(value).lower() if isinstance(value, bool) else str(value)
+
+    wanted = {path: {_canonical(path, v) for v in values} for path, values in where.items()}
+    return [r for r in runs if all(text(r, path) in ok for path, ok in wanted.items())]
+
+
+def _canonical(path: str, value: str) -> str:
+    leaf = config_lib.PATHS[path]
+    if leaf.kind is tuple:
+        return " ".join(value.split())
+    typed = settings.parse_flag_value(leaf, value)
+    return str(typed).lower() if isinstance(typed, bool) else str(typed)
 
 
 def shard_runs(runs: tuple[Run, ...], i: int, n: int) -> list[Run]:
@@ -230,9 +264,12 @@ def results_path(out: Path, i: int, n: int) -> Path:
 # -- running ------------------------------------------------------------------------------------
 def run(spec_path: str | os.PathLike, out: str | os.PathLike, *, shard: tuple[int, int] = (0, 1),
         data_dir: str | os.PathLike | None = None, make_plots: bool = False,
-        models_dir: str | os.PathLike | None = None, stack: int = 1) -> Path:
+        models_dir: str | os.PathLike | None = None, stack: int = 1,
+        where: dict[str, list[str]] | None = None) -> Path:
     """Runs (or resumes) this shard of the sweep; returns its results CSV.
 
+    where: run only the runs with these config values (`parse_where`); the summary covers every
+    run of the spec that has a row, so a large sweep can be run piece by piece.
     models_dir: where the baselines and retrained models live (default: `out`); sweeps given
     the same one share every model they have in common.
     stack: train up to this many models as one program (`ci_jax.stack`): first the baselines the
@@ -247,13 +284,17 @@ def run(spec_path: str | os.PathLike, out: str | os.PathLike, *, shard: tuple[in
     tqdm.write(f"{spec.name}: {len(spec.runs)} runs")
     files.write_json(out / "sweep.json", {"spec": raw, "fields": list(spec.fields),
                                           "summary_fields": list(spec.summary_fields),
-                                          "run_ids": [r.run_id for r in spec.runs]})
+                                          "run_ids": [r.run_id for r in spec.runs],
+                                          "detect_ids": [r.detect_id for r in spec.runs]})
     i, n = shard
     csv_path = results_path(out, i, n)
     files.clear_stale_tmp(out, csv_path.name)
     rows = read_rows(csv_path)
     done = {r["run_id"] for r in rows}
     mine = shard_runs(spec.runs, i, n)
+    if where:
+        mine = select(mine, where)
+        tqdm.write(f"--where {where}: {len(mine)} of the shard's runs")
     datasets: dict[str, Any] = {}
     if stack > 1:
         _train_stacked([r for r in mine if r.run_id not in done], datasets, data_dir, Path(models_dir or out), stack)
@@ -329,10 +370,11 @@ def merge(out: str | os.PathLike) -> Path:
     for path in sorted(out.glob("results-*-of-*.csv")) + [out / "results.csv"]:
         for row in read_rows(path):
             by_id.setdefault(row["run_id"], row)
-    rows = [by_id[i] for i in meta["run_ids"] if i in by_id]
+    rows = [by_id.pop(i) for i in meta["run_ids"] if i in by_id]
     missing = len(meta["run_ids"]) - len(rows)
     if missing:
         tqdm.write(f"merge: {missing} of {len(meta['run_ids'])} runs have no row yet (shards unfinished?)")
+    rows += by_id.values()  # rows of other specs that share the directory stay
     cols = ["run_id", *meta["fields"], "seed", *METRICS]
     write_rows(out / "results.csv", cols, rows)
     summarize(out)
@@ -381,6 +423,16 @@ def markdown(table: list[dict[str, Any]], fields: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def spec_rows(rows: list[dict[str, str]], meta: dict[str, Any]) -> list[dict[str, str]]:
+    """The rows of this spec's runs, in spec order. A directory may hold other specs' rows too; a
+    run not done yet is stood in for by its detection-only twin's row where there is one (say, a
+    detection-only pass before the retraining one), which has no after-retraining figures."""
+    by_id = {r["run_id"]: r for r in rows}
+    twins = meta.get("detect_ids") or meta["run_ids"]
+    picked = [by_id.get(rid) or by_id.get(did) for rid, did in zip(meta["run_ids"], twins)]
+    return [r for r in picked if r is not None]
+
+
 def summarize(out: str | os.PathLike) -> dict[str, Any]:
     """summary.md / summary.json (mean ± std over seeds), a plot per varied field, and, when the
     defense varies, an attack x defense grid per dataset and an ROC plot per attack."""
@@ -389,10 +441,7 @@ def summarize(out: str | os.PathLike) -> dict[str, Any]:
     out = Path(out)
     meta = files.read_json(out / "sweep.json")
     fields = meta["summary_fields"]
-    # Only this spec's runs: a directory may also hold rows of an earlier spec that shared it (say,
-    # a detection-only pass before the retraining one).
-    wanted = set(meta["run_ids"])
-    rows = [r for r in read_rows(out / "results.csv") if r["run_id"] in wanted]
+    rows = spec_rows(read_rows(out / "results.csv"), meta)
     table = aggregate(rows, fields)
     files.write_json(out / "summary.json", {"fields": fields, "rows": table})
     files.write_text(out / "summary.md", markdown(table, fields))

@@ -1,6 +1,7 @@
 """Sweeps on a tiny synthetic MNIST: expansion, sharing, restart after kill -9, shards + merge."""
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -8,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -109,6 +111,43 @@ def test_data_dirs_one_for_all_or_one_per_dataset():
         sweep.parse_data_dirs(["a", "b"])
 
 
+def test_where_selects_runs_by_their_config_values():
+    spec = sweep.expand({"cases": [{"case": "pixel"}, {"case": "bank", "defense.ci.filters": ["median3", "quant"]},
+                                   {"case": "patch", "attack.name": "patch"}],
+                         "grid": {TAU: [0.5, 1.0]}, "seeds": [0, 1, 2], "retrain_seeds": [0]})
+    pick = lambda *items: [(r.varied["case"], r.varied[TAU], r.cfg.seed) for r in
+                           sweep.select(spec.runs, sweep.parse_where(list(items)))]
+    assert pick("attack.name=patch", "seed=0,2") == [("patch", 0.5, 0), ("patch", 1.0, 0), ("patch", 0.5, 2),
+                                                     ("patch", 1.0, 2)]
+    assert pick("defense.ci.filters=median3 quant", f"{TAU}=1") == [("bank", 1.0, s) for s in (0, 1, 2)]
+    assert pick("defense.retrain=TRUE", f"{TAU}=0.5", "attack.name=pixel") == [("pixel", 0.5, 0), ("bank", 0.5, 0)]
+    assert len(pick()) == 18
+    for bad, msg in (("seed", "PATH=VALUE"), ("seed=", "PATH=VALUE"), ("defense.ci.tua=1", "did you mean 'defense.ci.tau'"),
+                     ("seed=one", "expected")):
+        with pytest.raises(UserError, match=msg):
+            pick(bad)
+
+
+def test_a_detection_only_row_stands_in_until_its_run_retrains(tmp_path):
+    raw = {"grid": {TAU: [0.5]}, "seeds": [0, 1], "retrain_seeds": [0]}
+    spec = sweep.expand(raw)
+    detect = sweep.expand({**raw, "retrain_seeds": []})  # the detection-only pass of the same runs
+    assert [r.detect_id for r in spec.runs] == [r.run_id for r in detect.runs]
+    assert spec.runs[1].run_id == detect.runs[1].run_id  # seed 1 never retrains: one run
+    row = lambda rid, seed, **m: {"run_id": rid, TAU: 0.5, "seed": seed, "tpr": 0.9, "fpr": 0.0, **m}
+    rows = [row(detect.runs[0].run_id, 0), row(detect.runs[1].run_id, 1), row("other-spec", 0, tpr=0.1)]
+    (tmp_path / "sweep.json").write_text(json.dumps({"spec": raw, "fields": [TAU], "summary_fields": [TAU],
+                                                     "run_ids": [r.run_id for r in spec.runs],
+                                                     "detect_ids": [r.detect_id for r in spec.runs]}))
+    cols = ["run_id", TAU, "seed", *sweep.METRICS]
+    sweep.write_rows(tmp_path / "results.csv", cols, rows)
+    (entry,) = sweep.summarize(tmp_path)["rows"]
+    assert entry["seeds"] == 2 and entry["tpr"] == (0.9, 0.0) and entry["asr_after"] is None
+    sweep.write_rows(tmp_path / "results.csv", cols, rows + [row(spec.runs[0].run_id, 0, tpr=0.7, asr_after=0.02)])
+    (entry,) = sweep.summarize(tmp_path)["rows"]
+    assert entry["seeds"] == 2 and np.allclose(entry["tpr"], (0.8, 0.1)) and entry["asr_after"] == (0.02, 0.0)
+
+
 def test_python_spec(tmp_path):
     path = tmp_path / "spec.py"
     path.write_text("SPEC = {'grid': {'defense.ci.tau': [0.5, 1.0]}, 'seeds': [0]}\n")
@@ -137,6 +176,19 @@ def test_sweep_shares_baselines_and_writes_summary(full_sweep):
     summary = (out / "summary.md").read_text()
     assert "| defense.ci.tau | seeds |" in summary and summary.count("\n") == 4
     assert (out / "plots" / "defense.ci.tau.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_sweep_piece_by_piece_gives_the_rows_of_the_whole(full_sweep, data_dir, tmp_path):
+    out, spec_path = full_sweep
+    whole = {r["run_id"]: r for r in _strip(_rows(out / "results.csv"))}
+    for seed in ("1", "0"):  # the models are the whole sweep's: nothing trains again
+        sweep.run(spec_path, tmp_path, data_dir=data_dir, models_dir=out, where={"seed": [seed]})
+        rows = _strip(_rows(tmp_path / "results.csv"))
+        assert all(r == whole[r["run_id"]] for r in rows)
+        assert sorted(r["seed"] for r in rows) == (["1", "1"] if seed == "1" else ["0", "0", "1", "1"])
+    by_tau = lambda d: {e[TAU]: {k: v for k, v in e.items() if k != "seconds"} for e in json.loads(
+        (d / "summary.json").read_text())["rows"]}
+    assert by_tau(tmp_path) == by_tau(out)
 
 
 def test_restart_skips_finished_runs(full_sweep, data_dir):
@@ -217,10 +269,6 @@ def test_summary_draws_an_roc_per_attack_when_the_defense_varies(tmp_path):
 
 
 def test_summary_draws_an_attack_by_defense_grid_per_dataset(tmp_path, monkeypatch):
-    import json
-
-    import numpy as np
-
     from ci_jax import plots
 
     fields = ["case", "data.dataset", "attack.name", "defense.name"]
