@@ -60,7 +60,7 @@ def split(feats_ND: np.ndarray, s: Settings, seed: int) -> tuple[np.ndarray, flo
         labels_N = KMeans(2, n_init=10, random_state=seed).fit_predict(reduced).astype(np.int64)
     if len(np.unique(labels_N)) < 2:
         return np.zeros(n, np.int64), None
-    return labels_N, silhouette(reduced, labels_N, seed) if s.rule == "silhouette" else None
+    return labels_N, silhouette(reduced, labels_N, seed)  # reported under either rule
 
 
 def silhouette(reduced_ND: np.ndarray, labels_N: np.ndarray, seed: int) -> float | None:
