@@ -359,6 +359,11 @@ def _read_marker(ckpt_dir: Path, name: str) -> dict[str, Any] | None:
     return d
 
 
+def _reason(e: BaseException) -> str:
+    # TensorStore appends "See full TensorStore details: <bound method ...>", which says nothing.
+    return one_line(str(e).split(". See full TensorStore details")[0])
+
+
 def _restore(mngr: ocp.CheckpointManager, trainer: Trainer, ckpt_dir: Path, model_only: bool = False) -> int:
     """Loads the latest finalized step into `trainer`; returns it (0 when there is none).
 
@@ -380,7 +385,7 @@ def _restore(mngr: ocp.CheckpointManager, trainer: Trainer, ckpt_dir: Path, mode
         saved = mngr.item_metadata(latest)
     except Exception as e:  # noqa: BLE001 - tensorstore, JSON, OSError, ...: the ways to fail are open
         step = f"epoch {latest}" if latest is not None else "its step list"
-        raise _damaged(ckpt_dir, f"cannot read {step}: {type(e).__name__}: {one_line(e)}") from None
+        raise _damaged(ckpt_dir, f"cannot read {step}: {type(e).__name__}: {_reason(e)}") from None
     if saved is not None and hasattr(saved, "tree"):
         saved = saved.tree
     if saved is None and model_only:  # no tree metadata to take the model from: restore the whole state
@@ -402,7 +407,7 @@ def _restore(mngr: ocp.CheckpointManager, trainer: Trainer, ckpt_dir: Path, mode
             restored = mngr.restore(latest, args=ocp.args.StandardRestore(
                 jax.tree.map(ocp.utils.to_shape_dtype_struct, expected)))
     except Exception as e:  # noqa: BLE001
-        raise _damaged(ckpt_dir, f"cannot restore epoch {latest}: {type(e).__name__}: {one_line(e)}") from None
+        raise _damaged(ckpt_dir, f"cannot restore epoch {latest}: {type(e).__name__}: {_reason(e)}") from None
     # Training stops before saving a non-finite loss, so non-finite weights mean damaged bytes.
     if not all(np.isfinite(np.asarray(a)).all() for a in jax.tree.leaves(restored)
                if jnp.issubdtype(np.asarray(a).dtype, jnp.inexact)):

@@ -398,3 +398,18 @@ def test_sigint_and_sigterm_end_with_one_line(mnist_like_dir, tmp_path, sig, cod
     assert proc.returncode == code, err[-2000:]
     assert lines[-1].startswith(f"ci-jax: {word}") and "Traceback" not in err
     assert not list((tmp_path / "r").rglob("*.tmp"))
+
+
+def test_a_damaged_checkpoint_through_the_cli_is_one_line_without_orbax_tracebacks(mnist_like_dir, tmp_path):
+    # Orbax's reader threads printed "Event loop is closed" tracebacks under the error (finding 7).
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    cmd = [sys.executable, "-m", "ci_jax.cli", "run", "--preset", "fast", "--data-dir", str(mnist_like_dir),
+           "--out", str(tmp_path / "r"), "--train.epochs", "1", "--attack.n_poison", "10", "--no-plots"]
+    assert subprocess.run(cmd, env=env, capture_output=True, timeout=600).returncode == 0
+    step = tmp_path / "r" / "baseline" / "orbax" / "1"
+    biggest = max((p for p in step.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    biggest.write_bytes(biggest.read_bytes()[: biggest.stat().st_size // 2])
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and "it/s" not in line]
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("ci-jax: error: checkpoint directory"), proc.stderr[-2000:]
