@@ -112,26 +112,32 @@ class Stack:
         state = self.stacked_state()
         steps_K = jnp.asarray(self.steps_K)
         s_max = int(self.steps_K.max())
+        ends = {int(s) for s in self.steps_K}
         b = self.members[0].cfg.train.batch_size
         means = []
         for epoch in range(start_epoch, self.epochs):
             idx = self.epoch_indices(epoch)
-            losses, t0 = [], time.perf_counter()
+            losses, t0, marks = [], time.perf_counter(), [0] * len(self.members)
             desc = f"stack of {len(self.members)} epoch {epoch + 1}/{self.epochs}"
             with tqdm(total=s_max, desc=desc, unit="step", leave=False, mininterval=1.0) as bar:
                 for i in range(s_max):
                     state, loss_K = self._step(state, x_NHWC, y_N, idx, i, steps_K, self.lr_KS, epoch)
                     losses.append(loss_K)
                     train.throttle(losses)
-                    if (i + 1) % train.LOG_EVERY == 0 or i + 1 == s_max:
-                        last = np.asarray(loss_K)
+                    # Every LOG_EVERY steps and at each member's last step (members end apart).
+                    if (i + 1) % train.LOG_EVERY == 0 or i + 1 in ends:
+                        base = min(marks)
+                        window_WK = np.asarray(jnp.stack(losses[base:]))  # steps base..i
                         rate = (i + 1) * b * len(self.members) / (time.perf_counter() - t0)
                         for k, (m, log) in enumerate(zip(self.members, logs)):
                             if i < self.steps_K[k] and ((i + 1) % train.LOG_EVERY == 0 or i + 1 == self.steps_K[k]):
-                                if not math.isfinite(float(last[k])):
-                                    raise train.diverged(float(last[k]), epoch * int(self.steps_K[k]) + i, m.cfg)
+                                # The mean over the member's steps since its last line, as train logs it.
+                                last = float(window_WK[marks[k] - base:i + 1 - base, k].mean())
+                                marks[k] = i + 1
+                                if not math.isfinite(last):
+                                    raise train.diverged(last, epoch * int(self.steps_K[k]) + i, m.cfg)
                                 g = epoch * int(self.steps_K[k]) + i
-                                log({"step": g + 1, "epoch": epoch, "loss": float(last[k]),
+                                log({"step": g + 1, "epoch": epoch, "loss": last,
                                      "lr": float(self.trainers[k].lr_S[g]), "images_per_s": rate / len(self.members),
                                      "stack": len(self.members)})
                         bar.update((i + 1) - bar.n)

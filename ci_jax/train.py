@@ -218,11 +218,11 @@ class Trainer:
 
     def fit_epoch(self, x_NHWC: jax.Array, y_N: jax.Array, epoch: int, desc: str,
                   log: Callable[[dict[str, Any]], None] = lambda entry: None) -> float:
-        """One epoch; every LOG_EVERY steps (and at the end) `log` gets the step's loss, learning
-        rate and images/s. Returns the epoch's mean loss."""
+        """One epoch; every LOG_EVERY steps (and at the end) `log` gets the mean loss of the steps
+        since its last line, the learning rate and images/s. Returns the epoch's mean loss."""
         idx_SB = self.epoch_indices(x_NHWC.shape[0], epoch)
         steps, b = idx_SB.shape
-        losses = []
+        losses, mark = [], 0
         t0 = time.perf_counter()
         with tqdm(total=steps, desc=f"{desc} epoch {epoch + 1}/{self.cfg.train.epochs}", unit="step",
                   leave=False, mininterval=1.0) as bar:
@@ -231,7 +231,8 @@ class Trainer:
                 losses.append(loss)
                 throttle(losses)
                 if (i + 1) % LOG_EVERY == 0 or i + 1 == steps:
-                    last, step = float(loss), epoch * steps + i
+                    # A NaN anywhere in the window makes its mean NaN: divergence is still caught.
+                    last, step, mark = float(jnp.stack(losses[mark:]).mean()), epoch * steps + i, i + 1
                     if not math.isfinite(last):
                         raise diverged(last, step, self.cfg)
                     rate = (i + 1) * b / (time.perf_counter() - t0)

@@ -65,6 +65,13 @@ def test_a_stack_of_three_with_different_training_sets_equals_three_separate_run
         assert np.array_equal(solo.predict(ds.x_test)[0], s.predict(ds.x_test)[0])
         log = train.read_log(tmp_path / "stack" / "abc"[j])
         assert [e["epoch"] for e in log if "mean_loss" in e] == [0, 1]
+        # The lines of an epoch (each the mean of its steps since the last) make the epoch's mean.
+        steps_per_epoch = train.steps_per_epoch(len(k), 32)
+        for epoch in (0, 1):
+            lines = [e for e in log if e.get("epoch") == epoch and "step" in e]
+            sizes = np.diff([epoch * steps_per_epoch] + [e["step"] for e in lines])
+            mean = next(e["mean_loss"] for e in log if e.get("epoch") == epoch and "mean_loss" in e)
+            assert np.isclose(sum(n * e["loss"] for n, e in zip(sizes, lines)) / sizes.sum(), mean, rtol=1e-5)
         assert all(np.isfinite(e["loss"]) for e in log if "loss" in e)
 
 

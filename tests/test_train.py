@@ -60,6 +60,9 @@ def test_training_writes_its_log(ds, tmp_path):
     assert [e["step"] for e in steps] == [25, 32, 57, 64] and [e["epoch"] for e in steps] == [0, 0, 1, 1]
     assert all(e["loss"] > 0 and e["lr"] > 0 and e["images_per_s"] > 0 for e in steps)
     assert [e["epoch"] for e in epochs] == [0, 1] and all(e["seconds"] > 0 for e in epochs)
+    # Each line's loss is the mean of its steps (25, then 7): together they make the epoch's mean.
+    for (first, rest), epoch in zip(zip(steps[::2], steps[1::2]), epochs):
+        assert np.isclose((25 * first["loss"] + 7 * rest["loss"]) / 32, epoch["mean_loss"], rtol=1e-5)
     assert train.read_log(tmp_path / "nowhere") == []
 
 
