@@ -455,21 +455,24 @@ def summarize(out: str | os.PathLike) -> dict[str, Any]:
             series.setdefault(label, []).append((e[field], e))
         plots.sweep_field(out / "plots" / f"{field}.png", field, series,
                           ("tpr", "fpr", "clean_after", "asr_after"))
-    if DEFENSE in fields:
+    if DEFENSE in fields:  # a grid over defenses: the other summary fields name the attack
         _defense_grids(out, table, rows, fields)
-        _roc_per_attack(out, rows, fields)
+        _roc_per_attack(out, rows, [f for f in fields if f != DEFENSE], DEFENSE)
+    elif DEFENSE in meta["fields"]:  # cases that set the defense: one curve per case
+        attack = [f for f in meta["fields"] if f != "case" and not f.startswith("defense.")]
+        _roc_per_attack(out, rows, attack, "case")
     return {"fields": fields, "rows": table}
 
 
-def _roc_per_attack(out: Path, rows: list[dict[str, str]], fields: list[str]) -> None:
-    """plots/roc_ATTACK.png: one ROC curve per defense, seeds pooled."""
+def _roc_per_attack(out: Path, rows: list[dict[str, str]], attack_fields: list[str], label: str) -> None:
+    """plots/roc_ATTACK.png: per attack (the values of `attack_fields`), one ROC curve per value of
+    `label` (the defense, or the case), seeds pooled."""
     from ci_jax import metrics, plots
 
-    by_attack: dict[str, dict[str, tuple]] = {}
-    attack_fields = [f for f in fields if f != DEFENSE]
+    by_attack: dict[str, dict[str, list[str]]] = {}
     for row in rows:
         attack = ", ".join(f"{f}={row[f]}" for f in attack_fields) or "attack"
-        by_attack.setdefault(attack, {}).setdefault(row[DEFENSE], []).append(row["run_id"])
+        by_attack.setdefault(attack, {}).setdefault(row[label], []).append(row["run_id"])
     for attack, per_defense in by_attack.items():
         curves = {}
         for defense, run_ids in per_defense.items():

@@ -268,6 +268,29 @@ def test_summary_draws_an_roc_per_attack_when_the_defense_varies(tmp_path):
     assert "| case | defense.name | seeds |" in (tmp_path / "summary.md").read_text()
 
 
+def test_cases_that_set_the_defense_get_one_roc_per_attack_with_a_curve_per_case(tmp_path, monkeypatch):
+    from ci_jax import plots
+
+    fields = ["case", "attack.name", "defense.name", "defense.ci.rule"]
+    rows = []
+    for case, defense, rule in (("pixel ci", "ci", "threshold"), ("pixel ci-test", "ci", "test"),
+                                ("pixel ss", "ss", "threshold")):
+        rid = case.replace(" ", "-")
+        is_poison = np.arange(40) < 8
+        (tmp_path / "runs" / rid).mkdir(parents=True)
+        np.savez(tmp_path / "runs" / rid / "defense.npz", score=is_poison + 0.1 * np.arange(40),
+                 poison_idx=np.flatnonzero(is_poison))
+        rows.append({"run_id": rid, "case": case, "attack.name": "pixel", "defense.name": defense,
+                     "defense.ci.rule": rule, "seed": 0, "tpr": 1.0})
+    (tmp_path / "sweep.json").write_text(json.dumps({"spec": {}, "fields": fields, "summary_fields": ["case"],
+                                                     "run_ids": [r["run_id"] for r in rows]}))
+    sweep.write_rows(tmp_path / "results.csv", ["run_id", *fields, "seed", *sweep.METRICS], rows)
+    drawn = {}
+    monkeypatch.setattr(plots, "roc", lambda path, curves, title: drawn.__setitem__(path.name, sorted(curves)))
+    sweep.summarize(tmp_path)
+    assert drawn == {"roc_attack_name_pixel.png": ["pixel ci", "pixel ci-test", "pixel ss"]}
+
+
 def test_summary_draws_an_attack_by_defense_grid_per_dataset(tmp_path, monkeypatch):
     from ci_jax import plots
 
