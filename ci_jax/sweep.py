@@ -197,20 +197,19 @@ def parse_where(items: list[str] | None) -> dict[str, list[str]]:
 def select(runs: tuple[Run, ...] | list[Run], where: dict[str, list[str]]) -> list[Run]:
     """The runs whose config has, at every path of `where`, one of its values (a list of names as
     its names separated by spaces, e.g. defense.ci.filters=median3 quant)."""
-    def text(run: Run, path: str) -> str:
-        value = settings.get(run.cfg, path)
-        return " ".join(value) if isinstance(value, tuple) else str(value).lower() if isinstance(value, bool) else str(value)
+    def parsed(path: str, text: str) -> str:
+        leaf = config_lib.PATHS[path]
+        return _as_text(tuple(text.split()) if leaf.kind is tuple else settings.parse_flag_value(leaf, text))
 
-    wanted = {path: {_canonical(path, v) for v in values} for path, values in where.items()}
-    return [r for r in runs if all(text(r, path) in ok for path, ok in wanted.items())]
+    wanted = {path: {parsed(path, v) for v in values} for path, values in where.items()}
+    return [r for r in runs if all(_as_text(settings.get(r.cfg, path)) in ok for path, ok in wanted.items())]
 
 
-def _canonical(path: str, value: str) -> str:
-    leaf = config_lib.PATHS[path]
-    if leaf.kind is tuple:
-        return " ".join(value.split())
-    typed = settings.parse_flag_value(leaf, value)
-    return str(typed).lower() if isinstance(typed, bool) else str(typed)
+def _as_text(value: Any) -> str:
+    """A config value as --where compares it: names joined by spaces, true/false, numbers."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(_show(value))
 
 
 def shard_runs(runs: tuple[Run, ...], i: int, n: int) -> list[Run]:
