@@ -260,6 +260,8 @@ def _run_locked(cfg: Config, out: Path, dataset: data.Dataset, p: Prepared, base
                    reserve_idx=p.reserve_idx)
     tqdm.write(f"{cfg.defense.name} removed {detection['removed']}: TPR {_pct(detection['tpr'])}, "
                f"FPR {_pct(detection['fpr'])}, AUC {detection['auc']}")
+    if "note" in result.report:
+        tqdm.write(f"{cfg.defense.name}: {result.report['note']}")
 
     retrained_dir, after = _retrain(cfg, out, dataset, p, result.is_clean_N, before, baseline_dir,
                                     shared_dir, timings)

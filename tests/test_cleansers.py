@@ -196,6 +196,25 @@ def test_strip_with_clean_entropies_all_alike_uses_their_quantile():
     assert np.isfinite(res.score_N).all()
 
 
+def test_strip_says_when_its_normal_cut_off_falls_below_zero():
+    # Clean entropies 0 (nine in ten) or log K: mean 0.1 log K, sd 0.3 log K, so the normal's 1 %
+    # quantile is about -0.6 log K; the empirical quantile, 0, removes nothing either, and says why.
+    def model(x, transform=None, desc=None, logits=False):
+        sure = (np.arange(len(x)) % 10 != 0)[:, None] * np.eye(K)[np.zeros(len(x), int)] * 100.0
+        return np.zeros(len(x), np.int32), np.zeros((len(x), 4)), sure
+    rng = np.random.default_rng(0)
+    x, rx = rng.uniform(0, 1, (50, 2, 2, 1)).astype(np.float32), rng.uniform(0, 1, (104, 2, 2, 1)).astype(np.float32)
+    y, ry = (np.arange(50) % K).astype(np.int32), (np.arange(104) % K).astype(np.int32)
+    view = lambda: _view(np.zeros((50, 4), np.float32), y, np.zeros(50, bool),
+                         Reserve(rx, ry, np.zeros((104, 4)), ry.copy(), np.arange(104)), predict=model, x=x)
+    res = defenses.build("strip", _settings("strip", blends=4)).run(view())
+    assert res.report["cut_off_entropy"] < 0 and res.is_clean_N.all()
+    assert "nothing can be removed" in res.report["note"] and "threshold: empirical" in res.report["note"]
+    res = defenses.build("strip", _settings("strip", blends=4, threshold="empirical")).run(view())
+    assert res.report["cut_off_entropy"] == 0.0 and res.is_clean_N.all()
+    assert "entropy 0 under every blend" in res.report["note"] and "threshold: empirical" not in res.report["note"]
+
+
 def test_strip_entropy_of_a_uniform_softmax_is_log_k():
     assert np.allclose(defenses.strip.entropy_N(np.zeros((3, K))), math.log(K))
 

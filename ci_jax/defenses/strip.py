@@ -79,6 +79,13 @@ class STRIP(Defense):
             "cut_off_entropy": cut, "clean_entropy_mean": float(clean_H.mean()),
             "clean_images_for_cut_off": int(len(clean_H)), "blend_images": int(self.s.blends),
             "removed_per_label": {str(c): int(np.count_nonzero(removed_N & (view.y_N == c))) for c in view.classes()}}
+        if cut <= 0:  # entropy is never below 0: a cut-off there removes nothing, whatever the data
+            why = (f"the clean entropies (mean {mu:.3g}, sd {sd:.3g}) are far from normal; "
+                   f"defense.strip.threshold: empirical takes their {self.s.frr:g} quantile"
+                   if self.s.threshold == "normal" else
+                   f"a {self.s.frr:g} share of the clean images or more have entropy 0 under every blend")
+            report["note"] = (f"the cut-off entropy is {cut:.3g}, at or below 0, the least an entropy can be: "
+                              f"nothing can be removed ({why})")
         timings = {"blended_passes": seconds}
         if seconds > 0.5:
             report["blended_images_per_s"] = images / seconds
