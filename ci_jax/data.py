@@ -47,6 +47,16 @@ _MAX_EXCESS_COUNTED = 1 << 26
 _GET_DATA_DIR = (
     "pass --data-dir DIR holding {what}, or omit it to download with tensorflow-datasets"
 )
+_WHERE_TO_GET = {  # offline, where a package manager has the files
+    "fashion_mnist": " (on Debian or Ubuntu, `apt-get install dataset-fashion-mnist` puts them in "
+                     "/usr/share/datasets/fashion-mnist)",
+}
+
+
+def _how_to_get(name: str, what: str) -> str:
+    return _GET_DATA_DIR.format(what=what) + _WHERE_TO_GET.get(name, "")
+
+
 _IDX_WHAT = "the four IDX files (train-images-idx3-ubyte[.gz], ...)"
 _CIFAR_WHAT = "the CIFAR-10 binary version (data_batch_1.bin .. data_batch_5.bin, test_batch.bin)"
 
@@ -87,7 +97,7 @@ def load(name: str, data_dir: str | os.PathLike | None = None) -> Dataset:
         problem = "is not a directory" if data_dir.exists() else "does not exist"
         raise UserError(
             f"{name}: data dir {data_dir}{source} {problem}: "
-            + _GET_DATA_DIR.format(what=what)
+            + _how_to_get(name, what)
         )
     if name == "cifar10":
         return _load_cifar10_dir(data_dir)
@@ -235,7 +245,7 @@ def _load_idx_dir(name: str, data_dir: Path) -> Dataset:
         if path is None:
             raise UserError(
                 f"{name}: missing {root / stem}(.gz) next to the other IDX files: "
-                + _GET_DATA_DIR.format(what=_IDX_WHAT)
+                + _how_to_get(name, _IDX_WHAT)
             )
         arrays[stem] = (path, read_idx(path, ndim=1 if "labels" in stem else 3))
         paths.append(path)
@@ -292,7 +302,7 @@ def _find_dir(name: str, dirs: list[Path], candidates: Callable[[Path], list[Pat
         if any(p.is_file() for p in candidates(d)):
             return d
     searched = " or ".join(map(str, dirs))
-    raise UserError(f"{name}: no data files in {searched}: " + _GET_DATA_DIR.format(what=what))
+    raise UserError(f"{name}: no data files in {searched}: " + _how_to_get(name, what))
 
 
 # ---------------------------------------------------------------- CIFAR-10 binary version
@@ -319,7 +329,7 @@ def _read_cifar_bin(path: Path) -> tuple[np.ndarray, np.ndarray]:
         hint = ""
         if (path.parent / path.stem).is_file():  # data_batch_1 without .bin: the pickled version
             hint = " (this looks like the CIFAR-10 python version; use cifar-10-binary.tar.gz)"
-        raise UserError(f"cifar10: missing {path}{hint}: " + _GET_DATA_DIR.format(what=_CIFAR_WHAT))
+        raise UserError(f"cifar10: missing {path}{hint}: " + _how_to_get("cifar10", _CIFAR_WHAT))
     raw = np.fromfile(path, dtype=np.uint8)
     if raw.size == 0 or raw.size % CIFAR_RECORD_BYTES:
         raise UserError(

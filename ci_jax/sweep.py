@@ -294,15 +294,15 @@ def run(spec_path: str | os.PathLike, out: str | os.PathLike, *, shard: tuple[in
     if where:
         mine = select(mine, where)
         tqdm.write(f"--where {where}: {len(mine)} of the shard's runs")
-    datasets: dict[str, Any] = {}
+    # Every dataset the pending runs need, before any of them trains: a missing or broken data
+    # dir for the second dataset must not surface hours into the first.
+    datasets = {name: data.load(name, _data_dir(data_dir, name))
+                for name in dict.fromkeys(r.cfg.data.dataset for r in mine if r.run_id not in done)}
     if stack > 1:
         _train_stacked([r for r in mine if r.run_id not in done], datasets, data_dir, Path(models_dir or out), stack)
     with tqdm(total=len(mine), desc=f"{spec.name} shard {i}/{n}" if n > 1 else spec.name, unit="run") as bar:
         for r in mine:
             if r.run_id not in done:
-                name = r.cfg.data.dataset
-                if name not in datasets:
-                    datasets[name] = data.load(name, _data_dir(data_dir, name))
                 tqdm.write(f"run {r.run_id}: {r.varied}, seed {r.cfg.seed}")
                 report = experiment.run(r.cfg, out / "runs" / r.run_id, dataset=datasets[r.cfg.data.dataset],
                                         make_plots=make_plots, shared_dir=models_dir or out)

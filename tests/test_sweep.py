@@ -191,6 +191,15 @@ def test_a_sweep_piece_by_piece_gives_the_rows_of_the_whole(full_sweep, data_dir
     assert by_tau(tmp_path) == by_tau(out)
 
 
+def test_every_dataset_is_loaded_before_any_run_trains(data_dir, tmp_path):
+    spec = {"name": "two", "preset": "fast", "base": BASE, "seeds": [0],
+            "cases": [{"data.dataset": "mnist"}, {"data.dataset": "fashion_mnist"}]}
+    dirs = {"mnist": str(data_dir), "fashion_mnist": str(tmp_path / "nowhere")}
+    with pytest.raises(UserError, match="apt-get install dataset-fashion-mnist"):
+        sweep.run(_spec_file(tmp_path, spec), tmp_path / "out", data_dir=dirs)
+    assert not (tmp_path / "out" / "runs").exists() and not (tmp_path / "out" / "results.csv").exists()
+
+
 def test_restart_skips_finished_runs(full_sweep, data_dir):
     out, spec_path = full_sweep
     before = _rows(out / "results.csv")
