@@ -381,13 +381,19 @@ def test_an_old_flat_field_name_gets_its_new_path():
         config.from_dict({"tau": 0.3})
 
 
+def _default_sigint() -> None:
+    # A suite started in the background by a shell without job control (`cmd &` in a script)
+    # inherits SIGINT ignored, and so would the CLI under test: give it the default back.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("sig,code,word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "interrupted")])
 def test_sigint_and_sigterm_end_with_one_line(mnist_like_dir, tmp_path, sig, code, word):
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
     proc = subprocess.Popen([sys.executable, "-m", "ci_jax.cli", "run", "--preset", "fast", "--data-dir",
                              str(mnist_like_dir), "--out", str(tmp_path / "r"), "--train.epochs", "50",
                              "--attack.n_poison", "10", "--no-plots"], env=env, stderr=subprocess.PIPE,
-                            stdout=subprocess.DEVNULL, text=True)
+                            stdout=subprocess.DEVNULL, text=True, preexec_fn=_default_sigint)
     deadline = time.time() + 120
     while time.time() < deadline and not (tmp_path / "r" / "baseline" / "key.json").exists():
         time.sleep(0.2)
