@@ -13,6 +13,7 @@ import os
 import re
 import signal
 import sys
+import traceback
 from typing import Sequence
 
 INTERRUPTED = "interrupted: rerun the same command to resume"
@@ -201,15 +202,26 @@ def _on_sigterm(signum, frame) -> None:
 
 
 def _quiet_orbax_reads(previous):
-    """An unraisable-exception hook that drops Orbax's array reads cancelled by a failed restore:
-    the interpreter destroys them at exit and printed a traceback each under the one error line
-    that already says the checkpoint is damaged. Everything else goes to `previous`."""
+    """An unraisable-exception hook that drops the echoes of Orbax's array reads cancelled by a
+    failed restore, which printed a traceback each around the one error line that already says the
+    checkpoint is damaged: the read coroutines the interpreter destroys at exit, TensorStore's
+    threads calling back into an event loop Orbax has closed, and read errors carrying TensorStore's
+    spec. Everything else goes to `previous`."""
     def hook(unraisable) -> None:
         code = getattr(unraisable.object, "cr_code", None)
         if code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename:
             return
+        if _late_callback(unraisable.exc_value) or "See full TensorStore details" in str(unraisable.exc_value):
+            return
         previous(unraisable)
     return hook
+
+
+def _late_callback(exc: BaseException | None) -> bool:
+    """A callback from another thread into an asyncio loop that was already closed."""
+    if not (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"):
+        return False
+    return any(f.name == "call_soon_threadsafe" for f in traceback.extract_tb(exc.__traceback__))
 
 
 _DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}

@@ -406,6 +406,28 @@ def test_sigint_and_sigterm_end_with_one_line(mnist_like_dir, tmp_path, sig, cod
     assert not list((tmp_path / "r").rglob("*.tmp"))
 
 
+def test_the_exit_hook_drops_only_the_echoes_of_a_cancelled_restore():
+    import asyncio
+    import types
+
+    from ci_jax import cli
+
+    seen = []
+    hook = cli._quiet_orbax_reads(seen.append)
+    loop = asyncio.new_event_loop()
+    loop.close()
+    try:
+        loop.call_soon_threadsafe(print)
+    except RuntimeError as e:
+        late = e
+    spec = Exception("Encountered error while reading array index: (slice(0, 5, 1),). See full TensorStore details: {")
+    other = RuntimeError("Event loop is closed")  # raised elsewhere: not a late callback
+    unrelated = ValueError("x")
+    for exc in (late, spec, other, unrelated):
+        hook(types.SimpleNamespace(object=None, exc_value=exc))
+    assert [u.exc_value for u in seen] == [other, unrelated]
+
+
 def test_a_damaged_checkpoint_through_the_cli_is_one_line_without_orbax_tracebacks(mnist_like_dir, tmp_path):
     # Orbax's reader threads printed "Event loop is closed" tracebacks under the error (finding 7).
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
