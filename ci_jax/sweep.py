@@ -296,10 +296,11 @@ def run(spec_path: str | os.PathLike, out: str | os.PathLike, *, shard: tuple[in
         tqdm.write(f"--where {where}: {len(mine)} of the shard's runs")
     # Every dataset the pending runs need, before any of them trains: a missing or broken data
     # dir for the second dataset must not surface hours into the first.
+    pending = [r for r in mine if r.run_id not in done]
     datasets = {name: data.load(name, _data_dir(data_dir, name))
-                for name in dict.fromkeys(r.cfg.data.dataset for r in mine if r.run_id not in done)}
+                for name in dict.fromkeys(r.cfg.data.dataset for r in pending)}
     if stack > 1:
-        _train_stacked([r for r in mine if r.run_id not in done], datasets, data_dir, Path(models_dir or out), stack)
+        _train_stacked(pending, datasets, Path(models_dir or out), stack)
     with tqdm(total=len(mine), desc=f"{spec.name} shard {i}/{n}" if n > 1 else spec.name, unit="run") as bar:
         for r in mine:
             if r.run_id not in done:
@@ -315,12 +316,11 @@ def run(spec_path: str | os.PathLike, out: str | os.PathLike, *, shard: tuple[in
     return csv_path
 
 
-def _train_stacked(runs: list[Run], datasets: dict[str, Any], data_dir, shared: Path, k: int) -> None:
-    from ci_jax import data, experiment
+def _train_stacked(runs: list[Run], datasets: dict[str, Any], shared: Path, k: int) -> None:
+    """datasets: every dataset the runs use, loaded."""
+    from ci_jax import experiment
 
     for name in dict.fromkeys(r.cfg.data.dataset for r in runs):
-        if name not in datasets:
-            datasets[name] = data.load(name, _data_dir(data_dir, name))
         ds = datasets[name]
         mine = [r for r in runs if r.cfg.data.dataset == name]
         baselines = {}
