@@ -13,7 +13,6 @@ import os
 import re
 import signal
 import sys
-import traceback
 from typing import Sequence
 
 INTERRUPTED = "interrupted: rerun the same command to resume"
@@ -201,29 +200,6 @@ def _on_sigterm(signum, frame) -> None:
     raise _Terminated()
 
 
-def _quiet_orbax_reads(previous):
-    """An unraisable-exception hook that drops the echoes of Orbax's array reads cancelled by a
-    failed restore, which printed a traceback each around the one error line that already says the
-    checkpoint is damaged: the read coroutines the interpreter destroys at exit, TensorStore's
-    threads calling back into an event loop Orbax has closed, and read errors carrying TensorStore's
-    spec. Everything else goes to `previous`."""
-    def hook(unraisable) -> None:
-        code = getattr(unraisable.object, "cr_code", None)
-        if code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename:
-            return
-        if _late_callback(unraisable.exc_value) or "See full TensorStore details" in str(unraisable.exc_value):
-            return
-        previous(unraisable)
-    return hook
-
-
-def _late_callback(exc: BaseException | None) -> bool:
-    """A callback from another thread into an asyncio loop that was already closed."""
-    if not (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"):
-        return False
-    return any(f.name == "call_soon_threadsafe" for f in traceback.extract_tb(exc.__traceback__))
-
-
 _DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
 
 
@@ -233,9 +209,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     argv = _join_negative_values(list(sys.argv[1:] if argv is None else argv))
     args = _parser().parse_args(argv)
-    if not getattr(sys.unraisablehook, "ci_jax", False):  # left in place: the reads die at exit
-        sys.unraisablehook = _quiet_orbax_reads(sys.unraisablehook)
-        sys.unraisablehook.ci_jax = True
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         _set_xla_flags()

@@ -5,7 +5,7 @@ accelerator.
 Each member keeps its own seed (initialisation and data order), its own training set (indices
 into one shared image array, so baselines of different attacks and retrains after different
 removals share a step), its own learning-rate schedule (a table per member, injected into its
-optimizer), and its own checkpoint directory, written in `train.Trainer`'s format: every member
+optimizer), and its own checkpoint directory, written as `checkpoint` writes every model: every member
 resumes and is reused on its own by the usual keys and rules. Members with fewer steps per epoch
 take no-op steps while the others finish theirs.
 
@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from ci_jax import faults, files, train
+from ci_jax import checkpoint, faults, files, train
 from ci_jax.errors import UserError
 
 
@@ -144,9 +144,9 @@ class Stack:
                         bar.set_postfix(img_s=f"{rate:.0f}")
             self.unstack_into_trainers(state)
             loss_SK = jnp.stack(losses)
-            for k, (t, mngr, log) in enumerate(zip(self.trainers, mngrs, logs)):
+            for k, (m, t, mngr, log) in enumerate(zip(self.members, self.trainers, mngrs, logs)):
                 mean = float(loss_SK[: self.steps_K[k], k].mean())
-                train._save(mngr, epoch + 1, t)
+                checkpoint.save(mngr, m.ckpt_dir, epoch + 1, t)
                 log({"epoch": epoch, "mean_loss": mean, "seconds": time.perf_counter() - t0, "stack": len(self.members)})
             faults.point("stack-epoch")
             means.append(float(loss_SK.mean()))
@@ -161,7 +161,7 @@ def train_members(members: list[Member], x_NHWC: np.ndarray, y_N: np.ndarray, im
     todo = []
     for m in members:
         train.check_batch(m.cfg.train.batch_size, "--train.batch_size", len(m.idx_N))
-        if train._finished(m.ckpt_dir, m.key):
+        if checkpoint.finished(m.ckpt_dir, m.key):
             infos[m.key] = {"reused": True, "resumed_from_epoch": m.cfg.train.epochs, "seconds": 0.0, "images_per_s": None}
         else:
             todo.append(m)
@@ -184,7 +184,7 @@ def _train_stack(members: list[Member], x, y, image_shape, num_classes) -> dict[
         mngrs, starts = [], []
         for m, t in zip(members, stack.trainers):
             locks.enter_context(files.exclusive(m.ckpt_dir.parent / f".{m.ckpt_dir.name}.lock"))
-            mngr, start = train.open_for_training(t, m.ckpt_dir, m.key)
+            mngr, start = checkpoint.open_for_training(t, m.ckpt_dir, m.key)
             locks.callback(mngr.close)
             mngrs.append(mngr)
             starts.append(start)
@@ -200,7 +200,7 @@ def _train_stack(members: list[Member], x, y, image_shape, num_classes) -> dict[
         seconds = time.perf_counter() - t0
         infos = {}
         for m, t in zip(members, stack.trainers):
-            files.write_json(m.ckpt_dir / "done.json", {"key": m.key, "epochs": m.cfg.train.epochs})
+            checkpoint.mark_done(m.ckpt_dir, m.key, m.cfg.train.epochs)
             infos[m.key] = {"reused": False, "resumed_from_epoch": starts[0], "seconds": seconds, "images_per_s": None,
                             "stacked": len(members)}
         return infos

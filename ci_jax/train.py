@@ -5,8 +5,9 @@ gathers its batch there, so no images cross from the host inside a loop. Batches
 over a 1-D `data` mesh axis and parameters are replicated, so the same code runs on one CPU,
 several forced CPU devices, or a GPU/TPU host.
 
-A checkpoint holds the named train state, {"model": ..., "optimizer": ...} as nested dicts of
-arrays with the parameters' names, and each model's directory has a training log, metrics.jsonl.
+A checkpoint (`checkpoint`) holds the named train state, {"model": ..., "optimizer": ...} as
+nested dicts of arrays with the parameters' names, and each model's directory has a training log,
+metrics.jsonl.
 
 Multi-host: launch one process per host with the same command and call `init_distributed()`
 first (the `ci-jax` commands do); `jax.devices()` then lists every host's devices, the mesh spans
@@ -19,7 +20,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -28,12 +28,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from ci_jax import faults, files, metrics, models
+from ci_jax import checkpoint, faults, files, metrics, models
 from ci_jax.errors import UserError, one_line
 
 LOG_EVERY = 25  # steps between loss read-backs (each one syncs host and device) and log lines
@@ -308,193 +307,37 @@ def _like(template: Any, named: Any) -> Any:
     return jnp.asarray(named)
 
 
-def _flat_shapes(tree: Any, prefix: str = "") -> dict[str, tuple[int, ...]]:
-    if isinstance(tree, dict):
-        out: dict[str, tuple[int, ...]] = {}
-        for k, v in tree.items():
-            out.update(_flat_shapes(v, f"{prefix}{k}/"))
-        return out
-    shape = getattr(tree, "shape", None)
-    return {prefix[:-1]: tuple(shape) if shape is not None else ()}
-
-
-def mismatch(expected: dict[str, Any], saved: Any) -> str | None:
-    """What differs between the state a model expects and a checkpoint's tree: missing, extra
-    and mis-shaped parameters, by name; None when they fit."""
-    want, have = _flat_shapes(expected), _flat_shapes(saved)
-    missing = sorted(set(want) - set(have))
-    extra = sorted(set(have) - set(want))
-    shaped = sorted(f"{k} {have[k]} (model: {want[k]})" for k in set(want) & set(have) if want[k] != have[k])
-    if not (missing or extra or shaped):
-        return None
-    parts = []
-    for what, names in (("missing", missing), ("extra", extra), ("mis-shaped", shaped)):
-        if names:
-            parts.append(f"{what}: {', '.join(names[:4])}" + (f" and {len(names) - 4} more" if len(names) > 4 else ""))
-    return "; ".join(parts)
-
-
-def _manager(ckpt_dir: Path) -> ocp.CheckpointManager:
-    # max_to_keep=1: only the latest epoch is needed to resume; Orbax writes each step to a
-    # temporary directory and renames it when complete, so a killed save is never read back.
-    return ocp.CheckpointManager(ckpt_dir.resolve(), item_handlers=ocp.StandardCheckpointHandler(),
-                                 options=ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=False))
-
-
-def _damaged(ckpt_dir: Path, what: str) -> UserError:
-    return UserError(f"checkpoint directory {ckpt_dir} is damaged ({what}): delete that directory "
-                     f"to train this model again from scratch")
-
-
-def _read_marker(ckpt_dir: Path, name: str) -> dict[str, Any] | None:
-    """key.json / done.json as a dict with a "key"; None if absent; UserError if unreadable."""
-    path = ckpt_dir / name
-    if not path.exists():
-        return None
-    try:
-        d = files.read_json(path)
-    except (OSError, ValueError) as e:  # ValueError: bad JSON or bad UTF-8
-        raise _damaged(ckpt_dir, f"{name} is unreadable: {type(e).__name__}") from None
-    if not isinstance(d, dict) or not isinstance(d.get("key"), str):
-        raise _damaged(ckpt_dir, f"{name} does not hold a key")
-    return d
-
-
-def _reason(e: BaseException) -> str:
-    # TensorStore appends "See full TensorStore details: <bound method ...>", which says nothing.
-    return one_line(str(e).split(". See full TensorStore details")[0])
-
-
-def _restore(mngr: ocp.CheckpointManager, trainer: Trainer, ckpt_dir: Path, model_only: bool = False) -> int:
-    """Loads the latest finalized step into `trainer`; returns it (0 when there is none).
-
-    Orbax lists only finalized steps (saved under a temporary name, then renamed), so what a
-    killed save left behind is never seen here. A step whose parameters do not match the model
-    (its code changed) names what differs; one that fails to restore was damaged afterwards.
-    model_only: a finished model, reused for inference: only its parameters must match (an
-    optimizer state of another layout, from another version of ci-jax, is left alone).
-    """
-    latest = None
-    expected = trainer.named_state()
-    fresh_optimizer = expected["optimizer"]
-    if model_only:
-        expected = {"model": expected["model"]}
-    try:
-        latest = mngr.latest_step()
-        if latest is None:
-            return 0
-        saved = mngr.item_metadata(latest)
-    except Exception as e:  # noqa: BLE001 - tensorstore, JSON, OSError, ...: the ways to fail are open
-        step = f"epoch {latest}" if latest is not None else "its step list"
-        raise _damaged(ckpt_dir, f"cannot read {step}: {type(e).__name__}: {_reason(e)}") from None
-    if saved is not None and hasattr(saved, "tree"):
-        saved = saved.tree
-    if saved is None and model_only:  # no tree metadata to take the model from: restore the whole state
-        model_only, expected = False, trainer.named_state()
-    saved = _as_dict(saved) if saved is not None else None
-    if model_only and saved is not None and mismatch({"o": fresh_optimizer}, {"o": saved.get("optimizer", {})}) is None:
-        model_only, expected = False, trainer.named_state()  # the same layout: the whole state, as saved
-    if model_only and saved is not None:
-        saved = {"model": saved.get("model", {})}
-    differs = mismatch(expected, saved) if saved is not None else None
-    if differs:
-        raise UserError(f"checkpoint directory {ckpt_dir} holds a model that does not match "
-                        f"{trainer.cfg.train.model}'s parameters ({differs}): it was saved by other "
-                        "model code; delete that directory to train this model again")
-    try:
-        if model_only:  # the saved tree as it is, of which the model is taken
-            restored = {"model": _as_dict(mngr.restore(latest, args=ocp.args.StandardRestore()))["model"]}
-        else:
-            restored = mngr.restore(latest, args=ocp.args.StandardRestore(
-                jax.tree.map(ocp.utils.to_shape_dtype_struct, expected)))
-    except Exception as e:  # noqa: BLE001
-        raise _damaged(ckpt_dir, f"cannot restore epoch {latest}: {type(e).__name__}: {_reason(e)}") from None
-    # Training stops before saving a non-finite loss, so non-finite weights mean damaged bytes.
-    if not all(np.isfinite(np.asarray(a)).all() for a in jax.tree.leaves(restored)
-               if jnp.issubdtype(np.asarray(a).dtype, jnp.inexact)):
-        raise _damaged(ckpt_dir, f"epoch {latest} holds non-finite weights")
-    trainer.load_named_state({"optimizer": fresh_optimizer, **restored})
-    return latest
-
-
-def _as_dict(tree: Any) -> Any:
-    if hasattr(tree, "items"):
-        return {str(k): _as_dict(v) for k, v in tree.items()}
-    return tree
-
-
 def train(trainer: Trainer, x_NHWC: np.ndarray, y_N: np.ndarray, ckpt_dir: str | os.PathLike,
           key: str, desc: str = "train") -> dict[str, Any]:
     """Trains to cfg.train.epochs, resuming from ckpt_dir; a finished run with the same key is reused.
 
-    `key` names what was trained (config and data, training set); a directory holding a
-    different key is stale and is cleared. A damaged directory (unreadable key.json or done.json,
-    a checkpoint that fails to restore) is a UserError that says to delete it. A finished model is
-    only read (its directory may be read-only). Processes that share ckpt_dir (sweeps sharing
-    --models) take turns: the second one reuses what the first trained instead of training into
-    the same files at the same time.
+    `key` names what was trained (config and data, training set); a directory holding another
+    key is moved aside, not deleted (`checkpoint.open_for_training`). A damaged directory is a
+    UserError that says to delete it. A finished model is only read (its directory may be
+    read-only). Processes that share ckpt_dir (sweeps sharing --models) take turns: the second
+    one reuses what the first trained instead of training into the same files at the same time.
     Returns {"reused": bool, "resumed_from_epoch": int, "seconds": float, "images_per_s": float}.
     """
     ckpt_dir = Path(ckpt_dir)
     check_batch(trainer.cfg.train.batch_size, "--train.batch_size", len(y_N))
     if len(y_N) == 0:
         raise UserError("the training set is empty: nothing to train on")
-    if _finished(ckpt_dir, key):
-        return _reuse(trainer, ckpt_dir)
+    if checkpoint.finished(ckpt_dir, key):
+        return {"reused": True, "resumed_from_epoch": checkpoint.load(trainer, ckpt_dir), "seconds": 0.0,
+                "images_per_s": None}
     with files.exclusive(ckpt_dir.parent / f".{ckpt_dir.name}.lock"):
         return _train_locked(trainer, x_NHWC, y_N, ckpt_dir, key, desc)
 
 
-def _finished(ckpt_dir: Path, key: str) -> bool:
-    try:
-        return files.read_json(ckpt_dir / "done.json").get("key") == key and \
-            files.read_json(ckpt_dir / "key.json").get("key") == key
-    except Exception:  # noqa: BLE001 - anything else is looked at under the lock
-        return False
-
-
-def _reuse(trainer: Trainer, ckpt_dir: Path) -> dict[str, Any]:
-    mngr = _manager(ckpt_dir / "orbax")
-    try:
-        epoch = _restore(mngr, trainer, ckpt_dir, model_only=True)
-    finally:
-        mngr.close()
-    if epoch != trainer.cfg.train.epochs:
-        raise _damaged(ckpt_dir, f"done.json says finished but the last epoch saved is {epoch}")
-    return {"reused": True, "resumed_from_epoch": epoch, "seconds": 0.0, "images_per_s": None}
-
-
 def _train_locked(trainer: Trainer, x_NHWC: np.ndarray, y_N: np.ndarray, ckpt_dir: Path, key: str,
                   desc: str) -> dict[str, Any]:
-    mngr, start = open_for_training(trainer, ckpt_dir, key)
+    mngr, start = checkpoint.open_for_training(trainer, ckpt_dir, key)
     try:
-        if start == trainer.cfg.train.epochs and _finished(ckpt_dir, key):
+        if start == trainer.cfg.train.epochs and checkpoint.finished(ckpt_dir, key):
             return {"reused": True, "resumed_from_epoch": start, "seconds": 0.0, "images_per_s": None}
         return resume(trainer, mngr, x_NHWC, y_N, ckpt_dir, key, start, desc)
     finally:
         mngr.close()  # also after a failure: leaves no Orbax threads behind
-
-
-def open_for_training(trainer: Trainer, ckpt_dir: Path, key: str) -> tuple[ocp.CheckpointManager, int]:
-    """Under the directory's lock: clears a stale directory (another key), refuses a damaged one,
-    marks it with `key`, restores the latest epoch into `trainer`. Returns (manager, epoch)."""
-    meta = _read_marker(ckpt_dir, "key.json")
-    if meta is not None and meta["key"] != key:
-        shutil.rmtree(ckpt_dir)
-    elif meta is None and ((ckpt_dir / "orbax").exists() or (ckpt_dir / "done.json").exists()):
-        # key.json is written before anything else: without it, whose weights these are is unknown.
-        raise _damaged(ckpt_dir, "key.json is missing")
-    done = _read_marker(ckpt_dir, "done.json")
-    if done is not None and done["key"] != key:
-        raise _damaged(ckpt_dir, "done.json and key.json disagree")
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    files.write_json(ckpt_dir / "key.json", {"key": key})
-    mngr = _manager(ckpt_dir / "orbax")
-    try:
-        return mngr, _restore(mngr, trainer, ckpt_dir)
-    except BaseException:
-        mngr.close()
-        raise
 
 
 class Log:
@@ -515,18 +358,21 @@ class Log:
 
 
 def _read_lines(path: Path) -> list[dict[str, Any]]:
+    """The log's entries; a line that does not parse (cut short by a kill, damaged bytes) is
+    skipped: the log only describes training, the checkpoint holds the model."""
     out = []
     try:
-        with open(path) as f:
-            for line in f:
-                try:
-                    entry = json.loads(line)
-                except ValueError:
-                    continue  # a line cut short by a kill
-                if isinstance(entry, dict):
-                    out.append(entry)
+        with open(path, "rb") as f:
+            raw = f.read().splitlines()
     except OSError:
-        pass
+        return out
+    for line in raw:
+        try:
+            entry = json.loads(line)
+        except ValueError:  # bad JSON or bad UTF-8
+            continue
+        if isinstance(entry, dict):
+            out.append(entry)
     return out
 
 
@@ -535,7 +381,7 @@ def read_log(ckpt_dir: str | os.PathLike) -> list[dict[str, Any]]:
     return _read_lines(Path(ckpt_dir) / "metrics.jsonl")
 
 
-def resume(trainer: Trainer, mngr: ocp.CheckpointManager, x_NHWC: np.ndarray, y_N: np.ndarray,
+def resume(trainer: Trainer, mngr: checkpoint.Manager, x_NHWC: np.ndarray, y_N: np.ndarray,
            ckpt_dir: Path, key: str, start_epoch: int, desc: str) -> dict[str, Any]:
     """Trains `trainer` (restored at start_epoch) to the end, saving each epoch, then marks done."""
     epochs = trainer.cfg.train.epochs
@@ -548,7 +394,7 @@ def resume(trainer: Trainer, mngr: ocp.CheckpointManager, x_NHWC: np.ndarray, y_
         for epoch in range(start_epoch, epochs):
             t_epoch = time.perf_counter()
             loss = trainer.fit_epoch(x, y, epoch, desc, log)
-            _save(mngr, epoch + 1, trainer)
+            checkpoint.save(mngr, ckpt_dir, epoch + 1, trainer)
             log({"epoch": epoch, "mean_loss": loss, "seconds": time.perf_counter() - t_epoch})
             faults.point(f"{desc}-epoch")
             tqdm.write(f"{desc}: epoch {epoch + 1}/{epochs} mean loss {loss:.4f}")
@@ -559,19 +405,6 @@ def resume(trainer: Trainer, mngr: ocp.CheckpointManager, x_NHWC: np.ndarray, y_
         raise oom from None
     seconds = time.perf_counter() - t0
     n_img = (epochs - start_epoch) * steps_per_epoch(len(y_N), b) * b
-    files.write_json(ckpt_dir / "done.json", {"key": key, "epochs": epochs})
+    checkpoint.mark_done(ckpt_dir, key, epochs)
     return {"reused": False, "resumed_from_epoch": start_epoch, "seconds": seconds,
             "images_per_s": n_img / seconds if seconds > 0 else None}
-
-
-def _save(mngr: ocp.CheckpointManager, step: int, trainer: Trainer) -> None:
-    try:
-        mngr.save(step, args=ocp.args.StandardSave(trainer.named_state()))
-        mngr.wait_until_finished()
-    except Exception as e:  # noqa: BLE001 - Orbax wraps a full disk in several exception types
-        text = str(e)
-        if isinstance(e, OSError) or "RESOURCE_EXHAUSTED" in text or "No space left" in text:
-            raise UserError(f"cannot save the checkpoint of epoch {step} in {mngr.directory} "
-                            f"({one_line(text, 120)}): free some space and rerun the same command "
-                            "to resume") from None
-        raise

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from ci_jax import config, data, train
+from ci_jax import checkpoint, config, data, train
 from ci_jax.errors import UserError
 
 
@@ -203,8 +203,25 @@ def _truncate(path):
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
+def _flip_a_byte(path):
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    path.write_bytes(bytes(raw))
+
+
+def _replace_by_a_file(path):
+    shutil.rmtree(path)
+    path.write_text("not a directory")
+
+
 DAMAGE = {
     "weights_truncated": lambda c: _truncate(_largest_file(c)),
+    "weights_one_bit_flipped": lambda c: _flip_a_byte(_largest_file(c)),
+    "checkpoint_metadata_garbage": lambda c: (_step_dir(c) / "_CHECKPOINT_METADATA").write_text("{"),
+    "step_dir_deleted": lambda c: shutil.rmtree(_step_dir(c)),
+    "step_dir_replaced_by_a_file": lambda c: _replace_by_a_file(_step_dir(c)),
+    "sums_garbage": lambda c: (c / "sums" / "1.json").write_bytes(b"\xff{"),
+    "sums_not_an_object": lambda c: (c / "sums" / "1.json").write_text('{"files": []}'),
     "weights_deleted": lambda c: _largest_file(c).unlink(),
     "metadata_garbage": lambda c: next(_step_dir(c).rglob("_METADATA")).write_text("{garbage"),
     "manifest_truncated": lambda c: _truncate(next(_step_dir(c).glob("*/manifest.ocdbt"))),
@@ -228,17 +245,21 @@ def test_damaged_checkpoint_is_one_user_error_saying_to_delete_it(ds, trained_di
     assert "\n" not in msg and len(msg) < 500
 
 
-def test_a_checkpoint_without_its_tree_metadata_still_restores_the_same_weights(ds, trained_dir, tmp_path):
-    # The model's own parameter tree is the restore target: Orbax reads the arrays by name without
-    # the saved tree's _METADATA, and they are the trained ones (no error is better than a rerun).
+def test_a_checkpoint_from_before_sums_without_its_tree_metadata_restores_the_same_weights(ds, trained_dir, tmp_path):
+    # A directory written by ci-jax 0.2 has no sums/: the model's own parameter tree is the restore
+    # target, Orbax reads the arrays by name without the saved tree's _METADATA, and they are the
+    # trained ones (no error is better than a rerun). Once restored, the step gets its sums.
     ckpt = tmp_path / "ckpt"
     shutil.copytree(trained_dir, ckpt)
+    shutil.rmtree(ckpt / "sums")
     next(_step_dir(ckpt).rglob("_METADATA")).unlink()
     fresh, reference = _trainer(_cfg(), ds), _trainer(_cfg(), ds)
     assert train.train(fresh, ds.x_train, ds.y_train, ckpt, key="k")["reused"]
     train.train(reference, ds.x_train, ds.y_train, trained_dir, key="k")
     for a, b in zip(_weights(fresh), _weights(reference)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert (ckpt / "sums" / "1.json").is_file()
+    checkpoint.verify(ckpt, 1)
 
 
 def test_unfinished_save_beside_a_finished_step_is_ignored(ds, trained_dir, tmp_path):
@@ -258,14 +279,56 @@ def test_unfinished_save_beside_a_finished_step_is_ignored(ds, trained_dir, tmp_
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_stale_key_still_clears_a_damaged_directory(ds, trained_dir, tmp_path):
-    # A directory of another key is cleared unread, damaged or not.
+def test_a_directory_of_another_key_is_moved_aside_unread_damaged_or_not(ds, trained_dir, tmp_path):
     ckpt = tmp_path / "ckpt"
     shutil.copytree(trained_dir, ckpt)
     _truncate(_largest_file(ckpt))
     (ckpt / "key.json").write_text('{"key": "old"}')
     info = train.train(_trainer(_cfg(), ds), ds.x_train, ds.y_train, ckpt, key="k")
     assert info["resumed_from_epoch"] == 0 and not info["reused"]
+    aside = checkpoint.shelved(ckpt, "old")
+    assert aside.parent == tmp_path / "models" and (aside / "key.json").read_text() == '{"key": "old"}'
+
+
+def test_another_setting_never_deletes_a_finished_model_and_switching_back_reuses_it(ds, trained_dir, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(trained_dir, ckpt)
+    other = _trainer(_cfg({"seed": 1}), ds)
+    assert not train.train(other, ds.x_train, ds.y_train, ckpt, key="k-seed1")["reused"]
+    assert checkpoint.finished(checkpoint.shelved(ckpt, "k"), "k")  # the first model, kept whole
+    back = _trainer(_cfg(), ds)
+    info = train.train(back, ds.x_train, ds.y_train, ckpt, key="k")
+    assert info["reused"] and checkpoint.finished(ckpt, "k")
+    assert checkpoint.finished(checkpoint.shelved(ckpt, "k-seed1"), "k-seed1")
+    reference = _trainer(_cfg(), ds)
+    train.train(reference, ds.x_train, ds.y_train, trained_dir, key="k")
+    for a, b in zip(_weights(back), _weights(reference)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_step_saved_but_never_summed_is_trained_again(ds, tmp_path):
+    # Killed after Orbax finalised epoch 2 and before its sums were written: epoch 2 does not
+    # count, training resumes from epoch 1 and saves epoch 2 anew.
+    cfg = _cfg({"train.epochs": 2})
+    straight = _trainer(cfg, ds)
+    train.train(straight, ds.x_train, ds.y_train, tmp_path / "a", key="k")
+    ckpt = tmp_path / "b"
+    shutil.copytree(tmp_path / "a", ckpt)
+    (ckpt / "done.json").unlink()
+    (ckpt / "sums" / "2.json").rename(ckpt / "sums" / "1.json")  # stands for epoch 1's sums ...
+    shutil.copytree(_step_dir(ckpt).parent / "2", _step_dir(ckpt))  # ... and epoch 1's step
+    checkpoint.verify(ckpt, 1)
+    resumed = _trainer(cfg, ds)
+    info = train.train(resumed, ds.x_train, ds.y_train, ckpt, key="k")
+    assert info["resumed_from_epoch"] == 1 and not info["reused"]
+    assert sorted(p.name for p in (ckpt / "orbax").iterdir() if p.name.isdigit()) == ["2"]
+    assert sorted(p.name for p in (ckpt / "sums").iterdir()) == ["2.json"]
+    checkpoint.verify(ckpt, 2)
+
+
+def test_a_log_with_damaged_bytes_keeps_its_readable_lines(tmp_path):
+    (tmp_path / "metrics.jsonl").write_bytes(b'{"step": 1}\n\xff\xfe{"step": 2}\n[1]\n{"step": 3, "epoch"\n{"step": 4}\n')
+    assert train.read_log(tmp_path) == [{"step": 1}, {"step": 4}]
 
 
 def test_checkpoint_holds_the_named_state(ds, trained_dir):
@@ -273,7 +336,7 @@ def test_checkpoint_holds_the_named_state(ds, trained_dir):
     named = t.named_state()
     assert set(named) == {"model", "optimizer"}
     assert {"conv1", "conv2", "fc", "head"} <= set(named["model"])  # the cnn's layers, by name
-    assert train.mismatch(named, named) is None
+    assert checkpoint.mismatch(named, named) is None
     t.load_named_state(named)  # a round trip through the named form
     train.train(t, ds.x_train, ds.y_train, trained_dir, key="k")  # reused: restored by name
     for a, b in zip(_weights(t), jax.tree.leaves(named)):
@@ -283,7 +346,7 @@ def test_checkpoint_holds_the_named_state(ds, trained_dir):
 def test_mismatch_names_missing_extra_and_misshaped_parameters():
     want = {"model": {"conv": {"kernel": np.zeros((3, 3, 1, 16))}, "head": {"bias": np.zeros(10)}}}
     have = {"model": {"conv": {"kernel": np.zeros((3, 3, 1, 8))}, "fc": {"bias": np.zeros(10)}}}
-    assert train.mismatch(want, have) == ("missing: model/head/bias; extra: model/fc/bias; "
+    assert checkpoint.mismatch(want, have) == ("missing: model/head/bias; extra: model/fc/bias; "
                                           "mis-shaped: model/conv/kernel (3, 3, 1, 8) (model: (3, 3, 1, 16))")
 
 
