@@ -287,6 +287,19 @@ def load(model: Stateful, ckpt_dir: str | os.PathLike) -> int:
     return epoch
 
 
+def check(ckpt_dir: str | os.PathLike, key: str) -> None:
+    """UserError (damaged) if `ckpt_dir` holds `key`'s model and its markers or its latest step
+    are damaged; reads no array. A run calls it before it writes anything."""
+    ckpt_dir = Path(ckpt_dir)
+    meta = _read_marker(ckpt_dir, "key.json")
+    if meta is None or meta["key"] != key:
+        return  # nothing here yet, or another key's model, which is moved aside unread
+    done = _read_marker(ckpt_dir, "done.json")
+    if done is not None and done["key"] != key:
+        raise damaged(ckpt_dir, "done.json and key.json disagree")
+    _checked_latest(ckpt_dir)
+
+
 def shelved(ckpt_dir: Path, key: str) -> Path:
     """Where the model of `key` is kept while `ckpt_dir` holds another."""
     return ckpt_dir.parent / SHELF / f"{ckpt_dir.name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"

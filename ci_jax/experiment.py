@@ -6,9 +6,10 @@ A run directory holds `config.json`, `provenance.json` (library versions, device
 sections and the data's content), so a rerun resumes an interrupted stage and reuses a finished
 one, and a rerun on other data never reuses a model trained on the old.
 
-config.json and report.json always describe the same run: a rerun removes the old report (and
-plots) before it writes its config, and writes its report last. One process at a time may run in
-a directory.
+config.json and report.json always describe the same run: a rerun writes its config before it
+touches a model, removes a report of another run first, and writes its report last. One process
+at a time may run in a directory. A model of another setting is moved aside, never deleted
+(`checkpoint`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from ci_jax import attacks, cache, config as config_lib, data, defenses, files, metrics, plots, provenance, train
+from ci_jax import attacks, cache, checkpoint, config as config_lib, data, defenses, files, metrics, plots, provenance, train
 from ci_jax.config import Config
 from ci_jax.defenses.base import Reserve, View
 from ci_jax.errors import UserError
@@ -193,11 +194,24 @@ def config_from_run(saved: Any, where: str) -> Config:
     return config_lib.from_dict(saved, f"{where}: config.json")
 
 
-def _retire_outputs(out: Path) -> None:
-    """Removes the previous run's report and figures: until this run writes its own, the directory
-    holds no report that its config.json would contradict."""
-    (out / "report.json").unlink(missing_ok=True)
+def _take_over(out: Path, cfg: Config, dataset: data.Dataset) -> None:
+    """Before any model is trained or loaded, the directory describes this run: its config.json
+    and provenance.json are written, and a report of another config or other data goes, with
+    defense.npz, so that an interrupted run never leaves a report that contradicts config.json.
+    A report of this very run stays until the run rewrites it (a failed rerun loses nothing).
+    Figures always go: `--no-plots` draws none, and stale ones would describe nothing."""
+    this = json.loads(json.dumps(config_lib.to_dict(cfg)))
+    try:
+        old = files.read_json(out / "report.json")
+        same = old["config"] == this and old["data"]["sha256"] == dataset.sha256
+    except Exception:  # noqa: BLE001 - absent, unreadable or of another shape: nothing to keep
+        same = False
+    if not same:
+        (out / "report.json").unlink(missing_ok=True)
+        (out / "defense.npz").unlink(missing_ok=True)
     shutil.rmtree(out / "plots", ignore_errors=True)
+    files.write_json(out / "config.json", this)
+    files.write_json(out / "provenance.json", provenance.record(dataset))
 
 
 def run(cfg: Config, out: str | os.PathLike, *, data_dir: str | os.PathLike | None = None,
@@ -235,13 +249,11 @@ def _run_locked(cfg: Config, out: Path, dataset: data.Dataset, p: Prepared, base
     poisoned = p.poisoned
     baseline = train.Trainer(cfg, image_shape, dataset.num_classes,
                              train.steps_per_epoch(len(poisoned.y_N), cfg.train.batch_size))
+    checkpoint.check(baseline_dir, p.model_key)  # a damaged model fails before anything is written
+    _take_over(out, cfg, dataset)
     info = train.train(baseline, poisoned.x_NHWC, poisoned.y_N, baseline_dir, p.model_key, desc="baseline")
     timings["train_baseline"] = info["seconds"]
     _clear_dead_writers(baseline_dir)
-    # From here on this run replaces the previous one: its report and figures go first.
-    _retire_outputs(out)
-    files.write_json(out / "config.json", config_lib.to_dict(cfg))
-    files.write_json(out / "provenance.json", provenance.record(dataset))
 
     timings["features"] = timings["evaluate"] = 0.0
     passes = baseline_passes(baseline, p, dataset, baseline_dir, cfg, timings)
