@@ -9,11 +9,13 @@ Preparing (downloading) a tfds dataset, however, does need TensorFlow; see `_loa
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import gzip
 import math
 import os
 import socket
+import stat
 import struct
 import urllib.request
 import zlib
@@ -92,16 +94,96 @@ def load(name: str, data_dir: str | os.PathLike | None = None) -> Dataset:
     if data_dir is None:
         return _load_tfds(name)
     data_dir = Path(data_dir).expanduser()
-    if not data_dir.is_dir():
+    kind, phrase = _path_kind(data_dir)
+    if kind != "dir":
         what = _CIFAR_WHAT if name == "cifar10" else _IDX_WHAT
-        problem = "is not a directory" if data_dir.exists() else "does not exist"
+        problem = ("does not exist" if kind == "missing" else f"cannot be read ({phrase})"
+                   if kind == "unreadable" else f"is {phrase}, not a directory")
         raise UserError(
             f"{name}: data dir {data_dir}{source} {problem}: "
             + _how_to_get(name, what)
         )
     if name == "cifar10":
-        return _load_cifar10_dir(data_dir)
-    return _load_idx_dir(name, data_dir)
+        return _load_cifar10_dir(data_dir, source)
+    return _load_idx_dir(name, data_dir, source)
+
+
+# ---------------------------------------------------------------- files and folders
+
+
+def _path_kind(path: Path) -> tuple[str, str]:
+    """What is at `path`, following symlinks: (kind, phrase for an error message), kind one of
+    'file' (regular), 'dir', 'missing', 'link' (dangling or a loop), 'special', 'unreadable'."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        try:
+            target = os.readlink(path)
+        except OSError:
+            return "missing", "missing"
+        return "link", f"a dangling symlink (to {target}, which does not exist)"
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "link", "a symlink loop"
+        if e.errno == errno.ENOTDIR:  # a parent is a file: nothing can be at this path
+            return "missing", "missing"
+        return "unreadable", e.strerror or str(e)
+    if stat.S_ISREG(mode):
+        return "file", "a regular file"
+    if stat.S_ISDIR(mode):
+        return "dir", "a directory"
+    special = {stat.S_IFIFO: "a named pipe (fifo)", stat.S_IFSOCK: "a socket",
+               stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device"}
+    return "special", special.get(stat.S_IFMT(mode), "not a regular file")
+
+
+def _require_file(path: Path) -> None:
+    """UserError unless `path` is a regular file (or a link to one).
+
+    Checked before any open: opening a fifo for reading blocks until someone writes to it, and a
+    directory, a fifo or a broken link would otherwise all read as 'no such file'.
+    """
+    kind, phrase = _path_kind(path)
+    if kind == "file":
+        return
+    if kind == "missing":
+        raise UserError(f"{path}: no such file; check the path or re-download it")
+    if kind == "unreadable":
+        raise UserError(f"{path}: cannot read it ({phrase}); check the path and its permissions")
+    if kind == "link":
+        raise UserError(f"{path}: is {phrase}, not a data file; fix the link or replace it with "
+                        f"the file itself")
+    raise UserError(f"{path}: is {phrase}, not a regular file; put the data file itself at this path")
+
+
+def _open_file(path: Path) -> BinaryIO:
+    _require_file(path)
+    # O_NONBLOCK: should the file be swapped for a fifo after the check, open still returns at
+    # once instead of waiting for a writer; on a regular file the flag changes nothing.
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    return os.fdopen(fd, "rb")
+
+
+def _point_at(name: str, sub: Path, source: str) -> str:
+    if source:  # the dir came from the environment, so that is what to change
+        return f"set ${DATA_DIR_ENV}={sub}"
+    return f"pass --data-dir {sub} (in a sweep, --data-dir {name}={sub})"
+
+
+def _check_holds_files(name: str, data_dir: Path, source: str, candidates: Callable[[Path], list[Path]],
+                       subdirs: Sequence[Path], what: str) -> None:
+    """UserError unless some of the dataset's files are in `data_dir` itself.
+
+    A data dir must hold the files: searching below it would silently pick whichever dataset sits
+    in a subfolder. When one of `subdirs` holds them, the error names it instead.
+    """
+    if any(os.path.lexists(p) for p in candidates(data_dir)):  # lexists: a bad entry gets its own error later
+        return
+    for sub in subdirs:
+        if any(os.path.lexists(p) for p in candidates(sub)):
+            raise UserError(f"{name}: no data files in {data_dir}{source}, but found them in {sub}: "
+                            + _point_at(name, sub, source))
+    raise UserError(f"{name}: no data files in {data_dir}{source}: " + _how_to_get(name, what))
 
 
 # ---------------------------------------------------------------- IDX (MNIST, Fashion-MNIST)
@@ -116,7 +198,7 @@ def read_idx(path: str | os.PathLike, ndim: int | None = None) -> np.ndarray:
     """
     path = Path(path)
     try:
-        with open(path, "rb") as f:
+        with _open_file(path) as f:
             if path.suffix != ".gz":
                 return _read_idx_stream(f, path, ndim)
             try:
@@ -237,14 +319,16 @@ def write_idx(path: str | os.PathLike, array_uint8: np.ndarray) -> None:
     path.write_bytes(raw)
 
 
-def _load_idx_dir(name: str, data_dir: Path) -> Dataset:
-    root = _find_dir(name, [data_dir, data_dir / name], _idx_candidates, _IDX_WHAT)
+def _load_idx_dir(name: str, data_dir: Path, source: str = "") -> Dataset:
+    # Where a download or a package may have put them: mnist/, fashion_mnist/, fashion-mnist/.
+    subdirs = [data_dir / d for d in dict.fromkeys((name, name.replace("_", "-")))]
+    _check_holds_files(name, data_dir, source, _idx_candidates, subdirs, _IDX_WHAT)
     arrays, paths = {}, []
     for stem in IDX_FILES:
-        path = _idx_path(root, stem)
+        path = _idx_path(name, data_dir, stem)
         if path is None:
             raise UserError(
-                f"{name}: missing {root / stem}(.gz) next to the other IDX files: "
+                f"{name}: missing {data_dir / stem}(.gz) next to the other IDX files: "
                 + _how_to_get(name, _IDX_WHAT)
             )
         arrays[stem] = (path, read_idx(path, ndim=1 if "labels" in stem else 3))
@@ -257,12 +341,36 @@ def _load_idx_dir(name: str, data_dir: Path) -> Dataset:
                        files=paths)
 
 
-def _idx_path(root: Path, stem: str) -> Path | None:
-    # .gz first: it is what the MNIST site and tfds mirrors serve.
-    for path in (root / f"{stem}.gz", root / stem):
-        if path.is_file():
-            return path
-    return None
+def _idx_path(name: str, root: Path, stem: str) -> Path | None:
+    """The file to read for `stem`, None when neither it nor its .gz is there."""
+    gz, raw = root / f"{stem}.gz", root / stem
+    present = [p for p in (gz, raw) if os.path.lexists(p)]  # .gz first: what the mirrors serve
+    for path in present:
+        _require_file(path)
+    if len(present) == 2:
+        differ = _how_idx_differs(raw, gz)
+        if differ:
+            raise UserError(f"{name}: both {raw} and {gz.name} exist but {differ}; remove the one "
+                            f"that is not from your download")
+    return present[0] if present else None
+
+
+def _how_idx_differs(raw: Path, gz: Path, chunk: int = 1 << 20) -> str:
+    """'' when `gz` decompresses to exactly `raw`'s bytes, else how they differ.
+
+    Streams both and stops at the first difference, so a gzip bomb next to a small raw file
+    costs no more than the raw file's size.
+    """
+    try:
+        with _open_file(raw) as f, _open_file(gz) as g, gzip.GzipFile(fileobj=g) as unzipped:
+            while True:
+                a = _read_at_most(f, chunk)
+                if a != _read_at_most(unzipped, len(a) or 1):  # at raw's end: is the .gz done too?
+                    return "hold different data"
+                if not a:
+                    return ""
+    except (OSError, EOFError, zlib.error) as e:
+        return f"{gz.name} is not a valid gzip file ({one_line(e, 100)})"
 
 
 def _idx_candidates(root: Path) -> list[Path]:
@@ -294,29 +402,17 @@ def _check_labels(where: str | Path, y_N: np.ndarray) -> None:
         )
 
 
-def _find_dir(name: str, dirs: list[Path], candidates: Callable[[Path], list[Path]],
-              what: str) -> Path:
-    # Accept the files directly in data_dir or in a per-dataset subfolder, so one
-    # $CI_JAX_DATA_DIR can hold several datasets.
-    for d in dirs:
-        if any(p.is_file() for p in candidates(d)):
-            return d
-    searched = " or ".join(map(str, dirs))
-    raise UserError(f"{name}: no data files in {searched}: " + _how_to_get(name, what))
-
-
 # ---------------------------------------------------------------- CIFAR-10 binary version
 
 
-def _load_cifar10_dir(data_dir: Path) -> Dataset:
-    dirs = [data_dir, data_dir / CIFAR_SUBDIR,
-            data_dir / "cifar10", data_dir / "cifar10" / CIFAR_SUBDIR]
-    root = _find_dir("cifar10", dirs, _cifar_candidates, _CIFAR_WHAT)
-    train = [_read_cifar_bin(root / f) for f in CIFAR_TRAIN_FILES]
+def _load_cifar10_dir(data_dir: Path, source: str = "") -> Dataset:
+    subdirs = [data_dir / CIFAR_SUBDIR, data_dir / "cifar10", data_dir / "cifar10" / CIFAR_SUBDIR]
+    _check_holds_files("cifar10", data_dir, source, _cifar_candidates, subdirs, _CIFAR_WHAT)
+    train = [_read_cifar_bin(data_dir / f) for f in CIFAR_TRAIN_FILES]
     x_train_NHWC = np.concatenate([x for x, _ in train])
     y_train_N = np.concatenate([y for _, y in train])
-    x_test_NHWC, y_test_N = _read_cifar_bin(root / CIFAR_TEST_FILE)
-    paths = [root / f for f in (*CIFAR_TRAIN_FILES, CIFAR_TEST_FILE)]
+    x_test_NHWC, y_test_N = _read_cifar_bin(data_dir / CIFAR_TEST_FILE)
+    paths = [data_dir / f for f in (*CIFAR_TRAIN_FILES, CIFAR_TEST_FILE)]
     return _to_dataset("cifar10", x_train_NHWC, y_train_N, x_test_NHWC, y_test_N, files=paths)
 
 
@@ -325,12 +421,16 @@ def _cifar_candidates(root: Path) -> list[Path]:
 
 
 def _read_cifar_bin(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    if not path.is_file():
+    if not os.path.lexists(path):
         hint = ""
         if (path.parent / path.stem).is_file():  # data_batch_1 without .bin: the pickled version
             hint = " (this looks like the CIFAR-10 python version; use cifar-10-binary.tar.gz)"
         raise UserError(f"cifar10: missing {path}{hint}: " + _how_to_get("cifar10", _CIFAR_WHAT))
-    raw = np.fromfile(path, dtype=np.uint8)
+    try:
+        with _open_file(path) as f:
+            raw = np.frombuffer(f.read(), dtype=np.uint8)
+    except OSError as e:
+        raise UserError(f"{path}: cannot read it ({e.strerror or e}); check the path") from None
     if raw.size == 0 or raw.size % CIFAR_RECORD_BYTES:
         raise UserError(
             f"{path}: {raw.size} bytes is not a whole number of {CIFAR_RECORD_BYTES}-byte CIFAR-10 "

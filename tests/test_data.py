@@ -1,4 +1,6 @@
 import gzip
+import os
+import signal
 from datetime import timedelta
 from pathlib import Path
 
@@ -73,10 +75,46 @@ def test_read_idx_reports_extra_bytes(tmp_path):
         data.read_idx(path)
 
 
-def test_read_idx_of_a_directory_is_a_user_error(tmp_path):
-    (tmp_path / "dir.gz").mkdir()
-    with pytest.raises(UserError, match="dir.gz: cannot read"):
-        data.read_idx(tmp_path / "dir.gz")
+@pytest.fixture
+def no_hang():
+    """Fails a test that blocks (e.g. opening a fifo) instead of hanging the suite."""
+    def hung(signum, frame):
+        raise TimeoutError("blocked for 10 s")
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(10)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def _make_not_a_file(path: Path, kind: str) -> str:
+    """Puts a `kind` at `path`; returns what the error must say about it."""
+    if kind == "directory":
+        path.mkdir()
+        return "is a directory, not a regular file"
+    if kind == "fifo":
+        os.mkfifo(path)
+        return r"is a named pipe \(fifo\), not a regular file"
+    if kind == "symlink loop":
+        path.symlink_to(path.name)
+        return "is a symlink loop, not a data file; fix the link"
+    path.symlink_to("gone")
+    return r"is a dangling symlink \(to gone, which does not exist\), not a data file; fix the link"
+
+
+NOT_A_FILE = ["directory", "fifo", "symlink loop", "dangling link"]
+
+
+@pytest.mark.parametrize("kind", NOT_A_FILE)
+def test_read_idx_of_something_not_a_file_says_what_it_is(tmp_path, no_hang, kind):
+    message = _make_not_a_file(tmp_path / "x-idx.gz", kind)
+    with pytest.raises(UserError, match="x-idx.gz: " + message):
+        data.read_idx(tmp_path / "x-idx.gz")
+
+
+def test_read_idx_of_a_missing_file(tmp_path):
+    with pytest.raises(UserError, match="nothing-idx: no such file"):
+        data.read_idx(tmp_path / "nothing-idx")
 
 
 def test_read_idx_counts_a_long_excess_only_so_far(tmp_path):
@@ -235,17 +273,97 @@ def test_synthetic_dataset_has_no_files():
     assert data.synthetic(n_train=20, n_test=10).files == ()
 
 
-def test_load_prefers_gz(tmp_path):
+def test_raw_and_gz_with_the_same_data_load(tmp_path):
     _write_idx_set(tmp_path, gz=False, seed=1)
-    arrays = _write_idx_set(tmp_path, gz=True, seed=2)
+    arrays = _write_idx_set(tmp_path, gz=True, seed=1)
     ds = data.load("mnist", tmp_path)
     np.testing.assert_array_equal(ds.y_train, arrays["train-labels-idx1-ubyte"])
 
 
-def test_load_finds_dataset_subfolder(tmp_path):
-    arrays = _write_idx_set(tmp_path / "fashion_mnist")
-    ds = data.load("fashion_mnist", str(tmp_path))
-    np.testing.assert_array_equal(ds.y_test, arrays["t10k-labels-idx1-ubyte"])
+def _differ_by_content(root):
+    data.write_idx(root / "t10k-labels-idx1-ubyte", np.ones(N_TEST, np.uint8))
+
+
+def _differ_by_length(root):
+    raw = gzip.decompress((root / "t10k-labels-idx1-ubyte.gz").read_bytes())
+    (root / "t10k-labels-idx1-ubyte").write_bytes(raw + b"\0")
+
+
+def _raw_shorter(root):
+    raw = gzip.decompress((root / "t10k-labels-idx1-ubyte.gz").read_bytes())
+    (root / "t10k-labels-idx1-ubyte").write_bytes(raw[:-1])
+
+
+def _gz_broken(root):
+    raw = gzip.decompress((root / "t10k-labels-idx1-ubyte.gz").read_bytes())
+    (root / "t10k-labels-idx1-ubyte").write_bytes(raw)
+    (root / "t10k-labels-idx1-ubyte.gz").write_bytes(b"<html>404</html>")
+
+
+@pytest.mark.parametrize("make_pair, how", [(_differ_by_content, "hold different data"),
+                                            (_differ_by_length, "hold different data"),
+                                            (_raw_shorter, "hold different data"),
+                                            (_gz_broken, r"t10k-labels-idx1-ubyte\.gz is not a valid gzip file")])
+def test_raw_and_gz_that_differ_are_refused_naming_both(idx_dir, make_pair, how):
+    # Before: the .gz was used silently, whatever the raw file held.
+    root, _ = idx_dir
+    make_pair(root)
+    with pytest.raises(UserError, match=r"mnist: both .*t10k-labels-idx1-ubyte and t10k-labels-idx1-ubyte\.gz "
+                                        rf"exist but {how}.*; remove the one that is not from your download$"):
+        data.load("mnist", root)
+
+
+@pytest.mark.parametrize("name, sub", [("mnist", "mnist"), ("fashion_mnist", "fashion_mnist"),
+                                       ("fashion_mnist", "fashion-mnist")])
+def test_load_does_not_descend_into_a_dataset_subfolder(tmp_path, name, sub):
+    # Before: the files in tmp_path/mnist were read silently.
+    _write_idx_set(tmp_path / sub)
+    with pytest.raises(UserError, match=f"{name}: no data files in {tmp_path}, but found them in "
+                                        f"{tmp_path / sub}: pass --data-dir {tmp_path / sub} "
+                                        rf"\(in a sweep, --data-dir {name}={tmp_path / sub}\)$"):
+        data.load(name, tmp_path)
+    assert len(data.load(name, tmp_path / sub).y_train) == N_TRAIN
+
+
+def test_a_subfolder_found_from_the_env_var_says_to_change_the_env_var(tmp_path, monkeypatch):
+    _write_idx_set(tmp_path / "mnist")
+    monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path))
+    with pytest.raises(UserError, match=rf"no data files in {tmp_path} \(from \$CI_JAX_DATA_DIR\), but found "
+                                        rf"them in {tmp_path / 'mnist'}: set \$CI_JAX_DATA_DIR={tmp_path / 'mnist'}$"):
+        data.load("mnist")
+
+
+def test_another_datasets_subfolder_is_no_hint(tmp_path):
+    _write_idx_set(tmp_path / "mnist")
+    with pytest.raises(UserError, match=f"fashion_mnist: no data files in {tmp_path}: pass --data-dir DIR"):
+        data.load("fashion_mnist", tmp_path)
+
+
+@pytest.mark.parametrize("kind", NOT_A_FILE)
+def test_load_reports_a_data_file_that_is_not_a_file(idx_dir, no_hang, kind):
+    # Before: each of these read as "missing ... next to the other IDX files" (a fifo could block).
+    root, _ = idx_dir
+    (root / "train-labels-idx1-ubyte.gz").unlink()
+    message = _make_not_a_file(root / "train-labels-idx1-ubyte.gz", kind)
+    with pytest.raises(UserError, match="train-labels-idx1-ubyte.gz: " + message):
+        data.load("mnist", root)
+
+
+@pytest.mark.parametrize("kind", NOT_A_FILE)
+def test_a_bad_entry_beside_a_good_file_is_reported(idx_dir, no_hang, kind):
+    # The raw name is taken by something unreadable: not silently skipped in favour of the .gz.
+    root, _ = idx_dir
+    message = _make_not_a_file(root / "train-labels-idx1-ubyte", kind)
+    with pytest.raises(UserError, match="train-labels-idx1-ubyte: " + message):
+        data.load("mnist", root)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "symlink loop", "dangling link"])
+def test_a_data_dir_that_is_not_a_directory_says_what_it_is(tmp_path, no_hang, kind):
+    # Before: a symlink loop or a dangling link "does not exist".
+    message = _make_not_a_file(tmp_path / "data", kind).split(", not")[0]
+    with pytest.raises(UserError, match=f"mnist: data dir .*data {message}, not a directory: pass --data-dir"):
+        data.load("mnist", tmp_path / "data")
 
 
 def test_env_var_is_honored(idx_dir, monkeypatch):
@@ -375,7 +493,7 @@ def _write_cifar(root: Path, per_file: int = 3):
 @pytest.mark.parametrize("subdir", ["", "cifar-10-batches-bin"])
 def test_load_cifar10_binary(tmp_path, subdir):
     written = _write_cifar(tmp_path / subdir if subdir else tmp_path)
-    ds = data.load("cifar10", tmp_path)
+    ds = data.load("cifar10", tmp_path / subdir)
     assert ds.x_train.shape == (15, 32, 32, 3) and ds.x_test.shape == (3, 32, 32, 3)
     assert ds.x_train.dtype == np.float32 and ds.y_train.dtype == np.int32
     x_NCHW, y_N = written["data_batch_2.bin"]
@@ -395,6 +513,25 @@ def test_cifar10_bad_size_and_missing_file(tmp_path):
     (tmp_path / "test_batch.bin").unlink()
     (tmp_path / "data_batch_3.bin").unlink()
     with pytest.raises(UserError, match="cifar10: missing .*data_batch_3.bin"):
+        data.load("cifar10", tmp_path)
+
+
+@pytest.mark.parametrize("sub", ["cifar-10-batches-bin", "cifar10", "cifar10/cifar-10-batches-bin"])
+def test_cifar10_does_not_descend_into_a_subfolder(tmp_path, sub):
+    # Before: any of these subfolders was read silently.
+    _write_cifar(tmp_path / sub)
+    with pytest.raises(UserError, match=f"cifar10: no data files in {tmp_path}, but found them in "
+                                        f"{tmp_path / sub}: pass --data-dir {tmp_path / sub} "):
+        data.load("cifar10", tmp_path)
+
+
+@pytest.mark.parametrize("kind", NOT_A_FILE)
+def test_cifar10_file_that_is_not_a_file_says_what_it_is(tmp_path, no_hang, kind):
+    # Before: reported as "missing" (and np.fromfile on a fifo blocked).
+    _write_cifar(tmp_path)
+    (tmp_path / "data_batch_4.bin").unlink()
+    message = _make_not_a_file(tmp_path / "data_batch_4.bin", kind)
+    with pytest.raises(UserError, match="data_batch_4.bin: " + message):
         data.load("cifar10", tmp_path)
 
 
