@@ -7,7 +7,9 @@ fields to vary (every combination), and the `seeds`. Runs = seeds x cases x grid
 Runs that share data, attack, model, training and seed share one baseline under
 OUT/baselines/ (or MODELS/baselines/), trained once; its passes and mixtures are cached beside it. A finished run appends one
 row to the results CSV (rewritten atomically), so a restarted sweep skips exactly the runs
-already there. `shard=(i, n)` runs a deterministic 1/n of the baselines with all their runs,
+already there. The CSV is a table of the runs' reports (OUT/runs/RUN_ID/report.json): a damaged
+one is set aside and rebuilt from them, so damage costs at most the runs without a report.
+`shard=(i, n)` runs a deterministic 1/n of the baselines with all their runs,
 writing results-i-of-n.csv; `merge` joins the shards and writes the summary. `where` picks the
 runs with given config values, so that a large spec can be run piece by piece.
 """
@@ -18,6 +20,7 @@ import csv
 import dataclasses
 import io
 import itertools
+import json
 import math
 import os
 import re
@@ -29,9 +32,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ci_jax import config as config_lib
-from ci_jax import files, settings
+from ci_jax import errors, files, settings
 from ci_jax.config import Config
-from ci_jax.errors import UserError
+from ci_jax.errors import UserError, unknown_name
 
 METRICS: tuple[str, ...] = ("clean_before", "asr_before", "removed", "tpr", "fpr", "precision", "auc",
                             "clean_after", "asr_after", "seconds")
@@ -40,6 +43,7 @@ DEFENSE = "defense.name"  # a summary varying this field gets an ROC plot per at
 # A Run and its config take about this much memory; a spec whose runs would not fit is refused
 # before they are built (a grid of 10^8 combinations is a typo, not a plan).
 _BYTES_PER_RUN = 16_384
+_DATASETS: tuple[str, ...] = config_lib.PATHS["data.dataset"].meta["choices"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,38 +174,100 @@ def parse_data_dirs(items: list[str] | None) -> str | dict[str, str] | None:
         if not sep or not name or not path:
             raise UserError(f"--data-dir {item!r}: give one DIR, or NAME=DIR for each dataset "
                             "(e.g. mnist=../shared/data/mnist)")
+        if name not in _DATASETS:
+            raise unknown_name("dataset in --data-dir", name, _DATASETS)
+        if name in out:
+            raise UserError(f"--data-dir: {name} is given twice ({out[name]} and {path}): give one directory")
         out[name] = path
     return out
 
 
+def check_data_dirs(spec: Spec, data_dir: str | os.PathLike | dict[str, str] | None) -> None:
+    """A NAME=DIR for a dataset that no run of the spec uses is a typo or the wrong spec: without
+    this check the directory would be ignored and the dataset the user meant found elsewhere."""
+    if not isinstance(data_dir, dict):
+        return
+    used = list(dict.fromkeys(r.cfg.data.dataset for r in spec.runs))
+    for name in data_dir:
+        if name not in used:
+            raise unknown_name("--data-dir dataset (no run of the sweep uses it):", name, used)
+
+
+# Shards are array-job tasks, and schedulers cap arrays far below this (Slurm's MaxArraySize at most
+# 4,000,001): a larger N is a typo, and the digits are bounded before int() parses them.
+MAX_SHARDS = 10**6
+
+
 def parse_shard(text: str) -> tuple[int, int]:
-    """'i/n' (0 <= i < n) -> (i, n)."""
-    m = re.fullmatch(r"(\d+)/(\d+)", text.strip())
-    if not m or not 0 <= int(m[1]) < int(m[2]):
-        raise UserError(f"--shard {text!r}: expected i/n with 0 <= i < n, e.g. 0/4 for the first of four")
+    """'i/n' (0 <= i < n <= MAX_SHARDS) -> (i, n)."""
+    m = re.fullmatch(r"(\d{1,7})/(\d{1,7})", text.strip())
+    if not m or not 0 <= int(m[1]) < int(m[2]) <= MAX_SHARDS:
+        raise UserError(f"--shard {errors.one_line(text, 40)!r}: expected i/n with 0 <= i < n <= {MAX_SHARDS}, "
+                        "e.g. 0/4 for the first of four")
     return int(m[1]), int(m[2])
 
 
+def check_shard(spec: Spec, i: int, n: int) -> None:
+    """A shard runs whole baselines, so beyond one shard per baseline the extra shards have nothing
+    to run: an array job that large is a mistake in N, not a plan."""
+    baselines = len({_model_key(r) for r in spec.runs})
+    if n > baselines:
+        raise UserError(f"--shard {i}/{n}: the spec has {baselines} baseline(s) and a shard runs whole baselines, "
+                        f"so {n - baselines} of {n} shards would run nothing: use N <= {baselines}")
+
+
 def parse_where(items: list[str] | None) -> dict[str, list[str]]:
-    """--where PATH=VALUE[,VALUE...] (repeatable) -> {dotted path: accepted values as text}."""
+    """--where PATH=VALUE[,VALUE...] (repeatable) -> {dotted path: accepted values as text}. Each
+    value must parse as its field's type; `check_where` then holds them against a spec."""
     where: dict[str, list[str]] = {}
     for item in items or ():
         path, sep, values = item.partition("=")
         if not sep or not path or not values:
             raise UserError(f"--where {item!r}: expected PATH=VALUE[,VALUE...], e.g. data.dataset=mnist or seed=0,1")
         config_lib.flatten({path: None}, "--where")  # an unknown path, with a suggestion
-        where.setdefault(path, []).extend(v.strip() for v in values.split(","))
+        for text in (v.strip() for v in values.split(",")):
+            if not text:
+                raise UserError(f"--where {item!r}: an empty value; separate values by single commas")
+            try:
+                _where_text(path, text)
+            except UserError as e:
+                # parse_flag_value names the flag --PATH, which a sweep does not have: keep its reason.
+                msg = str(e)
+                raise UserError(f"--where {path}={errors.one_line(text, 60)}: "
+                                f"{msg[msg.find('expected'):] if 'expected' in msg else msg}") from None
+            where.setdefault(path, []).append(text)
     return where
+
+
+def check_where(runs: tuple[Run, ...] | list[Run], where: dict[str, list[str]]) -> None:
+    """Every value of `where` must be one that some run of the spec has, and together they must
+    pick at least one run: a --where that picks nothing would run nothing and exit as if done."""
+    for path, texts in where.items():
+        have = list(dict.fromkeys(_as_text(settings.get(r.cfg, path)) for r in runs))
+        for text in texts:
+            try:
+                ok = _where_text(path, text) in have
+            except UserError:
+                ok = False
+            if not ok:
+                raise unknown_name(f"--where {path} value (no run of the spec has it):", text, have)
+    if not select(runs, where):
+        shown = " ".join(f"{p}={','.join(v)}" for p, v in where.items())
+        raise UserError(f"--where {shown}: every value is in the spec, but no run has them all together: "
+                        "drop one, or pick values that occur in one run")
+
+
+def _where_text(path: str, text: str) -> str:
+    """A --where value as `_as_text` shows the config value it means (1 -> 1.0 for a float field,
+    TRUE -> true); UserError when it does not parse as the field's type."""
+    leaf = config_lib.PATHS[path]
+    return _as_text(tuple(text.split()) if leaf.kind is tuple else settings.parse_flag_value(leaf, text))
 
 
 def select(runs: tuple[Run, ...] | list[Run], where: dict[str, list[str]]) -> list[Run]:
     """The runs whose config has, at every path of `where`, one of its values (a list of names as
     its names separated by spaces, e.g. defense.ci.filters=median3 quant)."""
-    def parsed(path: str, text: str) -> str:
-        leaf = config_lib.PATHS[path]
-        return _as_text(tuple(text.split()) if leaf.kind is tuple else settings.parse_flag_value(leaf, text))
-
-    wanted = {path: {parsed(path, v) for v in values} for path, values in where.items()}
+    wanted = {path: {_where_text(path, v) for v in values} for path, values in where.items()}
     return [r for r in runs if all(_as_text(settings.get(r.cfg, path)) in ok for path, ok in wanted.items())]
 
 
@@ -212,12 +278,15 @@ def _as_text(value: Any) -> str:
     return str(_show(value))
 
 
+def _model_key(r: Run) -> str:
+    return config_lib.fingerprint(config_lib.model_identity(r.cfg))
+
+
 def shard_runs(runs: tuple[Run, ...], i: int, n: int) -> list[Run]:
     """Shard i of n: whole baselines go to one shard, so no two shards train the same model."""
-    key = lambda r: config_lib.fingerprint(config_lib.model_identity(r.cfg))
-    keys = list(dict.fromkeys(key(r) for r in runs))
+    keys = list(dict.fromkeys(_model_key(r) for r in runs))
     mine = {k for j, k in enumerate(keys) if j % n == i}
-    return [r for r in runs if key(r) in mine]
+    return [r for r in runs if _model_key(r) in mine]
 
 
 # -- results CSV --------------------------------------------------------------------------------
@@ -225,11 +294,69 @@ def columns(spec: Spec) -> list[str]:
     return ["run_id", *spec.fields, "seed", *METRICS]
 
 
-def read_rows(path: Path) -> list[dict[str, str]]:
+class Damaged(Exception):
+    """A sweep file that is not what ci-jax writes: undecodable, or of the wrong shape."""
+
+
+def read_rows(path: Path, need: list[str] | tuple[str, ...] = ("run_id",)) -> list[dict[str, str]]:
+    """The rows of a results CSV ([] when there is none). Damaged when it is not UTF-8 CSV, lacks a
+    column of `need`, names a column twice, has a row of another length than its header (a
+    truncated file), or a seed or metric that is not a number: a caller never sees a half row."""
     if not path.exists():
         return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise Damaged(f"not UTF-8 text (bad byte at offset {e.start})") from None
+    except OSError as e:  # a directory in its place, no permission: not damage to rebuild over
+        raise UserError(f"cannot read {path}: {files.os_reason(e)}") from None
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        head = next(reader, None)
+        if not head:
+            raise Damaged("no header line")
+        if len(set(head)) != len(head):
+            raise Damaged("a column is named twice")
+        missing = [c for c in need if c not in head]
+        if missing:
+            raise Damaged(f"no column {errors.one_line(missing[0], 60)}")
+        rows = []
+        for cells in reader:
+            if not cells:
+                continue  # a blank line
+            if len(cells) != len(head):
+                raise Damaged(f"line {reader.line_num} has {len(cells)} cells, the header {len(head)}")
+            row = dict(zip(head, cells))
+            bad = [c for c in ("seed", *METRICS) if c in row and not _numeric(row[c], whole=c == "seed")]
+            if not row["run_id"] or bad:
+                raise Damaged(f"line {reader.line_num}: " + (f"{bad[0]} {errors.one_line(repr(row[bad[0]]), 40)} "
+                                                           "is not a number" if bad else "no run_id"))
+            rows.append(row)
+    except csv.Error as e:  # a NUL byte, an unterminated quote, a cell beyond csv's size limit
+        raise Damaged(f"not CSV: {errors.one_line(e, 80)}") from None
+    return rows
+
+
+def _numeric(text: str, whole: bool) -> bool:
+    if text == "":
+        return not whole  # a metric a run does not have (no ASR after a detection-only run)
+    if whole:
+        return re.fullmatch(r"-?\d{1,12}", text) is not None
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
+
+
+def set_aside(path: Path) -> Path:
+    """Renames a damaged file to PATH.damaged (or .damaged-2, ...) and returns the new path: what
+    it held stays for a person to read, and nothing reads it again."""
+    for k in itertools.count(1):
+        aside = path.with_name(f"{path.name}.damaged" + (f"-{k}" if k > 1 else ""))
+        if not aside.exists():
+            os.replace(path, aside)
+            return aside
+    raise AssertionError("unreachable")
 
 
 def write_rows(path: Path, cols: list[str], rows: list[dict[str, Any]]) -> None:
@@ -256,6 +383,50 @@ def row_of(run: Run, report: dict[str, Any]) -> dict[str, Any]:
             "clean_after": r["clean_acc"], "asr_after": r["asr"], "seconds": report["timings_s"]["total"]}
 
 
+def report_row(out: Path, run: Run) -> dict[str, Any] | None:
+    """The run's row from its finished report (OUT/runs/RUN_ID/report.json), or None when there is
+    none, or it is unreadable, of another config, or of another shape: a run without a sound
+    report is not done, and runs again."""
+    try:
+        report = files.read_json(out / "runs" / run.run_id / "report.json")
+        if report["config"] != config_lib.to_dict(run.cfg):
+            return None
+        row = row_of(run, report)
+    except Exception:  # noqa: BLE001 - OSError, bad UTF-8 or JSON, a missing key, a list for a dict: not done
+        return None
+    sound = lambda v: v is None or isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    return row if all(sound(row[m]) for m in METRICS) else None
+
+
+def _detect_twin(run: Run) -> Run | None:
+    """The run without retraining (a detection-only pass of the same spec), or None if it is one."""
+    if run.detect_id == run.run_id:
+        return None
+    cfg = config_lib.replace(run.cfg, {"defense.retrain": False})
+    varied = {k: v if k == "case" else _show(settings.get(cfg, k)) for k, v in run.varied.items()}
+    return Run(run.detect_id, cfg, varied, run.detect_id)
+
+
+def rebuild_rows(out: Path, rows: list[dict[str, Any]], runs: list[Run] | tuple[Run, ...]) -> list[dict[str, Any]]:
+    """`rows` with the row of every run (and of its detection-only twin) that has a sound report
+    taken from that report: the reports are the record, a results CSV is their table. So a CSV
+    that was damaged, or lost a run killed between its report and its row, loses no result, and a
+    digit flipped in a row is put right. Rows of other runs stay as they are, in their order;
+    rows new to the CSV follow in spec order."""
+    by_id = {r["run_id"]: r for r in rows}
+    for run in runs:
+        for r in (run, _detect_twin(run)):
+            if r is not None and (row := report_row(out, r)) is not None:
+                by_id[r.run_id] = row
+    return list(by_id.values())
+
+
+def table_columns(cols: list[str], rows: list[dict[str, Any]]) -> list[str]:
+    """`cols`, then every other column the rows have: rows of another spec sharing the directory
+    keep the fields it varies."""
+    return list(dict.fromkeys([*cols, *(k for r in rows for k in r)]))
+
+
 def results_path(out: Path, i: int, n: int) -> Path:
     return out / ("results.csv" if n == 1 else f"results-{i}-of-{n}.csv")
 
@@ -279,26 +450,43 @@ def run(spec_path: str | os.PathLike, out: str | os.PathLike, *, shard: tuple[in
 
     raw = read_spec(spec_path)
     spec = expand(raw, where=f"sweep spec {spec_path}")
+    i, n = shard
+    check_shard(spec, i, n)
+    if where:
+        check_where(spec.runs, where)
+    check_data_dirs(spec, data_dir)
     out = files.writable_dir(out, "--out")
     tqdm.write(f"{spec.name}: {len(spec.runs)} runs")
-    files.write_json(out / "sweep.json", {"spec": raw, "fields": list(spec.fields),
-                                          "summary_fields": list(spec.summary_fields),
-                                          "run_ids": [r.run_id for r in spec.runs],
-                                          "detect_ids": [r.detect_id for r in spec.runs]})
-    i, n = shard
     csv_path = results_path(out, i, n)
-    files.clear_stale_tmp(out, csv_path.name)
-    rows = read_rows(csv_path)
+    shard_all = shard_runs(spec.runs, i, n)
+    try:
+        rows, damage = read_rows(csv_path, columns(spec)), None
+    except Damaged as e:
+        rows, damage = [], str(e)
+    # The CSV is a table of the runs' reports (see rebuild_rows): damaged, it is rebuilt from them.
+    rows = rebuild_rows(out, rows, shard_all)
     done = {r["run_id"] for r in rows}
-    mine = shard_runs(spec.runs, i, n)
+    mine = select(shard_all, where) if where else shard_all
     if where:
-        mine = select(mine, where)
         tqdm.write(f"--where {where}: {len(mine)} of the shard's runs")
     # Every dataset the pending runs need, before any of them trains: a missing or broken data
     # dir for the second dataset must not surface hours into the first.
     pending = [r for r in mine if r.run_id not in done]
     datasets = {name: data.load(name, _data_dir(data_dir, name))
                 for name in dict.fromkeys(r.cfg.data.dataset for r in pending)}
+    # Every input is checked: only now does the sweep write.
+    files.write_json(out / "sweep.json", {"spec": raw, "fields": list(spec.fields),
+                                          "summary_fields": list(spec.summary_fields),
+                                          "run_ids": [r.run_id for r in spec.runs],
+                                          "detect_ids": [r.detect_id for r in spec.runs]})
+    files.clear_stale_tmp(out, csv_path.name)
+    if damage is not None:
+        aside = set_aside(csv_path)
+        tqdm.write(f"note: {csv_path} was damaged ({damage}); kept as {aside.name}, its rows rebuilt "
+                   "from the runs' reports")
+    cols = table_columns(columns(spec), rows)
+    if rows or damage is not None:
+        write_rows(csv_path, cols, rows)
     if stack > 1:
         _train_stacked(pending, datasets, Path(models_dir or out), stack)
     with tqdm(total=len(mine), desc=f"{spec.name} shard {i}/{n}" if n > 1 else spec.name, unit="run") as bar:
@@ -308,7 +496,7 @@ def run(spec_path: str | os.PathLike, out: str | os.PathLike, *, shard: tuple[in
                 report = experiment.run(r.cfg, out / "runs" / r.run_id, dataset=datasets[r.cfg.data.dataset],
                                         make_plots=make_plots, shared_dir=models_dir or out)
                 rows.append(row_of(r, report))
-                write_rows(csv_path, columns(spec), rows)
+                write_rows(csv_path, cols, rows)
                 done.add(r.run_id)
             bar.update()
     if n == 1:
@@ -359,25 +547,89 @@ def _train_chunks(jobs: list, ds, k: int) -> None:
 
 
 def merge(out: str | os.PathLike) -> Path:
-    """Joins the shards' CSVs into results.csv (in spec order) and writes the summary."""
+    """Joins the shards' CSVs into results.csv (in spec order) and writes the summary. A damaged
+    CSV is set aside and its rows are rebuilt from the runs' reports."""
     out = Path(out)
-    try:
-        meta = files.read_json(out / "sweep.json")
-    except (OSError, ValueError):
-        raise UserError(f"{out} holds no sweep (sweep.json missing): run `ci-jax sweep SPEC --out {out}` first") from None
-    by_id: dict[str, dict[str, str]] = {}
+    meta = read_meta(out)
+    spec = _spec_of(out, meta)
+    need = ["run_id", *meta["fields"], "seed", *METRICS]
+    by_id: dict[str, dict[str, Any]] = {}
+    damaged: list[tuple[Path, str]] = []
     for path in sorted(out.glob("results-*-of-*.csv")) + [out / "results.csv"]:
-        for row in read_rows(path):
-            by_id.setdefault(row["run_id"], row)
+        try:
+            for row in read_rows(path, need):
+                by_id.setdefault(row["run_id"], row)
+        except Damaged as e:
+            damaged.append((path, str(e)))
+    by_id = {r["run_id"]: r for r in rebuild_rows(out, list(by_id.values()), spec.runs)}
     rows = [by_id.pop(i) for i in meta["run_ids"] if i in by_id]
     missing = len(meta["run_ids"]) - len(rows)
+    rows += by_id.values()  # rows of other specs that share the directory stay
+    for path, why in damaged:
+        aside = set_aside(path)
+        tqdm.write(f"note: {path} was damaged ({why}); kept as {aside.name}, its runs' rows rebuilt from their reports")
     if missing:
         tqdm.write(f"merge: {missing} of {len(meta['run_ids'])} runs have no row yet (shards unfinished?)")
-    rows += by_id.values()  # rows of other specs that share the directory stay
-    cols = ["run_id", *meta["fields"], "seed", *METRICS]
-    write_rows(out / "results.csv", cols, rows)
+    write_rows(out / "results.csv", table_columns(need, rows), rows)
     summarize(out)
     return out / "results.csv"
+
+
+def _rewrite_hint(out: Path) -> str:
+    return (f"rerun `ci-jax sweep SPEC --out {out} --shard 0/N` with the sweep's spec and N (its finished runs "
+            "are skipped) to rewrite it, then merge")
+
+
+def read_meta(out: Path) -> dict[str, Any]:
+    """OUT/sweep.json, checked for the shape `run` writes. Unlike a results CSV it cannot be rebuilt
+    from the runs (only the spec says which runs, fields and order a sweep has), so damage is a
+    UserError that says how to write it again."""
+    path = out / "sweep.json"
+    if not path.is_file():
+        raise UserError(f"{out} holds no sweep (sweep.json missing): run `ci-jax sweep SPEC --out {out}` first")
+    try:
+        meta = json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {files.os_reason(e)}") from None
+    except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, an int beyond int()'s digits, absurd nesting
+        raise UserError(f"{path} is damaged (not JSON: {errors.one_line(e, 80)}): {_rewrite_hint(out)}") from None
+    problem = _meta_problem(meta)
+    if problem:
+        raise UserError(f"{path} is damaged ({problem}): {_rewrite_hint(out)}")
+    return meta
+
+
+def _meta_problem(meta: Any) -> str | None:
+    names = lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)
+    if not isinstance(meta, dict):
+        return f"a JSON {type(meta).__name__}, not an object"
+    for key in ("fields", "summary_fields", "run_ids"):
+        if not names(meta.get(key)):
+            return f"{key} is not a list of names"
+    if "detect_ids" in meta and not (names(meta["detect_ids"]) and len(meta["detect_ids"]) == len(meta["run_ids"])):
+        return "detect_ids is not a list of names, one per run"
+    if not isinstance(meta.get("spec"), dict):
+        return "spec is not a mapping"
+    if not set(meta["summary_fields"]) <= set(meta["fields"]) or len(set(meta["fields"])) != len(meta["fields"]):
+        return "its fields do not fit together"
+    return None
+
+
+def _spec_of(out: Path, meta: dict[str, Any]) -> Spec:
+    """The spec sweep.json holds, expanded: it must give the runs and fields the file lists, or a
+    flipped byte inside it would merge the rows under another sweep's runs."""
+    path = out / "sweep.json"
+    try:
+        spec = expand(meta["spec"], where=f"{path}: spec")
+    except UserError as e:
+        raise UserError(f"{path} is damaged ({errors.one_line(e, 120)}): {_rewrite_hint(out)}") from None
+    detect_ids = meta.get("detect_ids")  # absent in sweeps from before detection-only twins
+    if [r.run_id for r in spec.runs] != meta["run_ids"] or list(spec.fields) != meta["fields"] or \
+            list(spec.summary_fields) != meta["summary_fields"] or \
+            (detect_ids is not None and [r.detect_id for r in spec.runs] != detect_ids):
+        raise UserError(f"{path} does not match the spec it holds (damaged, or written by another version of "
+                        f"ci-jax): {_rewrite_hint(out)}")
+    return spec
 
 
 # -- summary ------------------------------------------------------------------------------------
@@ -438,9 +690,13 @@ def summarize(out: str | os.PathLike) -> dict[str, Any]:
     from ci_jax import plots
 
     out = Path(out)
-    meta = files.read_json(out / "sweep.json")
+    meta = read_meta(out)
     fields = meta["summary_fields"]
-    rows = spec_rows(read_rows(out / "results.csv"), meta)
+    try:
+        rows = spec_rows(read_rows(out / "results.csv", ["run_id", *meta["fields"], "seed", *METRICS]), meta)
+    except Damaged as e:
+        raise UserError(f"{out / 'results.csv'} is damaged ({e}): run `ci-jax merge {out}` to rebuild it "
+                        "from the runs' reports") from None
     table = aggregate(rows, fields)
     files.write_json(out / "summary.json", {"fields": fields, "rows": table})
     files.write_text(out / "summary.md", markdown(table, fields))
@@ -477,17 +733,39 @@ def _roc_per_attack(out: Path, rows: list[dict[str, str]], attack_fields: list[s
         for defense, run_ids in per_defense.items():
             score, truth = [], []
             for rid in run_ids:  # seeds pooled: one curve per defense
-                with np.load(out / "runs" / rid / "defense.npz") as z:
-                    is_poison = np.zeros(len(z["score"]), bool)
-                    is_poison[z["poison_idx"]] = True
-                    score.append(z["score"])
-                    truth.append(is_poison)
+                scored = _defense_scores(out / "runs" / rid / "defense.npz")
+                if scored is None:
+                    tqdm.write(f"note: {out / 'runs' / rid / 'defense.npz'} is missing or damaged: "
+                               f"ROC {attack}, {defense} is drawn without run {rid}")
+                    continue
+                score.append(scored[0])
+                truth.append(scored[1])
+            if not score:
+                continue
             s, t = np.concatenate(score), np.concatenate(truth)
             if t.any() and not t.all():
                 fpr, tpr = metrics.roc_curve(t, s)
                 curves[defense] = (fpr, tpr, metrics.roc_auc(t, s))
         if curves:
             plots.roc(out / "plots" / f"roc_{_slug(attack)}.png", curves, title=f"ROC: {attack}")
+
+
+def _defense_scores(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """(score, is_poison) of a run's defense.npz, or None when it is missing, unreadable or of the
+    wrong shape. The ROC plot is drawn from what the runs left: a run whose file is gone (shards
+    run elsewhere, a damaged disk) leaves its curve, not the summary."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            score, idx = np.asarray(z["score"], np.float64), np.asarray(z["poison_idx"])
+        if score.ndim != 1 or not np.isfinite(score).all() or idx.ndim != 1 or idx.size and (
+                idx.dtype.kind not in "iu" or idx.min() < 0 or idx.max() >= len(score)):
+            return None
+    except Exception:  # noqa: BLE001 - a missing file, a bad zip, a missing array, a wrong dtype
+        return None
+    is_poison = np.zeros(len(score), bool)
+    if idx.size:
+        is_poison[idx] = True
+    return score, is_poison
 
 
 def _slug(text: str) -> str:

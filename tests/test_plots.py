@@ -166,3 +166,70 @@ def test_sweep_field_with_a_metric_no_run_has(tmp_path):
     out = tmp_path / "attack.n_poison.png"
     plots.sweep_field(out, "attack.n_poison", series, ("tpr", "fpr", "clean_after", "asr_after"))
     assert_png(out)
+
+
+@pytest.fixture
+def figures(monkeypatch):
+    """The figures the plots draw, kept for inspection (still saved and closed)."""
+    kept = []
+    real = plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, path: (kept.append(fig), real(fig, path)))
+    return kept
+
+
+def _lines_with_several_points(ax):
+    return [ln for ln in ax.get_lines() if ln.get_linestyle() not in ("None", "") and len(ln.get_xdata()) > 1]
+
+
+def test_sweep_field_draws_names_as_bars_and_numbers_as_lines(tmp_path, figures):
+    e = lambda tpr: _entry(tpr=(tpr, 0.01), fpr=(0.02, 0.0), clean_after=(0.99, 0.0), asr_after=(0.01, 0.0))
+    names = {"attack=pixel": [("ci", e(0.9)), ("ss", e(0.5))], "attack=patch": [("ss", e(0.4)), ("ac", e(0.3))]}
+    plots.sweep_field(tmp_path / "defense.name.png", "defense.name", names, ("tpr", "fpr", "clean_after", "asr_after"))
+    (fig,) = figures
+    ax = fig.axes[0]
+    assert _lines_with_several_points(ax) == []  # no line joins ci to ss
+    # Two series over the three names ci, ss, ac: 2 + 2 bars, each series' bar above its own name.
+    heights = sorted((round(p.get_x() + p.get_width() / 2, 2), round(p.get_height(), 2)) for p in ax.patches)
+    assert heights == [(-0.2, 0.9), (0.8, 0.5), (1.2, 0.4), (2.2, 0.3)]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["ci", "ss", "ac"]
+    figures.clear()
+    taus = {"all": [("1000.0", e(0.1)), ("0.5", e(0.9)), ("2.0", e(0.6))]}
+    plots.sweep_field(tmp_path / "tau.png", "defense.ci.tau", taus, ("tpr", "fpr", "clean_after", "asr_after"))
+    (line,) = _lines_with_several_points(figures[0].axes[0])
+    assert list(line.get_xdata()) == [0.5, 2.0, 1000.0] and list(line.get_ydata()) == [0.9, 0.6, 0.1]
+    assert len(figures[0].axes[0].patches) == 0 and figures[0].axes[0].get_xscale() == "log"  # 1000 / 0.5 >= 50
+
+
+def test_sweep_field_leaves_out_the_panels_no_run_has(tmp_path, figures):
+    # A detection-only sweep: no clean accuracy or ASR after retraining. Without poisons: no TPR either.
+    series = {"all": [(x, _entry(tpr=(0.9, 0.0), fpr=(0.02, 0.01))) for x in ("0.5", "1.0")]}
+    plots.sweep_field(tmp_path / "a.png", "defense.ci.tau", series, ("tpr", "fpr", "clean_after", "asr_after"))
+    assert [ax.get_title() for ax in figures[0].axes] == ["tpr", "fpr"]
+    series = {"all": [(x, _entry(fpr=(0.02, 0.01))) for x in ("0", "1")]}
+    plots.sweep_field(tmp_path / "b.png", "attack.n_poison", series, ("tpr", "fpr", "clean_after", "asr_after"))
+    assert [ax.get_title() for ax in figures[1].axes] == ["fpr"]
+    plots.sweep_field(tmp_path / "c.png", "attack.n_poison", {"all": [("0", _entry())]}, ("tpr", "asr_after"))
+    assert_png(tmp_path / "c.png")  # nothing to draw: a note, not an empty grid of panels
+
+
+def test_defense_grid_colour_counts_the_false_positives(tmp_path, figures):
+    cell = lambda tpr, fpr: _entry(tpr=None if tpr is None else (tpr, 0.0), fpr=(fpr, 0.0))
+    cells = {("pixel", "ci"): cell(1.0, 0.0), ("pixel", "ss"): cell(1.0, 0.136), ("none", "ci"): cell(None, 0.05)}
+    plots.defense_grid(tmp_path / "grid.png", "mnist", ["pixel", "none"], ["ci", "ss"], cells)
+    (fig,) = figures
+    ax = fig.axes[0]
+    colour = ax.images[0].get_array()
+    # TPR - FPR: 1 - 0 and 1 - 0.136; no TPR without poisons, and a missing cell, are masked (grey).
+    assert colour[0, 0] == 1.0 and colour[0, 1] == pytest.approx(0.864)
+    assert colour.mask.tolist() == [[False, False], [True, True]]
+    assert "TPR - FPR" in ax.get_title() and len(fig.axes) == 2  # the grid and its colour bar
+    assert fig.axes[1].get_ylabel() == "TPR - FPR (colour)"
+
+
+def test_roc_has_a_log_fpr_axis_with_zero_at_its_left_edge(tmp_path, figures):
+    plots.roc(tmp_path / "roc.png", {"ci": (np.array([0.0, 0.0, 0.004, 1.0]), np.array([0.0, 0.9, 1.0, 1.0]), 0.99)})
+    ax = figures[0].axes[0]
+    assert ax.get_xscale() == "log" and ax.get_xlim() == pytest.approx((0.002, 1.0))
+    assert list(ax.get_lines()[1].get_xdata()) == [0.002, 0.002, 0.004, 1.0]  # FPR 0 at half the smallest FPR
+    plots.roc(tmp_path / "roc_none.png", {})
+    assert figures[1].axes[0].get_xscale() == "linear"

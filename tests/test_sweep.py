@@ -2,6 +2,8 @@
 
 import csv
 import json
+import re
+import shutil
 import os
 import signal
 import subprocess
@@ -354,3 +356,249 @@ def test_the_filter_and_benchmark_specs_keep_their_meaning():
     none = [r.cfg for r in bench if r.varied["case"] == "none"]
     assert all(c.attack.name == "pixel" and c.attack.n_poison == 0 for c in none)
     assert {r.cfg.defense.name for r in bench} == {"ci", "ac", "ss"}
+
+
+# -- flags that must not guess -------------------------------------------------------------------
+GRID_SPEC = {"name": "flags", "preset": "fast", "base": BASE, "grid": {"defense.name": ["ci", "ss"], TAU: [0.5, 1.0]},
+             "seeds": [0, 1]}
+
+
+def _one_error_line(capsys, argv):
+    capsys.readouterr()
+    from ci_jax import cli
+
+    rc = cli.main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.splitlines()) == 1 and err.startswith("ci-jax: error: "), err
+    return err
+
+
+@pytest.mark.parametrize("where,match", [
+    (["seed=banana"], "--where seed=banana: expected an int"),
+    (["defense.name=sss"], r"no run of the spec has it\): 'sss': did you mean 'ss'\? \(choose one of ci, ss\)"),
+    (["defense.name=ac"], r"'ac': \(choose one of ci, ss\)"),  # a defense, but not one of this spec
+    (["seed=0,7"], r"seed value .*'7'.*choose one of 0, 1"),  # one value of two is a typo
+    ([f"{TAU}=0.7"], r"choose one of 0.5, 1.0"),
+    (["train.epochs=3"], r"choose one of 1\)"),  # a path the spec does not vary: the one value it has
+    (["defense.ci.tua=1"], "did you mean 'defense.ci.tau'"),
+])
+def test_a_where_that_picks_no_run_is_an_error_before_anything_is_written(tmp_path, capsys, where, match):
+    out = tmp_path / "out"
+    err = _one_error_line(capsys, ["sweep", str(_spec_file(tmp_path, GRID_SPEC)), "--out", str(out), "--where", *where])
+    assert re.search(match, err), err
+    assert not out.exists()
+
+
+def test_where_values_that_exist_but_never_together_are_an_error(tmp_path):
+    spec = {**GRID_SPEC, "cases": [{"case": "pixel"}, {"case": "patch", "attack.name": "patch"}], "retrain_seeds": [0]}
+    with pytest.raises(UserError, match="no run has them all together"):
+        sweep.run(_spec_file(tmp_path, spec), tmp_path / "out", where={"attack.name": ["patch"], "seed": ["1"],
+                                                                       "defense.retrain": ["true"]})
+    assert not (tmp_path / "out").exists()
+    assert sweep.check_where(sweep.expand(spec).runs, {"attack.name": ["patch"], "seed": ["0"]}) is None
+
+
+def test_data_dir_names_must_be_datasets_of_the_sweep(tmp_path, capsys):
+    known = r"\(choose one of mnist, fashion_mnist, cifar10\)"
+    with pytest.raises(UserError, match=r"unknown dataset in --data-dir 'foo': " + known):
+        sweep.parse_data_dirs(["foo=/data/foo"])
+    with pytest.raises(UserError, match="mnist is given twice"):
+        sweep.parse_data_dirs(["mnist=a", "mnist=b"])
+    out = tmp_path / "out"
+    err = _one_error_line(capsys, ["sweep", str(_spec_file(tmp_path, GRID_SPEC)), "--out", str(out),
+                                   "--data-dir", "mnist=a", "fashion_mnist=b"])
+    assert "no run of the sweep uses it): 'fashion_mnist': (choose one of mnist)" in err
+    assert not out.exists()
+
+
+def test_shard_is_bounded_by_the_baselines_and_a_million(tmp_path, capsys):
+    for bad in ("99999999999999999999999/99999999999999999999999", "0/1000001", "-1/4", "1/1", "0/0",
+                "0/" + "9" * 5000):
+        with pytest.raises(UserError, match="0 <= i < n <= 1000000"):
+            sweep.parse_shard(bad)
+    assert sweep.parse_shard("999999/1000000") == (999999, 1000000)
+    out = tmp_path / "out"  # GRID_SPEC: two seeds, one baseline each (the defense and tau change no model)
+    err = _one_error_line(capsys, ["sweep", str(_spec_file(tmp_path, GRID_SPEC)), "--out", str(out), "--shard", "2/3"])
+    assert "the spec has 2 baseline(s)" in err and "1 of 3 shards would run nothing: use N <= 2" in err
+    assert not out.exists()
+
+
+# -- damaged sweep directories ---------------------------------------------------------------------
+def _damage(raw: bytes, rng) -> list[tuple[str, bytes]]:
+    """Ways a file breaks: cut short, a bit flipped, random bytes, empty, JSON for CSV and back."""
+    cases = [("empty", b""), ("json list", b"[]"), ("json object", b"{}"), ("json null", b"null"),
+             ("random", rng.bytes(200)), ("NUL", b"run_id\x00,seed\n")]
+    for _ in range(4):
+        cut = int(rng.integers(1, len(raw)))
+        cases.append((f"truncated at {cut}", raw[:cut]))
+    for _ in range(8):
+        pos, bit = int(rng.integers(len(raw))), int(rng.integers(8))
+        flipped = bytearray(raw)
+        flipped[pos] ^= 1 << bit
+        cases.append((f"bit {bit} of byte {pos} flipped", bytes(flipped)))
+    return cases
+
+
+def _copy_sweep(src: Path, dst: Path) -> None:
+    dst.mkdir()
+    for name in ("sweep.json", "results.csv", "summary.json"):
+        shutil.copy(src / name, dst / name)
+    shutil.copytree(src / "runs", dst / "runs")
+
+
+def _reports(d: Path) -> dict[str, bytes]:
+    return {p.parent.name: p.read_bytes() for p in sorted((d / "runs").glob("*/report.json"))}
+
+
+def _same_results(d: Path, out: Path, run_ids) -> None:
+    """Every run's row exactly as the undamaged sweep wrote it, and the same summary."""
+    by_id = {r["run_id"]: r for r in _rows(d / "results.csv")}
+    assert [by_id.get(i) for i in run_ids] == _rows(out / "results.csv")
+    assert json.loads((d / "summary.json").read_text()) == json.loads((out / "summary.json").read_text())
+
+
+@pytest.fixture
+def no_rerun(monkeypatch):
+    """Every run of the fixture sweep has its report: a damaged table must not train anything."""
+    from ci_jax import experiment
+
+    monkeypatch.setattr(experiment, "run", lambda *a, **k: pytest.fail("a finished run ran again"))
+
+
+def test_a_damaged_results_csv_is_rebuilt_from_the_reports(full_sweep, tmp_path, no_rerun):
+    out, spec_path = full_sweep
+    run_ids = [r["run_id"] for r in _rows(out / "results.csv")]
+    raw = (out / "results.csv").read_bytes()
+    rng = np.random.default_rng(21)
+    cases = _damage(raw, rng) + [("no run_id column", raw.replace(b"run_id", b"run", 1)),
+                                 ("a cell that is no number", raw.replace(b",0.", b",0.x", 1))]
+    for k, (what, bad) in enumerate(cases):
+        d = tmp_path / str(k)
+        _copy_sweep(out, d)
+        (d / "results.csv").write_bytes(bad)
+        (d / "sweep.json").write_bytes(bad)  # the sweep writes it from the spec: never read back
+        reports = _reports(d)
+        sweep.run(spec_path, d)
+        _same_results(d, out, run_ids)
+        assert _reports(d) == reports, what
+        aside = list(d.glob("results.csv.damaged*"))
+        assert not aside or aside[0].read_bytes() == bad, what  # what the damaged file held is kept
+    assert len(list(tmp_path.glob("*/results.csv.damaged"))) >= len(cases) - 8  # every damage but some flips was seen
+
+
+def _sharded(out: Path, spec_path: Path, d: Path) -> None:
+    """The fixture sweep as two shards would leave it, before `merge`."""
+    _copy_sweep(out, d)
+    rows = _rows(out / "results.csv")
+    spec = sweep.expand(sweep.read_spec(spec_path))
+    cols = sweep.columns(spec)
+    for i in range(2):
+        mine = {r.run_id for r in sweep.shard_runs(spec.runs, i, 2)}
+        sweep.write_rows(d / f"results-{i}-of-2.csv", cols, [r for r in rows if r["run_id"] in mine])
+    (d / "results.csv").unlink()
+    (d / "summary.json").unlink()
+
+
+def test_merge_of_damaged_files_gives_the_same_results_or_one_error_line(full_sweep, tmp_path, capsys):
+    from ci_jax import cli
+
+    out, spec_path = full_sweep
+    run_ids = [r["run_id"] for r in _rows(out / "results.csv")]
+    _sharded(out, spec_path, tmp_path / "clean")
+    rng = np.random.default_rng(7)
+    meta = json.loads((out / "sweep.json").read_text())
+    other_types = [("sweep.json", json.dumps(v).encode()) for v in
+                   ([], {}, "sweep", 3, None, {**meta, "run_ids": 5}, {**meta, "fields": [1]},
+                    {**meta, "detect_ids": meta["run_ids"][:1]}, {**meta, "spec": []},
+                    {**meta, "spec": {**meta["spec"], "seeds": [0, 2]}}, {**meta, "run_ids": meta["run_ids"][::-1]})]
+    cases = other_types + [(name, bad) for name in ("sweep.json", "results-0-of-2.csv", "results-1-of-2.csv")
+                           for _, bad in _damage((tmp_path / "clean" / name).read_bytes(), rng)]
+    errors = 0
+    for k, (name, bad) in enumerate(cases):
+        d = tmp_path / str(k)
+        shutil.copytree(tmp_path / "clean", d)
+        (d / name).write_bytes(bad)
+        reports = _reports(d)
+        capsys.readouterr()
+        rc = cli.main(["merge", str(d)])
+        err = capsys.readouterr().err
+        assert _reports(d) == reports
+        if rc == 0:
+            _same_results(d, out, run_ids)
+            aside = list(d.glob(f"{name}.damaged*"))
+            assert not aside or aside[0].read_bytes() == bad
+        else:  # only sweep.json, which nothing else can rebuild, may stop a merge
+            lines = err.splitlines()
+            assert rc == 2 and name == "sweep.json" and len(lines) == 1, (name, bad, err)
+            assert lines[0].startswith(f"ci-jax: error: {d / 'sweep.json'}") and "ci-jax sweep SPEC" in lines[0], err
+            assert not (d / "results.csv").exists()  # nothing written before the error
+            errors += 1
+    assert errors >= len(other_types)
+
+
+def test_a_damaged_report_leaves_the_row_and_a_lost_row_reruns_only_its_run(full_sweep, data_dir, tmp_path,
+                                                                            monkeypatch):
+    from ci_jax import experiment
+
+    out, spec_path = full_sweep
+    rows = _rows(out / "results.csv")
+    d = tmp_path / "d"
+    _copy_sweep(out, d)
+    victim = rows[1]["run_id"]
+    (d / "runs" / victim / "report.json").write_bytes(b'{"config": [')
+    ran = []
+    monkeypatch.setattr(experiment, "run", lambda cfg, run_dir, **k: pytest.fail(f"{Path(run_dir).name} ran"))
+    sweep.run(spec_path, d)  # the CSV still has the row: nothing runs
+    assert ran == [] and _rows(d / "results.csv") == rows
+    (d / "results.csv").write_bytes(b"\xff" * 10)  # and now the row is gone too: that run, and only it, runs again
+    report = json.loads((out / "runs" / victim / "report.json").read_text())
+    monkeypatch.setattr(experiment, "run", lambda cfg, run_dir, **k: ran.append(Path(run_dir).name) or report)
+    sweep.run(spec_path, d, data_dir=data_dir)
+    assert ran == [victim]
+    assert {r["run_id"]: r for r in _rows(d / "results.csv")} == {r["run_id"]: r for r in rows}
+
+
+def test_a_missing_or_damaged_defense_npz_leaves_its_run_out_of_the_roc(tmp_path, monkeypatch):
+    from ci_jax import plots
+
+    fields = ["defense.name"]
+    rows = []
+    for defense in ("ci", "ss"):
+        for seed in (0, 1):
+            rid = f"{defense}-{seed}"
+            is_poison = np.arange(40) < 8
+            (tmp_path / "runs" / rid).mkdir(parents=True)
+            np.savez(tmp_path / "runs" / rid / "defense.npz", score=10 * is_poison + 0.1 * np.arange(40),
+                     poison_idx=np.flatnonzero(is_poison))  # every poison above every clean image: AUC 1
+            rows.append({"run_id": rid, "defense.name": defense, "seed": seed, "tpr": 1.0, "fpr": 0.0})
+    (tmp_path / "runs" / "ci-0" / "defense.npz").write_bytes(b"PK\x03\x04 not a zip")
+    np.savez(tmp_path / "runs" / "ci-1" / "defense.npz", score=np.ones(40), poison_idx=np.array([40]))  # out of range
+    (tmp_path / "runs" / "ss-0" / "defense.npz").unlink()
+    (tmp_path / "sweep.json").write_text(json.dumps({"spec": {}, "fields": fields, "summary_fields": fields,
+                                                     "run_ids": [r["run_id"] for r in rows]}))
+    sweep.write_rows(tmp_path / "results.csv", ["run_id", *fields, "seed", *sweep.METRICS], rows)
+    drawn = {}
+    monkeypatch.setattr(plots, "roc", lambda path, curves, title: drawn.update(curves))
+    assert len(sweep.summarize(tmp_path)["rows"]) == 2
+    assert list(drawn) == ["ss"] and drawn["ss"][2] == 1.0  # ci has no sound file left; ss has seed 1's
+
+
+@pytest.mark.parametrize("text,reason", [
+    (b"run_id,seed,tpr\nab,0,0.5\nc", "line 3 has 1 cells, the header 3"),  # cut short in a row
+    (b"run_id,seed,tpr\nab,0,0.5x\n", "line 2: tpr '0.5x' is not a number"),
+    (b"run_id,seed,tpr\nab,0.5,0.5\n", "line 2: seed '0.5' is not a number"),
+    (b"run_id,tpr,tpr\n", "a column is named twice"),
+    (b"run,seed\n", "no column run_id"),
+    (b"run_id,seed\n\xffab,0\n", "not UTF-8 text (bad byte at offset 12)"),
+    (b"run_id,seed\n\"ab,0\n", "line 2 has 1 cells, the header 2"),  # a quote never closed
+    (b"run_id,seed\nab," + b"1" * 200_000 + b"\n", "not CSV: field larger than field limit (131072)"),
+    (b"", "no header line"),
+])
+def test_read_rows_names_the_damage(tmp_path, text, reason):
+    (tmp_path / "r.csv").write_bytes(text)
+    with pytest.raises(sweep.Damaged) as e:
+        sweep.read_rows(tmp_path / "r.csv")
+    assert str(e.value) == reason
+    assert sweep.read_rows(tmp_path / "none.csv") == []
+    with pytest.raises(UserError, match="cannot read"):  # a directory where the CSV should be is no damage to rebuild
+        sweep.read_rows(tmp_path)
