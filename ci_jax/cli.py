@@ -8,12 +8,16 @@ config files and sweep specs; `ci-jax run --help` lists each with its meaning, c
 from __future__ import annotations
 
 import argparse
+import difflib
 import errno
 import os
 import re
 import signal
 import sys
+import typing
 from typing import Sequence
+
+from ci_jax.errors import one_line
 
 INTERRUPTED = "interrupted: rerun the same command to resume"
 
@@ -44,6 +48,85 @@ def _compilation_cache() -> None:
         jax.config.update("jax_compilation_cache_dir", path)
 
 
+# What JAX_PLATFORMS may name; "gpu" is either GPU kind.
+PLATFORMS: tuple[str, ...] = ("cpu", "cuda", "rocm", "tpu")
+_INSTALL = {"cuda": "install JAX's CUDA support: pip install -e '.[cuda12]' (or '.[cuda13]')",
+            "gpu": "install JAX's CUDA support: pip install -e '.[cuda12]' (or '.[cuda13]'; ROCm: "
+                   "JAX's installation guide)",
+            "rocm": "install JAX's ROCm plugin (JAX's installation guide)",
+            "tpu": "install JAX's TPU support: pip install -e '.[tpu]'"}
+
+
+def _start(what: str) -> None:
+    """Checks that JAX can start the backend it was asked for, then says on stderr which ci-jax
+    runs on which devices, and `what` it does: the first line of a cluster job's log."""
+    import jax
+
+    from ci_jax import version
+
+    devices = _devices()
+    kinds = ", ".join(dict.fromkeys(d.device_kind for d in devices))
+    n, procs = len(devices), jax.process_count()
+    where = f" in {procs} processes (this is process {jax.process_index()})" if procs > 1 else ""
+    print(f"ci-jax {version.describe()}: backend {jax.default_backend()}, {n} device{'s' * (n != 1)} "
+          f"({kinds}){where}; {what}", file=sys.stderr, flush=True)
+
+
+def _devices() -> list:
+    """JAX's devices; UserError when the backend cannot start (JAX_PLATFORMS naming one this JAX
+    lacks), before any data is loaded: JAX would fail at the first array, after the data loads."""
+    import jax
+
+    from ci_jax.errors import UserError
+
+    try:
+        return jax.devices()
+    except (RuntimeError, AssertionError) as e:  # jax 0.10 asserts on JAX_PLATFORMS=cuda without CUDA
+        raise UserError(_backend_message(jax.config.jax_platforms or "", e)) from None
+
+
+def _backend_message(asked: str, e: BaseException) -> str:
+    """What was asked, what this JAX has, and how to fix it."""
+    installed = _installed_platforms()
+    have = f"this JAX has: {', '.join(installed)}"  # installed, not necessarily working
+    if not asked:
+        return f"JAX could not start a backend: {one_line(e, 200)} ({have})"
+    wanted = [w.strip().lower() for w in asked.split(",") if w.strip()]
+    unknown = [w for w in wanted if w not in (*PLATFORMS, "gpu")]
+    if unknown:
+        return (f"JAX_PLATFORMS={asked}: {unknown[0]!r} is not a JAX backend (choose from "
+                f"{', '.join(PLATFORMS)}, or gpu for cuda or rocm; {have}): correct it, or unset "
+                "JAX_PLATFORMS to let JAX choose")
+    gpus = [p for p in installed if p in ("cuda", "rocm")]
+    missing = [w for w in wanted if w not in installed and not (w == "gpu" and gpus)]
+    if missing:
+        instead = "run on the CPU" if installed == ["cpu"] else "let JAX choose"
+        lacks = "GPU backend (cuda or rocm)" if missing[0] == "gpu" else f"{missing[0]} backend"
+        return (f"JAX_PLATFORMS={asked}: this JAX has no {lacks} (it has: {', '.join(installed)}): "
+                f"{_INSTALL[missing[0]]}, or unset JAX_PLATFORMS to {instead}")
+    return (f"JAX_PLATFORMS={asked}: JAX could not start it: {one_line(e, 200)} ({have}): check that "
+            "the device is visible (driver, CUDA_VISIBLE_DEVICES), or unset JAX_PLATFORMS to let JAX choose")
+
+
+def _installed_platforms() -> list[str]:
+    """The backends this JAX could start: the CPU, and each installed plugin (cuda, rocm: PJRT
+    plugins in the jax_plugins namespace; tpu: libtpu)."""
+    import importlib.util
+    import pkgutil
+
+    found = ["cpu"]
+    try:
+        import jax_plugins
+
+        names = [m.name for m in pkgutil.iter_modules(jax_plugins.__path__)]
+    except ImportError:
+        names = []
+    found += [p for p in ("cuda", "rocm") if any(p in n for n in names)]
+    if importlib.util.find_spec("libtpu") is not None:
+        found.append("tpu")
+    return found
+
+
 def _positive(text: str) -> int:
     try:
         v = int(text)
@@ -54,17 +137,64 @@ def _positive(text: str) -> int:
     return v
 
 
-def _parser() -> argparse.ArgumentParser:
+class _Parser(argparse.ArgumentParser):
+    """argparse with the project's error contract, and without prefix matching.
+
+    A prefix of a flag would be taken for the flag (`--defense.ci.ta` set defense.ci.tau), and one
+    that fits several (`--defense`, the old flag) was answered with the whole usage; every error
+    is one line here, as for any other bad input."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"ci-jax: error: {one_line(message, 300)} (see `{self.prog} --help`)\n")
+
+    def parse_args(self, args: Sequence[str] | None = None,
+                   namespace: argparse.Namespace | None = None) -> argparse.Namespace:
+        """The arguments; an unknown flag is an error naming the nearest known one of its command."""
+        parsed, extra = self.parse_known_args(args, namespace)
+        if extra:
+            command = getattr(parsed, "command", None)
+            sub = getattr(self, "commands", {}).get(command, self)
+            flag = next((x for x in extra if x.startswith("-")), None)
+            if flag is None:
+                sub.error(f"unexpected argument {one_line(repr(extra[0]), 60)}")
+            sub.error(f"unknown flag {one_line(flag.split('=', 1)[0], 60)}{_nearest_flag(flag, sub, command)}")
+        return parsed
+
+    def flags(self) -> list[str]:
+        return list(self._option_string_actions)
+
+
+class _Version(argparse.Action):
+    """--version, computed only when asked: it runs git."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS,
+                 default: str = argparse.SUPPRESS, help: str | None = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=default, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> typing.NoReturn:
+        from ci_jax import version
+
+        print(f"ci-jax {version.describe()}")
+        parser.exit()
+
+
+def _parser() -> _Parser:
     from ci_jax import config as config_lib
     from ci_jax import settings
 
-    p = argparse.ArgumentParser(prog="ci-jax", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(prog="ci-jax", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action=_Version,
+                   help="print the version (and the git commit of a checkout, dirty when edited) and exit")
     sub = p.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="poison -> train -> defense -> retrain -> report",
+    run = sub.add_parser("run", help="poison -> train -> defense -> retrain -> report", usage="%(prog)s [options]",
                          description="One experiment: --config overrides the preset, flags override both.")
     run.add_argument("--preset", default="default", choices=sorted(config_lib.PRESETS),
-                     help="base settings; 'seed' = the public notebook's exact recipe (default: default)")
+                     help="base settings; 'seed' = the public notebook's exact recipe; a field's help "
+                          "names each preset that changes its default (default: default)")
     run.add_argument("--config", help="JSON or YAML file of config fields, applied over the preset")
     run.add_argument("--out", default="runs/default",
                      help="run directory (reused: resumes and reuses checkpoints) (default: runs/default)")
@@ -80,7 +210,8 @@ def _parser() -> argparse.ArgumentParser:
             groups[head] = run.add_argument_group(f"config section {head}" if head != "run" else "config")
         meta = "NAME" if leaf.kind in (str, tuple) else {int: "INT", float: "NUMBER", bool: "true|false"}[leaf.kind]
         groups[head].add_argument(f"--{leaf.path}", dest=leaf.path, default=None, metavar=meta,
-                                  nargs="+" if leaf.kind is tuple else None, help=settings.help_text(leaf))
+                                  nargs="+" if leaf.kind is tuple else None,
+                                  help=settings.help_text(leaf, config_lib.PRESETS))
     sweep = sub.add_parser("sweep", help="many runs from a spec file; one CSV row per finished run")
     sweep.add_argument("spec", help="YAML, JSON or Python (defining SPEC) sweep spec; see experiments/")
     sweep.add_argument("--out", required=True, help="sweep directory (reused: finished runs are skipped)")
@@ -104,7 +235,19 @@ def _parser() -> argparse.ArgumentParser:
     from ci_jax import bench as bench_lib
 
     bench_lib.add_arguments(bench, _positive)
+    p.commands = {"run": run, "sweep": sweep, "merge": merge, "bench": bench}
     return p
+
+
+def _nearest_flag(flag: str, sub: _Parser, command: str | None) -> str:
+    from ci_jax import config as config_lib
+
+    name = flag.split("=", 1)[0]
+    old = name.lstrip("-").replace("-", "_")
+    if command == "run" and old in config_lib.RENAMED:  # a flat flag of ci-jax before config sections
+        return f": it is now --{config_lib.RENAMED[old]}"
+    close = difflib.get_close_matches(name, sub.flags(), n=1, cutoff=0.6)
+    return f": did you mean {close[0]}?" if close else ""
 
 
 _NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
@@ -136,6 +279,7 @@ def _config(args: argparse.Namespace):
 
 def _run(args: argparse.Namespace) -> None:
     cfg = _config(args)
+    _start(f"preset {args.preset}" + (f", config {args.config}" if args.config else "") + f" -> {args.out}")
     from ci_jax import experiment
 
     report = experiment.run(cfg, args.out, data_dir=args.data_dir, make_plots=not args.no_plots,
@@ -144,21 +288,21 @@ def _run(args: argparse.Namespace) -> None:
 
 
 def summary(report: dict, where: str) -> str:
-    """The report in four lines."""
-    def pct(v):
-        return "n/a" if v is None else f"{100 * v:.2f} %"
+    """The report in four lines: rates in percent with 2 decimals, AUC with 4 (metrics.fmt_*)."""
+    from ci_jax.metrics import fmt_auc, fmt_rate as pct
 
     b, d, r, t = report["baseline"], report["defense"], report["retrained"], report["timings_s"]
     parts = ", ".join(f"{k} {v:.0f}" for k, v in d["timings_s"].items())
     return (f"baseline   clean {pct(b['clean_acc'])}  ASR {pct(b['asr'])}  ({report['attack']['asr_measured_on']})\n"
             f"defense    {d['name']} removed {d['removed']} ({d['removed_poisons']} of {d['poisons']} poisons, "
             f"{d['removed_clean']} of {d['clean_images']} others)  TPR {pct(d['tpr'])}  FPR {pct(d['fpr'])}  "
-            f"precision {pct(d['precision'])}  AUC {d['auc'] if d['auc'] is None else round(d['auc'], 4)}\n"
+            f"precision {pct(d['precision'])}  AUC {fmt_auc(d['auc'])}\n"
             f"retrained  clean {pct(r['clean_acc'])}  ASR {pct(r['asr'])}\n"
             f"total {t['total']:.0f} s (defense {t['defense']:.0f} s: {parts}) -> {where}")
 
 
 def _sweep(args: argparse.Namespace) -> None:
+    _start(f"sweep {args.spec} -> {args.out}")
     from ci_jax import sweep
 
     where = sweep.parse_where(args.where)
@@ -178,6 +322,7 @@ def _merge(args: argparse.Namespace) -> None:
 
 
 def _bench(args: argparse.Namespace) -> None:
+    _start("bench")
     from ci_jax import bench
 
     bench.run(args)
@@ -186,6 +331,14 @@ def _bench(args: argparse.Namespace) -> None:
 def _leave(message: str, code: int) -> None:
     """Ends an interrupted process at once, once every `finally` has run: tearing the interpreter
     down while XLA's threads are still running the interrupted program can crash it."""
+    # os._exit skips multiprocessing's exit hook, which releases the worker pool's semaphores: loky's
+    # resource tracker (a process of its own, writing to our stderr) would report them as leaked
+    # after our last line. Only a process that used the pool has imported the module.
+    if (parallel := sys.modules.get("ci_jax.parallel")) is not None:
+        try:
+            parallel.release()
+        except BaseException:  # a second ^C meanwhile: leave all the same, the tracker cleans up
+            pass
     print(message, file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()

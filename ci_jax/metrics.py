@@ -6,6 +6,16 @@ import numpy as np
 import sklearn.metrics
 
 
+def fmt_rate(v: float | None) -> str:
+    """A rate (accuracy, ASR, TPR, FPR, precision) as printed: percent with 2 decimals."""
+    return "n/a" if v is None else f"{100 * v:.2f} %"
+
+
+def fmt_auc(v: float | None) -> str:
+    """An ROC AUC as printed: 4 decimals (it is not a rate of anything)."""
+    return "n/a" if v is None else f"{v:.4f}"
+
+
 def accuracy(pred_N: np.ndarray, y_N: np.ndarray) -> float:
     """Fraction of predictions equal to the labels; 0.0 for an empty set."""
     pred_N, y_N = _same_shape(pred_N, y_N)

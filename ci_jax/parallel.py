@@ -11,6 +11,7 @@ gives them: n workers each running every core's worth of BLAS threads thrash the
 
 from __future__ import annotations
 
+import multiprocessing.util
 import os
 import threading
 import time
@@ -22,6 +23,9 @@ WATCH_S = 1.0
 # joblib's list (joblib._parallel_backends.ParallelBackendBase.MAX_NUM_THREADS_VARS).
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS",
                "VECLIB_MAXIMUM_THREADS", "NUMBA_NUM_THREADS", "NUMEXPR_NUM_THREADS")
+
+
+_pool: Any = None  # the executor map_processes last used (loky reuses one across calls)
 
 
 def _watch(parent: int) -> None:
@@ -54,8 +58,9 @@ def map_processes(fn: Callable[..., Any], args: Sequence[tuple], max_workers: in
     n = min(len(args), max_workers or workers())
     if n <= 1:
         return [fn(*a) for a in args]
-    pool = loky.get_reusable_executor(max_workers=n, initializer=_die_with_parent, initargs=(os.getpid(),),
-                                      env=worker_env(n))
+    global _pool
+    pool = _pool = loky.get_reusable_executor(max_workers=n, initializer=_die_with_parent,
+                                              initargs=(os.getpid(),), env=worker_env(n))
     futures = [pool.submit(fn, *a) for a in args]
     try:
         return [f.result() for f in futures]
@@ -64,3 +69,15 @@ def map_processes(fn: Callable[..., Any], args: Sequence[tuple], max_workers: in
             f.cancel()
         pool.shutdown(wait=False, kill_workers=True)  # an interrupt must not wait for a 20-second fit
         raise
+
+
+def release() -> None:
+    """Kills the workers and releases the semaphores this process shares with them, for a process
+    about to end by os._exit (an interrupt): that skips multiprocessing's exit hook, and loky's
+    resource tracker, which outlives us, would then warn on our stderr of "leaked semlock objects"
+    (and unlink them itself)."""
+    if _pool is not None:
+        _pool.shutdown(wait=True, kill_workers=True)  # SIGKILL: no waiting for a fit to finish
+    # What that exit hook runs first: the finalizers of priority >= 0, among them every loky
+    # semaphore's unlink-and-unregister (exitpriority 0).
+    multiprocessing.util._run_finalizers(0)

@@ -1,7 +1,8 @@
-"""What a run ran with: library versions, devices and a hash of its data (provenance.json).
+"""What a run ran with: the ci-jax version and commit, library versions, devices and a hash of its
+data (provenance.json).
 
-Enough to tell, months later, whether two runs can be compared: same data bytes, same library
-versions, same kind of device.
+Enough to tell, months later, whether two runs can be compared: same code, same data bytes, same
+library versions, same kind of device.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from ci_jax import data
+from ci_jax import data, version
 
 # Distribution names (as pip knows them), not module names.
 PACKAGES: tuple[str, ...] = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "scikit-learn",
@@ -26,6 +27,7 @@ CHUNK_BYTES = 1 << 20
 def record(dataset: data.Dataset) -> dict[str, Any]:
     """Versions, devices and data hash for `dataset`; JSON-serializable."""
     return {
+        "ci_jax": version.record(),
         "python": platform.python_version(),
         "packages": {name: _version(name) for name in PACKAGES},
         "device": device(),

@@ -239,17 +239,25 @@ def replace(obj: Any, flat: Mapping[str, Any], prefix: str = "") -> Any:
     return dataclasses.replace(obj, **direct)
 
 
-def help_text(leaf: Leaf) -> str:
-    """'meaning (choices: a, b; range; default: x)' for --help."""
+def help_text(leaf: Leaf, presets: Mapping[str, Mapping[str, Any]] | None = None) -> str:
+    """'meaning (choices: a, b; range; default: x)' for --help; with `presets` ({name: {dotted
+    path: value}}), '(...; default: x (preset seed: y, fast: z))' naming each preset that sets
+    the field to another value: the default alone would be wrong under those presets."""
     meta, parts = leaf.meta, []
     if meta["choices"] is not None:
         parts.append(f"choices: {', '.join(meta['choices'])}")
     if (r := range_text(meta)) is not None:
         parts.append(r)
-    default = leaf.default
-    shown = " ".join(default) if isinstance(default, tuple) else str(default).lower() if isinstance(default, bool) else default
-    parts.append(f"default: {shown}")
+    default = f"default: {_shown(leaf.default)}"
+    differ = [f"{name}: {_shown(p[leaf.path])}" for name, p in sorted((presets or {}).items())
+              if leaf.path in p and p[leaf.path] != leaf.default]
+    parts.append(f"{default} (preset {', '.join(differ)})" if differ else default)
     return f"{meta['help']} ({'; '.join(parts)})"
+
+
+def _shown(v: Any) -> str:
+    """A value as it is written on the command line."""
+    return " ".join(v) if isinstance(v, (tuple, list)) else str(v).lower() if isinstance(v, bool) else str(v)
 
 
 def parse_flag_value(leaf: Leaf, text: str) -> Any:

@@ -55,7 +55,8 @@ def test_end_to_end_is_the_sum_of_the_stages():
 
 def test_an_unknown_model_is_one_error_line(capsys):
     assert cli.main(TINY + ["--models", "vgg"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    startup, *err = capsys.readouterr().err.strip().splitlines()
+    assert startup.startswith("ci-jax ") and startup.endswith("; bench")
     assert len(err) == 1 and err[0].startswith("ci-jax: error: unknown model 'vgg'")
 
 
@@ -67,7 +68,7 @@ def test_counts_that_are_not_positive_are_argparse_errors(bad, expected, capsys)
     with pytest.raises(SystemExit) as e:
         cli.main(TINY + bad)
     assert e.value.code == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1] == f"ci-jax bench: error: {expected}"
+    assert capsys.readouterr().err.strip() == f"ci-jax: error: {expected} (see `ci-jax bench --help`)"
 
 
 def test_gmm_stage_clusters_a_finished_runs_baseline_features(mnist_like_dir, tmp_path):

@@ -67,7 +67,8 @@ def test_a_damaged_checkpoint_through_the_cli_is_one_line_and_exit_2(finished_ru
     proc = subprocess.run(_cmd(mnist_like_dir, run), env=_env(), capture_output=True, text=True, timeout=600)
     lines = [line for line in proc.stderr.splitlines() if line.strip() and "it/s" not in line]
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert len(lines) == 1, proc.stderr[-2000:]
+    assert len(lines) == 2 and ": backend cpu, 1 device" in lines[0], proc.stderr[-2000:]  # the start-up line
+    lines = lines[1:]
     assert lines[0].startswith(f"ci-jax: error: checkpoint directory {run / 'baseline'} is damaged ("), lines[0]
     assert lines[0].endswith("delete that directory to train this model again from scratch"), lines[0]
     assert (run / "report.json").read_text() == (finished_run / "report.json").read_text()  # nothing lost

@@ -1,6 +1,7 @@
 """The CLI: every bad input is exit code 2 and one `ci-jax: error:` line, before any training,
 and no report is written."""
 
+import importlib.metadata
 import json
 import os
 import shutil
@@ -11,9 +12,11 @@ import time
 import numpy as np
 import pytest
 
-from ci_jax import cli, data
+from ci_jax import cli, data, version
 
-FILE_BUDGET_S = 30.0  # generous: every bad input must fail before any training
+# Generous: every bad input must fail before any training. The subprocess tests (a fresh Python
+# with JAX, 2-3 s each) take most of it.
+FILE_BUDGET_S = 60.0
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -55,6 +58,16 @@ def idx_dir(tmp_path_factory):
     return _write_idx_dir(tmp_path_factory.mktemp("idx") / "mnist")
 
 
+def _after_startup(err: str) -> list[str]:
+    """stderr's lines without the start-up line that `run`, `sweep` and `bench` print before they
+    load anything (so an error found in the data follows it)."""
+    lines = err.splitlines()
+    return lines[1:] if lines and lines[0].startswith(STARTUP) else lines
+
+
+STARTUP = f"ci-jax {version.describe()}: backend "
+
+
 def _fail(capsys, tmp_path, *args, data_dir=None):
     """Runs `ci-jax run ARGS` in-process; checks the one-line error contract; returns the message."""
     out = tmp_path / "run"
@@ -67,7 +80,7 @@ def _fail(capsys, tmp_path, *args, data_dir=None):
     elapsed = time.perf_counter() - t0
     captured = capsys.readouterr()
     assert rc == 2, captured
-    lines = captured.err.splitlines()
+    lines = _after_startup(captured.err)
     assert len(lines) == 1, captured.err
     assert lines[0].startswith("ci-jax: error: "), lines[0]
     assert captured.out == ""
@@ -303,9 +316,9 @@ def test_run_help_lists_field_flags(capsys):
                  "--defense.name", "--attack.name", "--preset", "--config", "--data-dir", "--out"):
         assert flag in out
     flat = " ".join(out.split())  # argparse wraps the help text
-    assert "(choices: threshold, top1, test; default: threshold)" in flat
+    assert "(choices: threshold, top1, test; default: threshold (preset seed: top1))" in flat
     assert "--train.lr NUMBER" in flat and "--attack.pixel.clip true|false" in flat
-    assert "--defense.ci.filters NAME [NAME ...]" in flat and "default: median3)" in flat
+    assert "--defense.ci.filters NAME [NAME ...]" in flat and "default: median3 (preset seed: mean2))" in flat
     assert "config section defense.ci" in flat
 
 
@@ -316,19 +329,194 @@ def test_top_level_help(capsys):
     assert "run" in capsys.readouterr().out
 
 
-def test_unknown_flag_is_an_argparse_error_with_exit_2(capsys, tmp_path):
+def _argparse_error(capsys, tmp_path, *args, command="run"):
+    """`ci-jax COMMAND --out DIR ARGS` refused by argparse: exit 2, one `ci-jax: error:` line, nothing
+    written; returns the line."""
+    capsys.readouterr()
     with pytest.raises(SystemExit) as e:
-        cli.main(["run", "--out", str(tmp_path / "run"), "--k-max", "3"])  # the old flat flag
+        cli.main([command, "--out", str(tmp_path / "run"), *args])
     assert e.value.code == 2
-    assert "--k-max" in capsys.readouterr().err
-    assert not (tmp_path / "run").exists()
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ci-jax: error: "), captured.err
+    assert captured.out == "" and not (tmp_path / "run").exists()
+    return lines[0]
+
+
+def test_unknown_flag_is_an_argparse_error_with_exit_2(capsys, tmp_path):
+    msg = _argparse_error(capsys, tmp_path, "--k-max", "3")  # the old flat flag
+    assert "unknown flag --k-max: it is now --defense.ci.k_max" in msg
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--defense.ci.tauu", "3"], "unknown flag --defense.ci.tauu: did you mean --defense.ci.tau?"),
+    (["--defense.ci.tauu=3"], "unknown flag --defense.ci.tauu: did you mean --defense.ci.tau?"),
+    (["--atack.n_poison", "3"], "unknown flag --atack.n_poison: did you mean --attack.n_poison?"),
+    (["--no-plot"], "unknown flag --no-plot: did you mean --no-plots?"),
+    (["--zzz"], "unknown flag --zzz (see `ci-jax run --help`)"),
+    (["stray"], "unexpected argument 'stray'")])
+def test_unknown_flag_suggests_the_nearest(capsys, tmp_path, args, expected):
+    assert expected in _argparse_error(capsys, tmp_path, *args)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--defense.ci.ta=-1"], "unknown flag --defense.ci.ta: did you mean --defense.ci.tau?"),
+    (["--defense.ci.ta", "0.5"], "unknown flag --defense.ci.ta: did you mean --defense.ci.tau?"),
+    (["--pre", "fast"], "unknown flag --pre"),
+    # The flag before config sections fits every --defense.* flag: it was a 62-line usage dump.
+    (["--defense", "ss"], "unknown flag --defense: it is now --defense.name")])
+def test_a_prefix_of_a_flag_is_not_that_flag(capsys, tmp_path, args, expected):
+    assert expected in _argparse_error(capsys, tmp_path, *args)
+
+
+def test_no_parser_takes_prefixes():
+    parser = cli._parser()
+    assert not parser.allow_abbrev
+    assert all(not sub.allow_abbrev for sub in parser.commands.values())
+
+
+def test_a_bench_flag_typo_suggests_the_nearest(capsys, tmp_path):
+    assert "unknown flag --stepz: did you mean --steps?" in _argparse_error(capsys, tmp_path, "--stepz", "3",
+                                                                            command="bench")
 
 
 def test_unknown_preset_is_rejected_by_argparse(capsys, tmp_path):
+    msg = _argparse_error(capsys, tmp_path, "--preset", "nope")
+    assert "argument --preset: invalid choice: 'nope'" in msg and "'fast'" in msg and "ci-jax run --help" in msg
+
+
+def test_a_flag_without_its_value_is_one_line(capsys, tmp_path):
+    assert "argument --defense.ci.tau: expected one argument" in _argparse_error(capsys, tmp_path, "--defense.ci.tau")
+
+
+def test_a_missing_command_or_spec_is_one_line(capsys):
+    for argv in ([], ["rn"], ["sweep"]):
+        with pytest.raises(SystemExit) as e:
+            cli.main(argv)
+        err = capsys.readouterr().err.splitlines()
+        assert e.value.code == 2 and len(err) == 1 and err[0].startswith("ci-jax: error: "), err
+
+
+def test_version(capsys):
     with pytest.raises(SystemExit) as e:
-        cli.main(["run", "--out", str(tmp_path / "run"), "--preset", "nope"])
-    assert e.value.code == 2
-    assert "nope" in capsys.readouterr().err
+        cli.main(["--version"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out == f"ci-jax {version.describe()}\n"
+    assert out.startswith(f"ci-jax {importlib.metadata.version('ci-jax')}")
+    git = version.git()
+    if git is not None:  # a checkout: the commit, and whether its code is edited
+        assert git["commit"][:12] in out and ("dirty" in out) == git["dirty"]
+
+
+# --- the start-up line and the backend -----------------------------------------------------------
+
+
+def test_run_starts_with_one_line_naming_version_backend_preset_and_out(capsys, tmp_path, idx_dir):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("attack.n_poison: 5\n")
+    with pytest.raises(AssertionError, match="training started"):
+        cli.main(["run", "--preset", "fast", "--config", str(cfg), "--out", str(tmp_path / "run"), "--no-plots",
+                  "--data-dir", str(idx_dir)])
+    import jax
+
+    first = capsys.readouterr().err.splitlines()[0]
+    assert first == (f"ci-jax {version.describe()}: backend cpu, {jax.device_count()} device"
+                     f"{'s' if jax.device_count() > 1 else ''} (cpu); preset fast, config {cfg} -> {tmp_path / 'run'}")
+
+
+def test_sweep_and_bench_start_with_the_line_too(capsys, tmp_path):
+    assert cli.main(["sweep", str(tmp_path / "no-spec.yaml"), "--out", str(tmp_path / "s")]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith(STARTUP) and lines[0].endswith(f"; sweep {tmp_path / 'no-spec.yaml'} -> {tmp_path / 's'}")
+    assert len(lines) == 2 and lines[1].startswith("ci-jax: error: ")
+    assert cli.main(["bench", "--quick", "--models", "vgg"]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith(STARTUP) and lines[0].endswith("; bench") and len(lines) == 2
+
+
+BACKEND_ERRORS = {
+    "cuda": "JAX_PLATFORMS=cuda: this JAX has no cuda backend (it has: cpu): install JAX's CUDA support: "
+            "pip install -e '.[cuda12]'",
+    "gpu": "JAX_PLATFORMS=gpu: this JAX has no GPU backend (cuda or rocm) (it has: cpu): install JAX's CUDA support",
+    "tpu": "JAX_PLATFORMS=tpu: this JAX has no tpu backend (it has: cpu): install JAX's TPU support: "
+           "pip install -e '.[tpu]'",
+    "nonsense": "JAX_PLATFORMS=nonsense: 'nonsense' is not a JAX backend (choose from cpu, cuda, rocm, tpu"}
+
+
+def test_a_backend_that_is_not_installed_is_one_line_before_the_data_loads(tmp_path):
+    # jax 0.10 failed at the first array, after the data loaded: a bare AssertionError for cuda,
+    # "Unable to initialize backend 'rocm'" for gpu.
+    installed = set(cli._installed_platforms())
+    asked = [a for a in BACKEND_ERRORS if a not in installed and not (a == "gpu" and {"cuda", "rocm"} & installed)]
+    procs = {}
+    for a in asked:  # at once: each is a fresh Python importing JAX
+        env = {**os.environ, "JAX_PLATFORMS": a, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+        # A data directory that does not exist: had the data been read first, that would be the error.
+        procs[a] = subprocess.Popen([sys.executable, "-m", "ci_jax.cli", "run", "--preset", "fast", "--out",
+                                     str(tmp_path / a), "--data-dir", str(tmp_path / "no-data")],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    for a, proc in procs.items():
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 2, (a, err)
+        lines = err.splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"ci-jax: error: {BACKEND_ERRORS[a]}"), (a, err)
+        assert "unset JAX_PLATFORMS" in lines[0] and out == ""
+        assert not (tmp_path / a).exists()
+
+
+def test_a_backend_that_is_installed_but_does_not_start_says_why():
+    msg = cli._backend_message("cpu", RuntimeError("Unable to initialize backend 'cpu': out of\nluck"))
+    assert msg.startswith("JAX_PLATFORMS=cpu: JAX could not start it: Unable to initialize backend 'cpu': out of luck")
+    assert "\n" not in msg
+
+
+# --- what the CLI prints ------------------------------------------------------------------------
+
+
+def test_the_summary_formats_every_rate_as_a_percent_and_auc_with_4_decimals():
+    report = {"attack": {"asr_measured_on": "test images of class 0, triggered"},
+              "baseline": {"clean_acc": 0.9904, "asr": 0.9296},
+              "defense": {"name": "ci", "removed": 987, "removed_poisons": 986, "poisons": 1000, "removed_clean": 1,
+                          "clean_images": 59000, "tpr": 0.986, "fpr": 1 / 59000, "precision": 986 / 987,
+                          "auc": 0.9993684576271187, "timings_s": {"gmm": 12.3}},
+              "retrained": {"clean_acc": 0.99, "asr": None}, "timings_s": {"total": 100.0, "defense": 20.0}}
+    text = cli.summary(report, "r/report.json")
+    assert "clean 99.04 %  ASR 92.96 %" in text
+    assert "TPR 98.60 %  FPR 0.00 %  precision 99.90 %  AUC 0.9994" in text
+    assert "retrained  clean 99.00 %  ASR n/a" in text
+    report["defense"]["auc"] = 0.5
+    assert "AUC 0.5000" in cli.summary(report, "r/report.json")
+
+
+LEAVE_SCRIPT = """
+import signal, sys, time
+from ci_jax import cli, parallel
+
+# A suite started without job control passes SIGINT on ignored: Python's own handler back.
+signal.signal(signal.SIGINT, signal.default_int_handler)
+try:
+    if sys.argv[1] == "idle":  # interrupted after a defense: the pool waits for the next one
+        parallel.map_processes(abs, [(-1,), (-2,)], max_workers=2)
+        signal.raise_signal(signal.SIGINT)
+    else:  # interrupted inside the fits
+        signal.signal(signal.SIGALRM, lambda *a: signal.raise_signal(signal.SIGINT))
+        signal.alarm(2)
+        parallel.map_processes(time.sleep, [(60,), (60,)], max_workers=2)
+except KeyboardInterrupt:
+    cli._leave("ci-jax: " + cli.INTERRUPTED, 130)
+"""
+
+
+@pytest.mark.parametrize("when", ["idle", "busy"])
+def test_an_interrupt_after_worker_processes_is_exactly_one_line(tmp_path, when):
+    # os._exit skipped the release of the pool's semaphores, and loky's resource tracker, a process
+    # of its own, then printed a "leaked semlock objects" warning after the one line.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", LEAVE_SCRIPT, when], capture_output=True, text=True, env=env,
+                          timeout=60)
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr == "ci-jax: interrupted: rerun the same command to resume\n"
 
 
 # --- helpers -----------------------------------------------------------------------------------
@@ -377,7 +565,8 @@ def test_subprocess_bad_input_is_one_error_line_and_exit_2(tmp_path, idx_dir):
          "--attack.pixel.row", "40", "--attack.n_poison", "5", "--no-plots"],
         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
     assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.splitlines()
+    assert proc.stderr.startswith(STARTUP)  # found in the data: after the start-up line
+    lines = _after_startup(proc.stderr)
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("ci-jax: error: trigger pixel at (40, 24)")
     assert proc.stdout == ""

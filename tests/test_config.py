@@ -633,3 +633,54 @@ def test_fuzz_load_file_gives_a_dict_or_one_user_error(fuzz_dir, suffix, raw):
     path = fuzz_dir / f"cfg{suffix}"
     path.write_bytes(raw)
     _load_and_build(path)
+
+
+# -- help texts ----------------------------------------------------------------------------------
+
+
+def test_help_names_each_preset_that_changes_a_default():
+    paths = config.PATHS
+    assert settings_lib.help_text(paths["train.epochs"], config.PRESETS).endswith(
+        "(from 1 to 100000; default: 1 (preset fashion: 6, fast: 2, seed: 10))")
+    assert settings_lib.help_text(paths["defense.ci.filters"], config.PRESETS).endswith(
+        "default: median3 (preset seed: mean2))")
+    assert settings_lib.help_text(paths["train.nesterov"], config.PRESETS).endswith("(default: false)")
+    # "seed" sets momentum to its default: no preset differs, none is named.
+    assert settings_lib.help_text(paths["train.momentum"], config.PRESETS).endswith(
+        "(from 0.0 to 1.0; default: 0.9)")
+
+
+def test_every_preset_value_is_in_the_help():
+    for name, preset in config.PRESETS.items():
+        for path, value in preset.items():
+            text = settings_lib.help_text(config.PATHS[path], config.PRESETS)
+            if value != config.PATHS[path].default:
+                assert f"{name}: " in text.rsplit("default: ", 1)[1], (name, path)
+
+
+def test_a_value_a_help_text_explains_is_one_the_field_accepts():
+    # SPECTRE's alpha said "0: spectral signatures" and refused 0.
+    explained = 0
+    for leaf in config.PATHS.values():
+        if leaf.kind not in (int, float):
+            continue
+        for number in re.findall(r"(?:^|[(;,] ?)(-?\d+(?:\.\d+)?): ", leaf.meta["help"]):
+            explained += 1
+            settings_lib.check_value(leaf, leaf.kind(float(number)))  # raises if out of range
+    assert explained >= 2  # attack.source -1, train.momentum 0
+
+
+def test_spectre_alpha_spans_the_squared_norm_to_spectral_signatures():
+    # What the help says of QUE's alpha: near 0 every whitened direction weighs alike, large alpha
+    # keeps only the top one (the spectral-signatures score).
+    import numpy as np
+
+    from ci_jax.defenses import spectre
+
+    h = np.random.default_rng(0).normal(size=(400, 5)) * np.array([3.0, 1.0, 1.0, 0.8, 0.5])
+    lam, v = np.linalg.eigh(np.cov(h, rowvar=False))
+    near0, _ = spectre._que(h, 1e-9)
+    assert np.allclose(near0, (h ** 2).sum(1) / 5)
+    large, _ = spectre._que(h, 100.0)
+    assert np.allclose(large, (h @ v[:, -1]) ** 2, rtol=1e-6, atol=1e-9)
+    assert "spectral signatures" in spectre.Settings.__dataclass_fields__["alpha"].metadata["help"].split("large")[1]

@@ -90,3 +90,52 @@ def test_record_does_not_import_tensorflow():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_record_has_the_ci_jax_version_and_commit(synthetic):
+    from ci_jax import version
+
+    rec = provenance.record(synthetic)["ci_jax"]
+    assert rec["version"] == importlib.metadata.version("ci-jax")
+    git = version.git()
+    if git is None:
+        assert rec["commit"] is None and rec["dirty"] is None
+    else:
+        head = subprocess.run(["git", "-C", str(version._ROOT), "rev-parse", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        assert rec["commit"] == head and isinstance(rec["dirty"], bool)
+
+
+def test_git_commit_and_dirty_flag_of_a_checkout(tmp_path, monkeypatch):
+    from ci_jax import version
+
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                       capture_output=True, check=True)
+
+    def fresh():
+        version.git.cache_clear()
+        return version.git()
+
+    monkeypatch.setattr(version, "_ROOT", tmp_path)
+    try:
+        assert fresh() is None  # not a checkout: a wheel installed in site-packages
+        (tmp_path / "ci_jax").mkdir()
+        (tmp_path / "ci_jax" / "a.py").write_text("x = 1\n")
+        git("init", "-q")
+        git("add", ".")
+        git("commit", "-q", "-m", "c")
+        head = subprocess.run(["git", "-C", str(tmp_path), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+        assert fresh() == {"commit": head, "dirty": False}
+        (tmp_path / "runs").mkdir()
+        (tmp_path / "runs" / "report.json").write_text("{}")  # outputs are not code
+        assert fresh()["dirty"] is False
+        (tmp_path / "ci_jax" / "b.py").write_text("y = 2\n")  # a new module is
+        assert fresh()["dirty"] is True
+        (tmp_path / "ci_jax" / "b.py").unlink()
+        (tmp_path / "ci_jax" / "a.py").write_text("x = 2\n")
+        assert fresh()["dirty"] is True
+        assert version.describe() == f"{version.version()} (git {head[:12]}, dirty)"
+    finally:
+        version.git.cache_clear()

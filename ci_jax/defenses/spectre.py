@@ -45,7 +45,11 @@ SHIFT = 3.0
 class Settings:
     eps: float = setting(0.1, "assumed upper bound on the poisoned share of a class; 1.5 eps of it is "
                          "removed", low=0.0, high=0.33, low_open=True)
-    alpha: float = setting(4.0, "QUE's inverse temperature (0: spectral signatures)", low=0.0, high=100.0, low_open=True)
+    # Q weighs the whitened eigendirections by exp(alpha (lambda - 1) / (lambda_max - 1)) (_que): the
+    # limit alpha -> infinity is spectral signatures, not alpha = 0 (the squared whitened norm).
+    alpha: float = setting(4.0, "QUE's inverse temperature: near 0 every whitened direction counts "
+                           "alike (the squared norm); large, only the top one (spectral signatures)",
+                           low=0.0, high=100.0, low_open=True)
     only_top_class: bool = setting(False, "remove from the single most spiked class only (backdoor-toolbox), "
                                    "not from every class (the paper)")
 
