@@ -355,8 +355,8 @@ def _baseline_view(args, ds: data.Dataset, n: int, eval_batch: int):
     t = train.Trainer(cfg, ds.x_train.shape[1:], ds.num_classes,
                       train.steps_per_epoch(len(p.poisoned.y_N), cfg.train.batch_size))
     train.train(t, p.poisoned.x_NHWC, p.poisoned.y_N, ckpt, p.model_key)  # restores: the baseline is finished
-    passes = experiment.baseline_passes(t, p, ds, ckpt, cfg, {})  # the run's cached pass
-    view = experiment._view(cfg, ds, p, t, ckpt, passes)
+    passes = experiment.baseline_passes(t, p, ds, [ckpt], cfg, {})  # the run's cached pass
+    view = experiment.defense_view(cfg, ds, p, t, [ckpt], passes)
     if n < len(view.y_N):
         import dataclasses as dc
 

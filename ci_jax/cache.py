@@ -8,7 +8,7 @@ cache therefore costs time, never a wrong result or a traceback.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -51,23 +51,35 @@ def _keep(save: Callable[[], None], path: Path) -> None:
         tqdm.write(f"note: not cached, {path} cannot be written ({e.strerror or e})")
 
 
-def npz(path: Path | None, key: str, compute: Callable[[], Arrays],
+def _places(where: Path | Sequence[Path] | None) -> list[Path]:
+    """Where a value is looked for: the first place is where it is kept; the others are only read
+    (a baseline borrowed with --baseline-from, whose directory is another run's)."""
+    if where is None:
+        return []
+    return [Path(where)] if isinstance(where, (str, Path)) else [Path(p) for p in where]
+
+
+def npz(where: Path | Sequence[Path] | None, key: str, compute: Callable[[], Arrays],
         fits: Callable[[Arrays], bool] | None = None) -> Arrays:
-    """`compute()`, kept in `path` under `key`; no caching when path is None."""
-    if path is not None:
+    """`compute()`, kept in the first place of `where` under `key` (see `_places`); no caching
+    when there is none."""
+    places = _places(where)
+    for path in places:
         hit = load_npz(path, key, fits)
         if hit is not None:
             return hit
     arrays = compute()
-    if path is not None:
-        _keep(lambda: save_npz(path, key=np.asarray(key), **arrays), path)
+    if places:
+        _keep(lambda: save_npz(places[0], key=np.asarray(key), **arrays), places[0])
     return arrays
 
 
-def json_value(path: Path | None, key: str, compute: Callable[[], Any],
+def json_value(where: Path | Sequence[Path] | None, key: str, compute: Callable[[], Any],
                fits: Callable[[Any], bool] | None = None) -> Any:
-    """`compute()` (JSON-serialisable), kept in `path` as {"key": key, "value": ...}."""
-    if path is not None:
+    """`compute()` (JSON-serialisable), kept in the first place of `where` as {"key": key,
+    "value": ...}."""
+    places = _places(where)
+    for path in places:
         try:
             saved = files.read_json(path)
             if saved["key"] == key and (fits is None or fits(saved["value"])):
@@ -75,6 +87,6 @@ def json_value(path: Path | None, key: str, compute: Callable[[], Any],
         except Exception:  # noqa: BLE001 - any damage is a miss
             pass
     value = compute()
-    if path is not None:
-        _keep(lambda: files.write_json(path, {"key": key, "value": value}), path)
+    if places:
+        _keep(lambda: files.write_json(places[0], {"key": key, "value": value}), places[0])
     return value

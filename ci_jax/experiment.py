@@ -95,11 +95,11 @@ def _fits(n_train: int | None, n_test: int, n_trig: int, num_classes: int):
     return fits
 
 
-def baseline_passes(baseline: train.Trainer, p: Prepared, dataset: data.Dataset, baseline_dir: Path,
+def baseline_passes(baseline: train.Trainer, p: Prepared, dataset: data.Dataset, cache_dirs: list[Path],
                     cfg: Config, timings: dict[str, float]) -> dict[str, np.ndarray]:
     """Everything the evaluation and the defenses need from the baseline, in one go, cached beside
-    its checkpoint (passes.npz): features and decisions of the training set, decisions and
-    features of the test split, decisions on the triggered test images."""
+    its checkpoint (passes.npz; see `_cache_dirs`): features and decisions of the training set,
+    decisions and features of the test split, decisions on the triggered test images."""
     def compute() -> dict[str, np.ndarray]:
         t0 = time.perf_counter()
         pred_N, feats_ND = baseline.predict(p.poisoned.x_NHWC, desc="features")
@@ -108,7 +108,7 @@ def baseline_passes(baseline: train.Trainer, p: Prepared, dataset: data.Dataset,
         timings.update(features=t1 - t0, evaluate=time.perf_counter() - t1)
         return {"pred": pred_N, "feats": feats_ND, **tests}
 
-    return cache.npz(baseline_dir / "passes.npz", passes_key(p, cfg), compute, passes_fit(p, dataset))
+    return cache.npz([d / "passes.npz" for d in cache_dirs], passes_key(p, cfg), compute, passes_fit(p, dataset))
 
 
 def passes_key(p: Prepared, cfg: Config) -> str:
@@ -119,8 +119,16 @@ def passes_fit(p: Prepared, dataset: data.Dataset):
     return _fits(len(p.poisoned.y_N), len(dataset.y_test), len(p.triggered.idx), dataset.num_classes)
 
 
-def _view(cfg: Config, dataset: data.Dataset, p: Prepared, baseline: train.Trainer, baseline_dir: Path,
-          passes: dict[str, np.ndarray]) -> View:
+def _cache_dirs(out: Path | None, baseline_dir: Path, borrowed: bool) -> list[Path]:
+    """Where the baseline's passes and the defenses' caches are kept (the first) and also read:
+    beside the baseline, or, for a baseline borrowed from another run (--baseline-from), in this
+    run's caches/, reading the other run's but never writing into it."""
+    return [out / "caches", baseline_dir] if borrowed and out is not None else [baseline_dir]
+
+
+def defense_view(cfg: Config, dataset: data.Dataset, p: Prepared, baseline: train.Trainer, cache_dirs: list[Path],
+                 passes: dict[str, np.ndarray]) -> View:
+    """The baseline as the defenses see it: its passes, its reserve, and where to cache."""
     reserve = None
     if len(p.reserve_idx):
         r = p.reserve_idx
@@ -128,7 +136,8 @@ def _view(cfg: Config, dataset: data.Dataset, p: Prepared, baseline: train.Train
                           key=f"reserve{len(r)}-seed{cfg.seed}")
     return View(x_NHWC=p.poisoned.x_NHWC, y_N=p.poisoned.y_N, feats_ND=passes["feats"], pred_N=passes["pred"],
                 num_classes=dataset.num_classes, predict=baseline.predict, seed=cfg.seed, reserve=reserve,
-                cache_dir=baseline_dir, key=passes_key(p, cfg), is_poison_N=p.poisoned.is_poison_N)
+                cache_dir=cache_dirs[0], read_dirs=tuple(cache_dirs[1:]), key=passes_key(p, cfg),
+                is_poison_N=p.poisoned.is_poison_N)
 
 
 def defend(p: Prepared, view: View, cfg: Config) -> defenses.Result:
@@ -239,11 +248,12 @@ def run(cfg: Config, out: str | os.PathLike, *, data_dir: str | os.PathLike | No
     busy = f"--out {out}: another ci-jax run is using this directory; wait for it or choose another --out"
     with files.exclusive(out / ".run.lock", busy=busy):
         files.clear_stale_tmp(out)  # a run directory has one writer: what a kill left is stale
-        return _run_locked(cfg, out, dataset, p, baseline_dir, make_plots, shared_dir, timings, t_start)
+        return _run_locked(cfg, out, dataset, p, baseline_dir, _cache_dirs(out, baseline_dir, bool(baseline_from)),
+                           make_plots, shared_dir, timings, t_start)
 
 
 def _run_locked(cfg: Config, out: Path, dataset: data.Dataset, p: Prepared, baseline_dir: Path,
-                make_plots: bool, shared_dir: str | os.PathLike | None, timings: dict[str, float],
+                cache_dirs: list[Path], make_plots: bool, shared_dir: str | os.PathLike | None, timings: dict[str, float],
                 t_start: float) -> dict[str, Any]:
     image_shape = dataset.x_train.shape[1:]
     poisoned = p.poisoned
@@ -256,12 +266,12 @@ def _run_locked(cfg: Config, out: Path, dataset: data.Dataset, p: Prepared, base
     _clear_dead_writers(baseline_dir)
 
     timings["features"] = timings["evaluate"] = 0.0
-    passes = baseline_passes(baseline, p, dataset, baseline_dir, cfg, timings)
+    passes = baseline_passes(baseline, p, dataset, cache_dirs, cfg, timings)
     before = _scores(passes["pred_test"], passes["pred_trig"], dataset, p, cfg.attack.target)
     tqdm.write(f"baseline: clean acc {before['clean_acc']:.4f}, ASR {_pct(before['asr'])}"
                + (" (reused checkpoint)" if info["reused"] else ""))
 
-    view = _view(cfg, dataset, p, baseline, baseline_dir, passes)
+    view = defense_view(cfg, dataset, p, baseline, cache_dirs, passes)
     t0 = time.perf_counter()
     result = defend(p, view, cfg)
     timings["defense"] = time.perf_counter() - t0
@@ -357,8 +367,8 @@ def retrain_member(cfg: Config, dataset: data.Dataset, shared_dir: str | os.Path
     baseline = train.Trainer(cfg, dataset.x_train.shape[1:], dataset.num_classes,
                              train.steps_per_epoch(len(p.poisoned.y_N), cfg.train.batch_size))
     train.train(baseline, p.poisoned.x_NHWC, p.poisoned.y_N, baseline_dir, p.model_key, desc="baseline")
-    passes = baseline_passes(baseline, p, dataset, baseline_dir, cfg, {})
-    keep_N = defend(p, _view(cfg, dataset, p, baseline, baseline_dir, passes), cfg).is_clean_N
+    passes = baseline_passes(baseline, p, dataset, [baseline_dir], cfg, {})
+    keep_N = defend(p, defense_view(cfg, dataset, p, baseline, [baseline_dir], passes), cfg).is_clean_N
     if not cfg.defense.retrain or keep_N.all():
         return None
     key, directory = retrain_target(p, keep_N, shared_dir, None)

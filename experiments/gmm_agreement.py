@@ -53,7 +53,7 @@ def main() -> None:
     passes = cache.load_npz(run / "baseline" / "passes.npz", experiment.passes_key(prep, cfg))
     if passes is None:
         raise SystemExit(f"{run}: no cached passes of its baseline: rerun `ci-jax run` there first")
-    view = experiment._view(cfg, ds, prep, _NoModel(), run / "baseline", passes)
+    view = experiment.defense_view(cfg, ds, prep, _NoModel(), [run / "baseline"], passes)
     defense = ci.CI(cfg.defense.ci)
     out = {"run": str(run), "features": list(view.feats_ND.shape), "bic_search": cfg.defense.ci.bic_search,
            "seeds": args.seeds, "fits": {}}

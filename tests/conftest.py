@@ -8,8 +8,14 @@ os.environ["XLA_FLAGS"] = kernels.xla_flags()
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
 
 from ci_jax import data  # noqa: E402
+
+# The same examples on every run, no deadline: a fuzz test fails on its input, never on the
+# machine's load or on what an earlier run happened to find.
+settings.register_profile("ci-jax", derandomize=True, deadline=None, database=None)
+settings.load_profile("ci-jax")
 
 
 @pytest.fixture(scope="session")
@@ -22,3 +28,16 @@ def mnist_like_dir(tmp_path_factory):
                                            to_u8(ds.x_test), ds.y_test.astype(np.uint8))):
         data.write_idx(d / f"{stem}.gz", arr)
     return d
+
+
+def pytest_addoption(parser):
+    parser.addoption("--repeat", type=int, default=1, metavar="N",
+                     help="run each selected test N times (experiments/flake_check.py uses it on the "
+                          "tests marked timing)")
+
+
+def pytest_generate_tests(metafunc):
+    n = metafunc.config.getoption("repeat")
+    if n > 1:
+        metafunc.fixturenames.append("_repetition")
+        metafunc.parametrize("_repetition", range(n), ids=lambda i: f"rep{i}")

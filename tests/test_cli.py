@@ -5,6 +5,7 @@ import importlib.metadata
 import json
 import os
 import shutil
+import re
 import subprocess
 import sys
 import time
@@ -13,19 +14,6 @@ import numpy as np
 import pytest
 
 from ci_jax import cli, data, version
-
-# Generous: every bad input must fail before any training. The subprocess tests (a fresh Python
-# with JAX, 2-3 s each) take most of it.
-FILE_BUDGET_S = 60.0
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _whole_file_is_fast():
-    t0 = time.perf_counter()
-    yield
-    elapsed = time.perf_counter() - t0
-    assert elapsed < FILE_BUDGET_S, f"test_cli.py took {elapsed:.1f} s: something trained?"
-
 
 @pytest.fixture(autouse=True)
 def _no_training(monkeypatch):
@@ -62,10 +50,11 @@ def _after_startup(err: str) -> list[str]:
     """stderr's lines without the start-up line that `run`, `sweep` and `bench` print before they
     load anything (so an error found in the data follows it)."""
     lines = err.splitlines()
-    return lines[1:] if lines and lines[0].startswith(STARTUP) else lines
+    return lines[1:] if lines and STARTUP.match(lines[0]) else lines
 
 
-STARTUP = f"ci-jax {version.describe()}: backend "
+# The commit part is not compared: the tree may change between this import and a subprocess.
+STARTUP = re.compile(rf"ci-jax {re.escape(version.version())}( \(git [0-9a-f]{{12}}(, dirty)?\))?: backend ")
 
 
 def _fail(capsys, tmp_path, *args, data_dir=None):
@@ -75,17 +64,14 @@ def _fail(capsys, tmp_path, *args, data_dir=None):
     if data_dir is not None:
         argv += ["--data-dir", str(data_dir)]
     capsys.readouterr()  # drop anything printed before
-    t0 = time.perf_counter()
     rc = cli.main(argv)
-    elapsed = time.perf_counter() - t0
     captured = capsys.readouterr()
     assert rc == 2, captured
     lines = _after_startup(captured.err)
     assert len(lines) == 1, captured.err
     assert lines[0].startswith("ci-jax: error: "), lines[0]
     assert captured.out == ""
-    assert not (out / "report.json").exists()
-    assert elapsed < 20.0, f"{args}: took {elapsed:.1f} s to fail"
+    assert not (out / "report.json").exists()  # and no training: the _no_training fixture
     return lines[0]
 
 
@@ -428,11 +414,11 @@ def test_run_starts_with_one_line_naming_version_backend_preset_and_out(capsys, 
 def test_sweep_and_bench_start_with_the_line_too(capsys, tmp_path):
     assert cli.main(["sweep", str(tmp_path / "no-spec.yaml"), "--out", str(tmp_path / "s")]) == 2
     lines = capsys.readouterr().err.splitlines()
-    assert lines[0].startswith(STARTUP) and lines[0].endswith(f"; sweep {tmp_path / 'no-spec.yaml'} -> {tmp_path / 's'}")
+    assert STARTUP.match(lines[0]) and lines[0].endswith(f"; sweep {tmp_path / 'no-spec.yaml'} -> {tmp_path / 's'}")
     assert len(lines) == 2 and lines[1].startswith("ci-jax: error: ")
     assert cli.main(["bench", "--quick", "--models", "vgg"]) == 2
     lines = capsys.readouterr().err.splitlines()
-    assert lines[0].startswith(STARTUP) and lines[0].endswith("; bench") and len(lines) == 2
+    assert STARTUP.match(lines[0]) and lines[0].endswith("; bench") and len(lines) == 2
 
 
 BACKEND_ERRORS = {
@@ -508,6 +494,7 @@ except KeyboardInterrupt:
 """
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize("when", ["idle", "busy"])
 def test_an_interrupt_after_worker_processes_is_exactly_one_line(tmp_path, when):
     # os._exit skipped the release of the pool's semaphores, and loky's resource tracker, a process
@@ -556,6 +543,7 @@ def test_bad_cpu_devices_is_one_error_line(monkeypatch, capsys, tmp_path, bad):
 # --- as a real process -------------------------------------------------------------------------
 
 
+@pytest.mark.timing
 def test_subprocess_bad_input_is_one_error_line_and_exit_2(tmp_path, idx_dir):
     out = tmp_path / "run"
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
@@ -565,7 +553,7 @@ def test_subprocess_bad_input_is_one_error_line_and_exit_2(tmp_path, idx_dir):
          "--attack.pixel.row", "40", "--attack.n_poison", "5", "--no-plots"],
         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
     assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.startswith(STARTUP)  # found in the data: after the start-up line
+    assert STARTUP.match(proc.stderr)  # found in the data: after the start-up line
     lines = _after_startup(proc.stderr)
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("ci-jax: error: trigger pixel at (40, 24)")

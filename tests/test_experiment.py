@@ -153,6 +153,22 @@ def test_baseline_from_another_run(first_run, ds, tmp_path):
     assert other["baseline"]["checkpoint"] == os.path.relpath(out / "baseline", tmp_path / "ablation")
 
 
+def test_baseline_from_writes_nothing_into_the_other_run(first_run, ds, tmp_path):
+    # Its caches (a new defense's result, a new filter's pass) go to this run's caches/; the other
+    # run's are read.
+    out, _ = first_run
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    other = experiment.run(_cfg(defense__ci__filters=["mean2"], defense__retrain=False), tmp_path / "abl",
+                           dataset=ds, make_plots=False, baseline_from=out)
+    assert other["timings_s"]["features"] == 0.0  # the other run's passes.npz, read
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+    kept = {p.name for p in (tmp_path / "abl" / "caches").iterdir()}
+    assert "pass-mean2.npz" in kept and any(n.startswith("defense-ci-") for n in kept)
+    again = experiment.run(_cfg(defense__ci__filters=["mean2"], defense__retrain=False), tmp_path / "abl",
+                           dataset=ds, make_plots=False, baseline_from=out)
+    assert again["defense"]["timings_s"] == {}  # the result cached in caches/ is reused
+
+
 def test_baseline_from_a_run_with_other_training_is_refused(first_run, ds, tmp_path):
     out, _ = first_run
     with pytest.raises(UserError, match=r"its baseline was trained otherwise \(train.lr differ\)"):
@@ -239,6 +255,7 @@ def uninterrupted(mnist_like_dir, tmp_path_factory):
     return report
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize("kill_at", ["baseline-epoch", "gmm", "retrain-epoch", "write:report.json"])
 def test_killed_run_resumes_to_the_same_report(kill_at, uninterrupted, mnist_like_dir, tmp_path):
     killed = _cli(tmp_path, mnist_like_dir, kill_at)

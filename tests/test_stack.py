@@ -122,6 +122,7 @@ def _script(tmp_path, root, kill=False):
                           timeout=900)
 
 
+@pytest.mark.timing
 def test_kill_9_during_a_stacked_training_then_restart_ends_with_the_same_models(tmp_path):
     whole = _script(tmp_path, tmp_path / "whole")
     assert whole.returncode == 0, whole.stderr[-2000:]

@@ -401,6 +401,7 @@ def test_four_devices_match_one(tmp_path):
     np.testing.assert_array_equal(four["pred"], one["pred"])
 
 
+@pytest.mark.timing
 def test_a_second_process_waits_for_the_first_and_reuses_its_model(ds, trained_dir, tmp_path):
     import threading
 

@@ -48,18 +48,22 @@ class View:
     seed: int
     reserve: Reserve | None = None
     cache_dir: Path | None = None  # where a defense may keep what it computed; None: no caching
+    read_dirs: tuple[Path, ...] = ()  # caches also read, never written (a borrowed baseline's)
     key: str = ""  # identifies the baseline and its passes: every cache key starts with it
     is_poison_N: np.ndarray | None = None  # ground truth, only to count poisons in reports
     timings_s: dict[str, float] = dataclasses.field(default_factory=dict)
 
-    def cache_path(self, name: str) -> Path | None:
-        return self.cache_dir / name if self.cache_dir is not None else None
+    def cache_paths(self, name: str) -> list[Path]:
+        """Where the cache `name` is looked for, the first where it is kept (see `cache.npz`)."""
+        if self.cache_dir is None:
+            return []
+        return [d / name for d in (self.cache_dir, *self.read_dirs)]
 
     def cached(self, name: str, compute: Callable[[], dict[str, np.ndarray]],
                fits: Callable[[dict[str, np.ndarray]], bool] | None = None) -> dict[str, np.ndarray]:
         """Arrays a defense computed from this baseline, once per baseline and `name` (which must
         say everything they depend on), kept in NAME.npz."""
-        return cache.npz(self.cache_path(f"{_slug(name)}.npz"), f"{self.key}/{name}", compute, fits)
+        return cache.npz(self.cache_paths(f"{_slug(name)}.npz"), f"{self.key}/{name}", compute, fits)
 
     def train_pass(self, name: str, transform: Callable) -> np.ndarray:
         """The baseline's decisions on every training image through `transform`, computed once

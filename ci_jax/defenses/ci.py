@@ -165,7 +165,7 @@ class CI(Defense):
             return {"comp": comp_N.tolist(), "classes": classes}
 
         fits = lambda v: gmm.fits(v, view.y_N, labels)
-        value = cache.json_value(view.cache_path("gmm.json"), key, compute, fits)
+        value = cache.json_value(view.cache_paths("gmm.json"), key, compute, fits)
         return np.asarray(value["comp"], np.int64), copy.deepcopy(value["classes"])
 
     def run(self, view: View) -> Result:
