@@ -123,7 +123,7 @@ def bench_train(model: str, batch: int, x_NHWC: jax.Array, y_N: jax.Array, num_c
     t = _trainer(model, batch, batch, x_NHWC.shape[1:], num_classes)
     x_NHWC, y_N = jax.device_put((x_NHWC, y_N), t.replicated)
     idx_SB = t.epoch_indices(x_NHWC.shape[0], 0)
-    step_fn, compile_s, flops = _compile(t._train_step, t.state, x_NHWC, y_N, idx_SB, 0, t.lr_S, 0)
+    step_fn, compile_s, flops = _compile(t.train_step, t.state, x_NHWC, y_N, idx_SB, 0, t.lr_S, 0)
 
     def run():
         losses = []
@@ -148,7 +148,7 @@ def bench_pass(model: str, eval_batch: int, x_NHWC: np.ndarray, num_classes: int
     """
     t = _trainer(model, 32, eval_batch, x_NHWC.shape[1:], num_classes)
     x_dev = jax.device_put(jnp.asarray(x_NHWC[:eval_batch]), t.replicated)
-    _, compile_s, flops = _compile(t._forward, t.model_state, x_dev, 0, eval_batch)
+    _, compile_s, flops = _compile(t.eval_step, t.model_state, x_dev, 0, eval_batch)
     t.predict(x_NHWC[:eval_batch], transform)  # warm-up through predict's own jit cache
     seconds = _best_time(lambda: t.predict(x_NHWC, transform), repeats)
     per_image = flops / eval_batch if flops else None
@@ -303,7 +303,7 @@ def bench_stack(model: str, batch: int, k: int, x_NHWC: np.ndarray, y_N: np.ndar
     steps_K = jnp.asarray(st.steps_K)
     state = st.stacked_state()
     t0 = time.perf_counter()
-    state, loss = st._step(state, x, y, idx, 0, steps_K, st.lr_KS, 0)
+    state, loss = st.train_step(state, x, y, idx, 0, steps_K, st.lr_KS, 0)
     jax.block_until_ready(loss)
     compile_s = time.perf_counter() - t0
     holder = {"state": state}
@@ -311,7 +311,7 @@ def bench_stack(model: str, batch: int, k: int, x_NHWC: np.ndarray, y_N: np.ndar
     def run():
         losses = []
         for i in range(steps):
-            holder["state"], loss = st._step(holder["state"], x, y, idx, i % idx.shape[1], steps_K, st.lr_KS, 0)
+            holder["state"], loss = st.train_step(holder["state"], x, y, idx, i % idx.shape[1], steps_K, st.lr_KS, 0)
             losses.append(loss)
         return losses
 

@@ -86,6 +86,9 @@ class Eval:
     batch_size: int = setting(64, "batch size of the inference passes (features, filters, test sets)", low=1)
     reserve: int = setting(0, "clean test images held out for the defenses that need them (scan, strip); "
                            "never used for accuracy or ASR", low=0)
+    epoch_images: int = setting(1000, "after each training epoch, clean accuracy and ASR on this many scored "
+                                "test images and as many triggered ones, into metrics.jsonl and "
+                                "plots/loss.png (0: none); the report's figures use every image", low=0)
 
 
 @section

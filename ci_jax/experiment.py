@@ -163,6 +163,25 @@ def defend(p: Prepared, view: View, cfg: Config) -> defenses.Result:
     return defenses.Result(arrays["score"], arrays["clean"], json.loads(str(arrays["report"])), {})
 
 
+def epoch_scores(cfg: Config, dataset: data.Dataset, p: Prepared) -> train.Evaluate | None:
+    """Clean accuracy and ASR after each training epoch, as BackdoorBench logs them, on the first
+    `eval.epoch_images` scored test images and as many triggered ones: a fixed subset, so that
+    the curve's points compare and cost little; the report measures on every image."""
+    n = cfg.eval.epoch_images
+    if n == 0:
+        return None
+    clean = np.flatnonzero(p.scored_N)[:n]
+    on = np.flatnonzero(p.scored_N[p.triggered.idx])[:n]
+    x_clean, y_clean, x_trig = dataset.x_test[clean], dataset.y_test[clean], p.triggered.x_NHWC[on]
+
+    def evaluate(trainer: train.Trainer) -> dict[str, float | None]:
+        scores = {"clean_acc": metrics.accuracy(trainer.predict(x_clean)[0], y_clean)}
+        if p.attack.poisons:
+            scores["asr"] = metrics.attack_success_rate(trainer.predict(x_trig)[0], cfg.attack.target)
+        return scores
+    return evaluate
+
+
 def _scores(pred_test: np.ndarray, pred_trig: np.ndarray, dataset: data.Dataset, p: Prepared,
             target: int) -> dict[str, Any]:
     """Clean accuracy on the scored test images; ASR on their triggered copies, beside the share
@@ -261,14 +280,15 @@ def _run_locked(cfg: Config, out: Path, dataset: data.Dataset, p: Prepared, base
                              train.steps_per_epoch(len(poisoned.y_N), cfg.train.batch_size))
     checkpoint.check(baseline_dir, p.model_key)  # a damaged model fails before anything is written
     _take_over(out, cfg, dataset)
-    info = train.train(baseline, poisoned.x_NHWC, poisoned.y_N, baseline_dir, p.model_key, desc="baseline")
+    info = train.train(baseline, poisoned.x_NHWC, poisoned.y_N, baseline_dir, p.model_key, desc="baseline",
+                       evaluate=epoch_scores(cfg, dataset, p))
     timings["train_baseline"] = info["seconds"]
     _clear_dead_writers(baseline_dir)
 
     timings["features"] = timings["evaluate"] = 0.0
     passes = baseline_passes(baseline, p, dataset, cache_dirs, cfg, timings)
     before = _scores(passes["pred_test"], passes["pred_trig"], dataset, p, cfg.attack.target)
-    tqdm.write(f"baseline: clean acc {before['clean_acc']:.4f}, ASR {_pct(before['asr'])}"
+    tqdm.write(f"baseline: clean acc {metrics.fmt_rate(before['clean_acc'])}, ASR {metrics.fmt_rate(before['asr'])}"
                + (" (reused checkpoint)" if info["reused"] else ""))
 
     view = defense_view(cfg, dataset, p, baseline, cache_dirs, passes)
@@ -280,8 +300,8 @@ def _run_locked(cfg: Config, out: Path, dataset: data.Dataset, p: Prepared, base
     cache.save_npz(out / "defense.npz", score=result.score_N, removed_idx=np.flatnonzero(~result.is_clean_N),
                    poison_idx=poisoned.poison_idx, cover_idx=np.flatnonzero(poisoned.is_cover_N),
                    reserve_idx=p.reserve_idx)
-    tqdm.write(f"{cfg.defense.name} removed {detection['removed']}: TPR {_pct(detection['tpr'])}, "
-               f"FPR {_pct(detection['fpr'])}, AUC {detection['auc']}")
+    tqdm.write(f"{cfg.defense.name} removed {detection['removed']}: TPR {metrics.fmt_rate(detection['tpr'])}, "
+               f"FPR {metrics.fmt_rate(detection['fpr'])}, AUC {metrics.fmt_auc(detection['auc'])}")
     if "note" in result.report:
         tqdm.write(f"{cfg.defense.name}: {result.report['note']}")
 
@@ -324,7 +344,8 @@ def _retrain(cfg: Config, out: Path, dataset: data.Dataset, p: Prepared, keep_N:
     train.check_batch(cfg.train.batch_size, "--train.batch_size", len(y_N))
     retrained = train.Trainer(cfg, dataset.x_train.shape[1:], dataset.num_classes,
                               train.steps_per_epoch(len(y_N), cfg.train.batch_size))
-    info = train.train(retrained, x_NHWC, y_N, retrained_dir, retrain_key, desc="retrain")
+    info = train.train(retrained, x_NHWC, y_N, retrained_dir, retrain_key, desc="retrain",
+                       evaluate=epoch_scores(cfg, dataset, p))
     timings["retrain"] = info["seconds"]
     _clear_dead_writers(retrained_dir)
     t0 = time.perf_counter()
@@ -333,7 +354,7 @@ def _retrain(cfg: Config, out: Path, dataset: data.Dataset, p: Prepared, keep_N:
                       lambda: _test_pass(retrained, dataset, p.triggered), fits)
     timings["evaluate"] += time.perf_counter() - t0
     after = _scores(evals["pred_test"], evals["pred_trig"], dataset, p, cfg.attack.target)
-    tqdm.write(f"retrained: clean acc {after['clean_acc']:.4f}, ASR {_pct(after['asr'])}")
+    tqdm.write(f"retrained: clean acc {metrics.fmt_rate(after['clean_acc'])}, ASR {metrics.fmt_rate(after['asr'])}")
     return retrained_dir, after
 
 
@@ -423,10 +444,6 @@ def _clear_dead_writers(model_dir: Path) -> None:
         files.clear_stale_tmp(model_dir, shared=True)
     except OSError:
         pass
-
-
-def _pct(v: float | None) -> str:
-    return "n/a" if v is None else f"{100 * v:.2f} %"
 
 
 def _plots(path: Path, dataset: data.Dataset, p: Prepared, passes: dict[str, np.ndarray],

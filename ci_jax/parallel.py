@@ -11,6 +11,7 @@ gives them: n workers each running every core's worth of BLAS threads thrash the
 
 from __future__ import annotations
 
+import concurrent.futures
 import multiprocessing.util
 import os
 import threading
@@ -18,6 +19,7 @@ import time
 from typing import Any, Callable, Sequence
 
 from joblib.externals import loky
+from tqdm.auto import tqdm
 
 WATCH_S = 1.0
 # joblib's list (joblib._parallel_backends.ParallelBackendBase.MAX_NUM_THREADS_VARS).
@@ -52,23 +54,34 @@ def worker_env(n_workers: int) -> dict[str, str]:
     return {var: os.environ.get(var, share) for var in THREAD_VARS}
 
 
-def map_processes(fn: Callable[..., Any], args: Sequence[tuple], max_workers: int | None = None) -> list[Any]:
+def map_processes(fn: Callable[..., Any], args: Sequence[tuple], max_workers: int | None = None,
+                  desc: str | None = None) -> list[Any]:
     """[fn(*a) for a in args], in parallel worker processes; in this process when there is one
-    item or one core."""
+    item or one core. desc: a progress bar of that name, an item a step (a per-class mixture
+    search can take a minute: a stage that long is never silent)."""
     n = min(len(args), max_workers or workers())
-    if n <= 1:
-        return [fn(*a) for a in args]
-    global _pool
-    pool = _pool = loky.get_reusable_executor(max_workers=n, initializer=_die_with_parent,
-                                              initargs=(os.getpid(),), env=worker_env(n))
-    futures = [pool.submit(fn, *a) for a in args]
-    try:
-        return [f.result() for f in futures]
-    except BaseException:
-        for f in futures:
-            f.cancel()
-        pool.shutdown(wait=False, kill_workers=True)  # an interrupt must not wait for a 20-second fit
-        raise
+    with tqdm(total=len(args), desc=desc, disable=desc is None, leave=False, unit="class") as bar:
+        if n <= 1:
+            out = []
+            for a in args:
+                out.append(fn(*a))
+                bar.update()
+            return out
+        global _pool
+        pool = _pool = loky.get_reusable_executor(max_workers=n, initializer=_die_with_parent,
+                                                  initargs=(os.getpid(),), env=worker_env(n))
+        futures = [pool.submit(fn, *a) for a in args]
+        try:
+            pending = set(futures)
+            while pending:
+                done, pending = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
+                bar.update(len(done))
+            return [f.result() for f in futures]
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            pool.shutdown(wait=False, kill_workers=True)  # an interrupt must not wait for a 20-second fit
+            raise
 
 
 def release() -> None:

@@ -97,23 +97,39 @@ def examples(path: PathLike, attacks: dict[str, tuple[np.ndarray, np.ndarray, np
 
 
 def loss_curves(path: PathLike, logs: dict[str, list[dict]]) -> None:
-    """Training loss against the step, one line per model, from their metrics.jsonl."""
-    fig, ax = plt.subplots(figsize=(5.0, 3.2))
-    drawn = False
-    for name, entries in logs.items():
-        pts = [(e["step"], e["loss"]) for e in entries if "step" in e and "loss" in e]
+    """Training loss against the step, one line per model, from their metrics.jsonl; beside it,
+    where the log has them, clean accuracy (solid) and ASR (dashed) after each epoch."""
+    loss = {name: [(e["step"], e["loss"]) for e in entries if "step" in e and "loss" in e]
+            for name, entries in logs.items()}
+    scores = {name: [e for e in entries if "mean_loss" in e and "clean_acc" in e] for name, entries in logs.items()}
+    if not any(loss.values()):
+        _message(path, "no training log (models trained before logs were kept)")
+        return
+    with_scores = any(scores.values())
+    fig, axes = plt.subplots(1, 2 if with_scores else 1, figsize=(9.0 if with_scores else 5.0, 3.2), squeeze=False)
+    ax = axes[0, 0]
+    for name, pts in loss.items():
         if pts:
             steps, losses = zip(*pts)
             ax.plot(steps, losses, linewidth=1.0, label=name)
-            drawn = True
-    if not drawn:
-        plt.close(fig)
-        _message(path, "no training log (models trained before logs were kept)")
-        return
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
     ax.legend(fontsize=8)
+    if with_scores:
+        ax = axes[0, 1]
+        for i, (name, entries) in enumerate(scores.items()):
+            epochs = [e["epoch"] + 1 for e in entries]
+            colour = f"C{i}"
+            ax.plot(epochs, [100 * e["clean_acc"] for e in entries], marker="o", color=colour, label=f"{name} clean")
+            asr = [(x, 100 * e["asr"]) for x, e in zip(epochs, entries) if e.get("asr") is not None]
+            if asr:
+                ax.plot(*zip(*asr), marker="s", linestyle="--", color=colour, label=f"{name} ASR")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("%")
+        ax.set_ylim(-2, 102)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     _save(fig, path)
 
@@ -281,7 +297,7 @@ def sweep_field(path: PathLike, field: str, series: dict[str, list[tuple[str, di
                 continue
             if numeric:
                 pts.sort(key=lambda p: float(p[0]))  # spec order may be 1000, 0.5: a line goes left to right
-            mean, std = [v[0] for _, v in pts], [v[1] for _, v in pts]
+            mean, std = [v[0] for _, v in pts], [v[1] or 0.0 for _, v in pts]  # one seed: no spread
             if numeric:
                 ax.errorbar([float(x) for x, _ in pts], mean, yerr=std, marker="o", markersize=3, capsize=2,
                             linewidth=1, label=label)

@@ -30,10 +30,17 @@ from ci_jax import checkpoint, faults, files, train
 from ci_jax.errors import UserError
 
 
+# The train fields in which members of one stack may differ: each member's learning rate reaches its
+# optimizer from a table of its own (`train.lr_table`), whatever schedule made it.
+MAY_DIFFER = frozenset({"lr", "schedule"})
+
+
 def stack_key(cfg) -> tuple:
-    """Members of one stack agree on this; the seed, the data and the learning rate may differ."""
+    """Members of one stack agree on this: every train field but MAY_DIFFER (so a new field keeps
+    models that differ in it apart), and the pass batch. The seed and the data may differ too."""
     t = cfg.train
-    return (t.model, t.epochs, t.batch_size, t.optimizer, t.momentum, t.nesterov, t.weight_decay, cfg.eval.batch_size)
+    return tuple((f.name, getattr(t, f.name)) for f in dataclasses.fields(t) if f.name not in MAY_DIFFER) \
+        + (("eval.batch_size", cfg.eval.batch_size),)
 
 
 @dataclasses.dataclass
@@ -67,8 +74,7 @@ class Stack:
         self.epochs = members[0].cfg.train.epochs
         total = int(self.steps_K.max()) * self.epochs
         self.lr_KS = jnp.stack([jnp.pad(t.lr_S, (0, total - t.lr_S.shape[0])) for t in self.trainers])
-        self._step = jax.jit(self._stacked_step, donate_argnums=0)
-        self._forward = jax.jit(jax.vmap(self._fwd_one, in_axes=(0, None, 0)))
+        self.train_step = jax.jit(self._stacked_step, donate_argnums=0)
 
     # -- state ----------------------------------------------------------------------------------
     def stacked_state(self):
@@ -91,9 +97,6 @@ class Stack:
     def _stacked_step(self, state_K, x_NHWC, y_N, idx_KSB, i, steps_K, lr_KS, epoch):
         return jax.vmap(self._one, in_axes=(0, None, None, 0, None, 0, 0, None))(
             state_K, x_NHWC, y_N, idx_KSB, i, steps_K, lr_KS, epoch)
-
-    def _fwd_one(self, model_state, x_NHWC, idx_B):
-        return train.forward(self.eval_def, model_state, x_NHWC[idx_B])
 
     # -- training -------------------------------------------------------------------------------
     def epoch_indices(self, epoch: int) -> jax.Array:
@@ -121,7 +124,7 @@ class Stack:
             desc = f"stack of {len(self.members)} epoch {epoch + 1}/{self.epochs}"
             with tqdm(total=s_max, desc=desc, unit="step", leave=False, mininterval=1.0) as bar:
                 for i in range(s_max):
-                    state, loss_K = self._step(state, x_NHWC, y_N, idx, i, steps_K, self.lr_KS, epoch)
+                    state, loss_K = self.train_step(state, x_NHWC, y_N, idx, i, steps_K, self.lr_KS, epoch)
                     losses.append(loss_K)
                     train.throttle(losses)
                     # Every LOG_EVERY steps and at each member's last step (members end apart).

@@ -648,7 +648,8 @@ def aggregate(rows: list[dict[str, str]], fields: list[str]) -> list[dict[str, A
         for m in METRICS:
             vals = np.array([_number(r[m]) for r in members])
             ok = vals[~np.isnan(vals)]
-            entry[m] = (float(ok.mean()), float(ok.std())) if ok.size else None
+            # The sample standard deviation; none for one seed, where there is no spread to show.
+            entry[m] = (float(ok.mean()), float(ok.std(ddof=1)) if ok.size > 1 else None) if ok.size else None
         table.append(entry)
     return table
 
@@ -664,12 +665,9 @@ def markdown(table: list[dict[str, Any]], fields: list[str]) -> str:
                 cells.append("n/a")
                 continue
             mean, std = e[m]
-            if m in percent:
-                cells.append(f"{100 * mean:.2f} ± {100 * std:.2f} %")
-            elif m == "auc":
-                cells.append(f"{mean:.4f} ± {std:.4f}")
-            else:
-                cells.append(f"{mean:.0f} ± {std:.0f}")
+            scale, digits, unit = (100, 2, " %") if m in percent else (1, 4, "") if m == "auc" else (1, 0, "")
+            spread = "" if std is None else f" ± {scale * std:.{digits}f}"
+            cells.append(f"{scale * mean:.{digits}f}{spread}{unit}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

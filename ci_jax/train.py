@@ -190,8 +190,8 @@ class Trainer:
         self.eval_def, _ = nnx.split(model)
         self.state = jax.device_put(state, self.replicated)
         self.lr_S = jax.device_put(lr_table(self.schedule, max(1, self.total_steps)), self.replicated)
-        self._train_step = jax.jit(self._step, donate_argnums=0)
-        self._forward = jax.jit(self._fwd, static_argnums=3)
+        self.train_step = jax.jit(self._step, donate_argnums=0)
+        self.eval_step = jax.jit(self._fwd, static_argnums=3)
 
     @property
     def model_state(self) -> nnx.State:
@@ -226,7 +226,7 @@ class Trainer:
         with tqdm(total=steps, desc=f"{desc} epoch {epoch + 1}/{self.cfg.train.epochs}", unit="step",
                   leave=False, mininterval=1.0) as bar:
             for i in range(steps):
-                self.state, loss = self._train_step(self.state, x_NHWC, y_N, idx_SB, i, self.lr_S, epoch * steps + i)
+                self.state, loss = self.train_step(self.state, x_NHWC, y_N, idx_SB, i, self.lr_S, epoch * steps + i)
                 losses.append(loss)
                 throttle(losses)
                 if (i + 1) % LOG_EVERY == 0 or i + 1 == steps:
@@ -265,7 +265,7 @@ class Trainer:
                 x = jax.jit(transform)(x)
             outs = []
             for i in tqdm(range(steps), desc=desc, leave=False, disable=desc is None):
-                outs.append(self._forward(self.model_state, x, i * b, b))
+                outs.append(self.eval_step(self.model_state, x, i * b, b))
                 throttle(outs)
             parts = range(3 if logits else 2)
             return tuple(_to_host(jnp.concatenate([o[k] for o in outs])[:n]) for k in parts)
@@ -307,8 +307,11 @@ def _like(template: Any, named: Any) -> Any:
     return jnp.asarray(named)
 
 
+Evaluate = Callable[["Trainer"], dict[str, float]]
+
+
 def train(trainer: Trainer, x_NHWC: np.ndarray, y_N: np.ndarray, ckpt_dir: str | os.PathLike,
-          key: str, desc: str = "train") -> dict[str, Any]:
+          key: str, desc: str = "train", evaluate: Evaluate | None = None) -> dict[str, Any]:
     """Trains to cfg.train.epochs, resuming from ckpt_dir; a finished run with the same key is reused.
 
     `key` names what was trained (config and data, training set); a directory holding another
@@ -316,6 +319,8 @@ def train(trainer: Trainer, x_NHWC: np.ndarray, y_N: np.ndarray, ckpt_dir: str |
     UserError that says to delete it. A finished model is only read (its directory may be
     read-only). Processes that share ckpt_dir (sweeps sharing --models) take turns: the second
     one reuses what the first trained instead of training into the same files at the same time.
+    evaluate: called after each epoch; the rates it returns (e.g. clean accuracy and ASR) go into
+    that epoch's line of metrics.jsonl, and its time is not counted as training.
     Returns {"reused": bool, "resumed_from_epoch": int, "seconds": float, "images_per_s": float}.
     """
     ckpt_dir = Path(ckpt_dir)
@@ -326,16 +331,16 @@ def train(trainer: Trainer, x_NHWC: np.ndarray, y_N: np.ndarray, ckpt_dir: str |
         return {"reused": True, "resumed_from_epoch": checkpoint.load(trainer, ckpt_dir), "seconds": 0.0,
                 "images_per_s": None}
     with files.exclusive(ckpt_dir.parent / f".{ckpt_dir.name}.lock"):
-        return _train_locked(trainer, x_NHWC, y_N, ckpt_dir, key, desc)
+        return _train_locked(trainer, x_NHWC, y_N, ckpt_dir, key, desc, evaluate)
 
 
 def _train_locked(trainer: Trainer, x_NHWC: np.ndarray, y_N: np.ndarray, ckpt_dir: Path, key: str,
-                  desc: str) -> dict[str, Any]:
+                  desc: str, evaluate: Evaluate | None) -> dict[str, Any]:
     mngr, start = checkpoint.open_for_training(trainer, ckpt_dir, key)
     try:
         if start == trainer.cfg.train.epochs and checkpoint.finished(ckpt_dir, key):
             return {"reused": True, "resumed_from_epoch": start, "seconds": 0.0, "images_per_s": None}
-        return resume(trainer, mngr, x_NHWC, y_N, ckpt_dir, key, start, desc)
+        return resume(trainer, mngr, x_NHWC, y_N, ckpt_dir, key, start, desc, evaluate)
     finally:
         mngr.close()  # also after a failure: leaves no Orbax threads behind
 
@@ -382,7 +387,7 @@ def read_log(ckpt_dir: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def resume(trainer: Trainer, mngr: checkpoint.Manager, x_NHWC: np.ndarray, y_N: np.ndarray,
-           ckpt_dir: Path, key: str, start_epoch: int, desc: str) -> dict[str, Any]:
+           ckpt_dir: Path, key: str, start_epoch: int, desc: str, evaluate: Evaluate | None = None) -> dict[str, Any]:
     """Trains `trainer` (restored at start_epoch) to the end, saving each epoch, then marks done."""
     epochs = trainer.cfg.train.epochs
     log = Log(ckpt_dir / "metrics.jsonl", start_epoch)
@@ -390,20 +395,24 @@ def resume(trainer: Trainer, mngr: checkpoint.Manager, x_NHWC: np.ndarray, y_N: 
     try:
         x = jax.device_put(jnp.asarray(x_NHWC), trainer.replicated)
         y = jax.device_put(jnp.asarray(y_N, jnp.int32), trainer.replicated)
-        t0 = time.perf_counter()
+        t0, evaluating = time.perf_counter(), 0.0
         for epoch in range(start_epoch, epochs):
             t_epoch = time.perf_counter()
             loss = trainer.fit_epoch(x, y, epoch, desc, log)
             checkpoint.save(mngr, ckpt_dir, epoch + 1, trainer)
-            log({"epoch": epoch, "mean_loss": loss, "seconds": time.perf_counter() - t_epoch})
+            seconds = time.perf_counter() - t_epoch
+            scores = evaluate(trainer) if evaluate is not None else {}
+            evaluating += time.perf_counter() - t_epoch - seconds
+            log({"epoch": epoch, "mean_loss": loss, "seconds": seconds, **scores})
             faults.point(f"{desc}-epoch")
-            tqdm.write(f"{desc}: epoch {epoch + 1}/{epochs} mean loss {loss:.4f}")
+            tqdm.write(f"{desc}: epoch {epoch + 1}/{epochs} mean loss {loss:.4f}"
+                       + "".join(f", {k} {metrics.fmt_rate(v)}" for k, v in scores.items()))
     except (jax.errors.JaxRuntimeError, MemoryError) as e:
         oom = _out_of_memory(e, "--train.batch_size", b)
         if oom is None:
             raise
         raise oom from None
-    seconds = time.perf_counter() - t0
+    seconds = time.perf_counter() - t0 - evaluating
     n_img = (epochs - start_epoch) * steps_per_epoch(len(y_N), b) * b
     checkpoint.mark_done(ckpt_dir, key, epochs)
     return {"reused": False, "resumed_from_epoch": start_epoch, "seconds": seconds,

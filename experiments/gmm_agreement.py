@@ -35,7 +35,7 @@ def _ci(view, defense: ci.CI, comp_N: np.ndarray, classes: list[dict]) -> tuple[
     """(score per image, removed): CI's decision, with the run's filters and rule, on these mixtures."""
     names = [filters.describe(f, defense.s.filter_params()) for f in defense.s.filters]
     pred_filt_FN = np.stack([view.train_pass(n, None) for n in names])
-    flagged_K, score_K, _ = defense._decide(view, comp_N, [dict(c) for c in classes], pred_filt_FN, names)
+    flagged_K, score_K, _ = defense.decide(view, comp_N, [dict(c) for c in classes], pred_filt_FN, names)
     return score_K[comp_N], flagged_K[comp_N]
 
 

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from ci_jax import cli, config, data, experiment
+from ci_jax import cli, config, data, experiment, train
 from ci_jax.errors import UserError
 
 # diag: with ~200 images a class, full 128-D covariances cost BIC too much to ever split a class.
@@ -60,6 +60,18 @@ def test_report_says_what_was_measured_on_what(first_run, ds):
     assert report["device"]["platform"] == "cpu"
     lines = cli.summary(report, "x/report.json").splitlines()
     assert len(lines) == 4 and lines[1].startswith("defense    ci removed") and lines[-1].endswith("-> x/report.json")
+
+
+def test_each_epoch_logs_clean_accuracy_and_asr_on_the_fixed_subset(first_run, ds):
+    out, report = first_run
+    for model in ("baseline", "retrained"):
+        epochs = [e for e in train.read_log(out / model) if "mean_loss" in e]
+        assert [e["epoch"] for e in epochs] == list(range(_cfg().train.epochs))
+        assert all(0.0 <= e["clean_acc"] <= 1.0 and 0.0 <= e["asr"] <= 1.0 for e in epochs)
+    # The subset covers every scored test image here (500 < 1000), so the last epoch's figures
+    # are the report's.
+    last = [e for e in train.read_log(out / "baseline") if "mean_loss" in e][-1]
+    assert (last["clean_acc"], last["asr"]) == (report["baseline"]["clean_acc"], report["baseline"]["asr"])
 
 
 def test_run_directory(first_run):

@@ -233,3 +233,18 @@ def test_roc_has_a_log_fpr_axis_with_zero_at_its_left_edge(tmp_path, figures):
     assert list(ax.get_lines()[1].get_xdata()) == [0.002, 0.002, 0.004, 1.0]  # FPR 0 at half the smallest FPR
     plots.roc(tmp_path / "roc_none.png", {})
     assert figures[1].axes[0].get_xscale() == "linear"
+
+
+def test_loss_curves_draw_clean_accuracy_and_asr_per_epoch_beside_the_loss(tmp_path, figures):
+    log = [{"step": 25, "epoch": 0, "loss": 2.0}, {"epoch": 0, "mean_loss": 1.2, "clean_acc": 0.9, "asr": 0.5},
+           {"step": 50, "epoch": 1, "loss": 0.5}, {"epoch": 1, "mean_loss": 0.4, "clean_acc": 0.95, "asr": 0.99}]
+    clean_only = [{"step": 25, "epoch": 0, "loss": 1.0}, {"epoch": 0, "mean_loss": 1.0, "clean_acc": 0.8, "asr": None}]
+    plots.loss_curves(tmp_path / "loss.png", {"baseline": log, "retrained": clean_only})
+    loss_ax, score_ax = figures[-1].axes
+    assert loss_ax.get_yscale() == "log" and score_ax.get_xlabel() == "epoch"
+    lines = {line.get_label(): line for line in score_ax.get_lines()}
+    assert set(lines) == {"baseline clean", "baseline ASR", "retrained clean"}  # no ASR without an attack
+    assert list(lines["baseline clean"].get_xdata()) == [1, 2]
+    assert list(lines["baseline ASR"].get_ydata()) == [50.0, 99.0]
+    plots.loss_curves(tmp_path / "old.png", {"baseline": log[:1]})  # a log from before epoch scores
+    assert len(figures[-1].axes) == 1

@@ -195,3 +195,17 @@ def test_jax_mixtures_ascent_stops_like_scikit_learn():
 def test_jax_backend_needs_full_covariances():
     with pytest.raises(Exception, match="full covariances only"):
         config.preset("default", {"defense.ci.gmm_backend": "jax", "defense.ci.covariance": "diag"})
+
+
+def test_stack_key_is_every_train_field_but_the_learning_rate_and_its_schedule():
+    import dataclasses
+
+    base = config.preset("fast")
+    assert stack.stack_key(base) == stack.stack_key(config.preset("fast", {"train.lr": 0.5, "train.schedule": "constant",
+                                                                          "seed": 3}))
+    for f in dataclasses.fields(base.train):  # a field added later keeps models that differ in it apart
+        if f.name in stack.MAY_DIFFER:
+            continue
+        other = dataclasses.replace(base, train=dataclasses.replace(base.train, **{f.name: object()}))
+        assert stack.stack_key(other) != stack.stack_key(base), f.name
+    assert stack.stack_key(config.preset("fast", {"eval.batch_size": 32})) != stack.stack_key(base)

@@ -372,8 +372,11 @@ def _one_error_line(capsys, argv):
 
     rc = cli.main(argv)
     err = capsys.readouterr().err
-    assert rc == 2 and len(err.splitlines()) == 1 and err.startswith("ci-jax: error: "), err
-    return err
+    lines = err.splitlines()
+    if lines and ": backend " in lines[0] and lines[0].startswith("ci-jax "):
+        lines = lines[1:]  # the start-up line, which the sweep's checks follow
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("ci-jax: error: "), err
+    return lines[0]
 
 
 @pytest.mark.parametrize("where,match", [
@@ -605,3 +608,18 @@ def test_read_rows_names_the_damage(tmp_path, text, reason):
     assert sweep.read_rows(tmp_path / "none.csv") == []
     with pytest.raises(UserError, match="cannot read"):  # a directory where the CSV should be is no damage to rebuild
         sweep.read_rows(tmp_path)
+
+
+def test_the_summary_shows_the_spread_over_seeds_only_where_there_are_several():
+    rows = [{"attack.name": "pixel", "seed": s, **{m: "" for m in sweep.METRICS}} for s in ("0", "1")]
+    rows[0].update(tpr="0.5", auc="0.8")
+    rows[1].update(tpr="0.7", auc="0.9")
+    rows.append({"attack.name": "patch", "seed": "0", **{m: "" for m in sweep.METRICS}, "tpr": "0.25"})
+    table = sweep.aggregate(rows, ["attack.name"])
+    pixel, patch = table
+    assert pixel["seeds"] == 2 and pixel["tpr"][0] == pytest.approx(0.6)
+    assert pixel["tpr"][1] == pytest.approx(0.1414213562)  # sample std: sqrt(((0.1)^2 + (0.1)^2) / 1)
+    assert patch["tpr"] == (0.25, None) and patch["auc"] is None
+    md = sweep.markdown(table, ["attack.name"]).splitlines()
+    assert "| 60.00 ± 14.14 % |" in md[2] and "| 0.8500 ± 0.0707 |" in md[2]
+    assert "| 25.00 % |" in md[3] and "±" not in md[3].split("| 1 |", 1)[1]

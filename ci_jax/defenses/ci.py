@@ -174,13 +174,15 @@ class CI(Defense):
         pred_filt_FN, t_pass = timed(lambda: np.stack([
             view.train_pass(name, filters.make(f, self.s.filter_params(), view.seed))
             for f, name in zip(self.s.filters, names)]))
-        (flagged_K, score_K, report), t_imp = timed(lambda: self._decide(view, comp_N, classes, pred_filt_FN, names))
+        (flagged_K, score_K, report), t_imp = timed(lambda: self.decide(view, comp_N, classes, pred_filt_FN, names))
         removed_N = flagged_K[comp_N]
         return Result(score_N=score_K[comp_N], is_clean_N=~removed_N, report=report,
                       timings_s={"gmm": t_gmm, "filtered_passes": t_pass, "impurity": t_imp})
 
-    def _decide(self, view: View, comp_N: np.ndarray, classes: list[dict[str, Any]], pred_filt_FN: np.ndarray,
+    def decide(self, view: View, comp_N: np.ndarray, classes: list[dict[str, Any]], pred_filt_FN: np.ndarray,
                 names: list[str]) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+        """(flagged_K, score_K, report) of every component from its decisions under the filters:
+        the impurity and the rule, given the mixtures (comp_N, classes) already fitted."""
         n_comp = sum(c["k"] for c in classes)
         imp_FK, flips_FK, size_K = (np.asarray(a, np.float64) for a in impurity(
             jnp.asarray(view.pred_N), jnp.asarray(pred_filt_FN), jnp.asarray(comp_N), n_comp))

@@ -186,7 +186,7 @@ class SPECTRE(Defense):
         labels = view.classes()
         per_class, seconds = timed(lambda: parallel.map_processes(
             class_scores, [(view.feats_ND[view.y_N == c].astype(np.float64), self.s.eps, self.s.alpha)
-                           for c in labels]))
+                           for c in labels], desc="spectre scores"))
         top = int(np.argmax([spike for _, spike, _ in per_class]))
         score_N = np.zeros(len(view.y_N))
         removed_N = np.zeros(len(view.y_N), bool)
