@@ -330,7 +330,7 @@ def bench_stack(model: str, batch: int, k: int, x_NHWC: np.ndarray, y_N: np.ndar
 def _baseline_view(args, ds: data.Dataset, n: int, eval_batch: int):
     """(View, source): a finished run's baseline (its cached passes, a reserve of 1,000 test
     images), else a freshly initialised resnet20 on the data."""
-    from ci_jax import experiment, train
+    from ci_jax import experiment
 
     if not args.run:
         reps = math.ceil(n / len(ds.y_train))
@@ -344,19 +344,9 @@ def _baseline_view(args, ds: data.Dataset, n: int, eval_batch: int):
         view = View(x_NHWC=x, y_N=y, feats_ND=feats, pred_N=pred, num_classes=ds.num_classes, predict=t.predict,
                     seed=0, reserve=Reserve(ds.x_test[r], ds.y_test[r], tf, tp, r, key="bench"))
         return view, "random-init resnet20"
-    try:
-        saved = files.read_json(os.path.join(args.run, "config.json"))
-    except (OSError, ValueError) as e:
-        raise UserError(f"--run {args.run}: no config.json there ({e})") from None
-    cfg = config.replace(experiment.config_from_run(saved, f"--run {args.run}"),
-                         {"eval.batch_size": eval_batch, "eval.reserve": min(1000, len(ds.y_test) // 10)})
-    p = experiment.prepare(cfg, ds)
-    ckpt = experiment.finished_baseline(args.run, cfg, p.model_key, flag="--run")
-    t = train.Trainer(cfg, ds.x_train.shape[1:], ds.num_classes,
-                      train.steps_per_epoch(len(p.poisoned.y_N), cfg.train.batch_size))
-    train.train(t, p.poisoned.x_NHWC, p.poisoned.y_N, ckpt, p.model_key)  # restores: the baseline is finished
-    passes = experiment.baseline_passes(t, p, ds, [ckpt], cfg, {})  # the run's cached pass
-    view = experiment.defense_view(cfg, ds, p, t, [ckpt], passes)
+    run = experiment.open_run(args.run, dataset=ds, overrides={
+        "eval.batch_size": eval_batch, "eval.reserve": min(1000, len(ds.y_test) // 10)})
+    cfg, view = run.cfg, run.view
     if n < len(view.y_N):
         import dataclasses as dc
 

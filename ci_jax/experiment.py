@@ -38,6 +38,7 @@ _RESERVE_STREAM = 7  # of the run's seed: which test images are held out
 class Prepared:
     """Everything a run needs that comes from the config and the data alone, checked up front."""
 
+    cfg: Config
     attack: attacks.Attack
     defense: defenses.Defense
     poisoned: attacks.PoisonedSet
@@ -47,10 +48,15 @@ class Prepared:
     model_key: str
 
 
-def prepare(cfg: Config, dataset: data.Dataset) -> Prepared:
+def prepare(cfg: Config, dataset: data.Dataset, like: Prepared | None = None) -> Prepared:
     """The poisoned training set, the triggered test set and the reserve; raises UserError for an
-    attack, a defense or a reserve that cannot be carried out on this data, before any work."""
+    attack, a defense or a reserve that cannot be carried out on this data, before any work.
+
+    like: another run's Prepared on the same dataset; where it poisoned for the same model key
+    (runs of one baseline), its poisoned and triggered sets are taken, not computed again.
+    """
     config_lib.validate(cfg)
+    key = config_lib.model_key(cfg, dataset.sha256)
     image_shape = tuple(int(d) for d in dataset.x_train.shape[1:])
     target = attacks.Target(cfg.attack.source, cfg.attack.target, cfg.attack.n_poison, cfg.attack.selection, cfg.seed)
     attack = attacks.build(cfg.attack.name, cfg.attack_settings(), target)
@@ -60,8 +66,11 @@ def prepare(cfg: Config, dataset: data.Dataset) -> Prepared:
     if cfg.eval.reserve >= n_test:
         raise UserError(f"eval.reserve = {cfg.eval.reserve} holds out the whole {n_test}-image test split: "
                         "leave test images to score")
-    poisoned = attacks.poison_training_set(attack, dataset.x_train, dataset.y_train, dataset.num_classes)
-    triggered = attacks.triggered_test_set(attack, dataset.x_test, dataset.y_test, dataset.num_classes)
+    if like is not None and like.model_key == key:
+        poisoned, triggered = like.poisoned, like.triggered
+    else:
+        poisoned = attacks.poison_training_set(attack, dataset.x_train, dataset.y_train, dataset.num_classes)
+        triggered = attacks.triggered_test_set(attack, dataset.x_test, dataset.y_test, dataset.num_classes)
     reserve_idx = np.sort(np.random.default_rng([cfg.seed, _RESERVE_STREAM]).permutation(n_test)[:cfg.eval.reserve])
     scored = np.ones(n_test, bool)
     scored[reserve_idx] = False
@@ -71,8 +80,7 @@ def prepare(cfg: Config, dataset: data.Dataset) -> Prepared:
     train.check_batch(cfg.train.batch_size, "--train.batch_size", len(poisoned.y_N))
     # A pass batch beyond the largest set it runs over is padding only (and 2^31 of it is terabytes).
     train.check_batch(cfg.eval.batch_size, "--eval.batch_size", max(len(poisoned.y_N), n_test))
-    return Prepared(attack, defense, poisoned, triggered, reserve_idx, scored,
-                    config_lib.model_key(cfg, dataset.sha256))
+    return Prepared(cfg, attack, defense, poisoned, triggered, reserve_idx, scored, key)
 
 
 # -- passes -------------------------------------------------------------------------------------
@@ -214,6 +222,45 @@ def finished_baseline(run_dir: str | os.PathLike, cfg: Config, key: str, flag: s
     return path
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class OpenRun:
+    """What a finished run directory holds, opened for another look (a benchmark, an analysis)."""
+
+    cfg: Config
+    dataset: data.Dataset
+    prepared: Prepared
+    baseline_dir: Path
+    baseline: train.Trainer  # the finished baseline, loaded
+    passes: dict[str, np.ndarray]  # its cached passes (see `baseline_passes`)
+    view: View  # the defenses' view of it, caching beside the baseline
+
+
+def open_run(run_dir: str | os.PathLike, *, dataset: data.Dataset | None = None,
+             data_dir: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None,
+             flag: str = "--run") -> OpenRun:
+    """Opens the finished baseline of `run_dir` with its config (and `overrides` of fields that
+    train no model, e.g. eval.batch_size), on `dataset` or the data in `data_dir`. Nothing is
+    trained; a pass that is not cached yet is computed and kept. Errors name `flag`."""
+    try:
+        saved = files.read_json(Path(run_dir) / "config.json")
+    except (OSError, ValueError) as e:
+        raise UserError(f"{flag} {run_dir}: no readable config.json there ({type(e).__name__}): "
+                        "run `ci-jax run` on it first") from None
+    cfg = config_from_run(saved, f"{flag} {run_dir}")
+    if overrides:
+        cfg = config_lib.replace(cfg, overrides)
+    if dataset is None:
+        dataset = data.load(cfg.data.dataset, data_dir)
+    p = prepare(cfg, dataset)
+    baseline_dir = finished_baseline(run_dir, cfg, p.model_key, flag)
+    baseline = train.Trainer(cfg, dataset.x_train.shape[1:], dataset.num_classes,
+                             train.steps_per_epoch(len(p.poisoned.y_N), cfg.train.batch_size))
+    checkpoint.load(baseline, baseline_dir)
+    passes = baseline_passes(baseline, p, dataset, [baseline_dir], cfg, {})
+    return OpenRun(cfg, dataset, p, baseline_dir, baseline, passes,
+                   defense_view(cfg, dataset, p, baseline, [baseline_dir], passes))
+
+
 def config_from_run(saved: Any, where: str) -> Config:
     """A run directory's config.json as a Config; one made before config sections is refused."""
     if isinstance(saved, dict) and "trigger" in saved and "attack" not in saved:
@@ -245,13 +292,15 @@ def _take_over(out: Path, cfg: Config, dataset: data.Dataset) -> None:
 def run(cfg: Config, out: str | os.PathLike, *, data_dir: str | os.PathLike | None = None,
         dataset: data.Dataset | None = None, make_plots: bool = True,
         baseline_from: str | os.PathLike | None = None,
-        shared_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+        shared_dir: str | os.PathLike | None = None, prepared: Prepared | None = None) -> dict[str, Any]:
     """Runs (or resumes) the experiment in `out` and returns the report written to report.json.
 
     baseline_from: another run directory whose finished baseline (and cached passes) to use
     instead of `out/baseline`, for defense ablations in separate directories.
     shared_dir: keep models under shared_dir/baselines/ and shared_dir/retrained/, keyed by
     what trained them, so that the runs of a sweep share every model they can.
+    prepared: `prepare(cfg, dataset)`, when the caller has it already (a sweep that stacked the
+    run's models), so that the data is poisoned once per run.
     """
     config_lib.validate(cfg)
     t_start = time.perf_counter()
@@ -259,7 +308,9 @@ def run(cfg: Config, out: str | os.PathLike, *, data_dir: str | os.PathLike | No
     t0 = time.perf_counter()
     if dataset is None:
         dataset = data.load(cfg.data.dataset, data_dir)
-    p = prepare(cfg, dataset)
+    p = prepared if prepared is not None else prepare(cfg, dataset)
+    if p.cfg != cfg or p.model_key != config_lib.model_key(cfg, dataset.sha256):
+        raise ValueError("run(prepared=...) was prepared from another config or other data")
     timings["data"] = time.perf_counter() - t0
     baseline_dir = (finished_baseline(baseline_from, cfg, p.model_key) if baseline_from else
                     Path(shared_dir) / "baselines" / p.model_key if shared_dir else Path(out) / "baseline")
@@ -365,77 +416,6 @@ def retrain_target(p: Prepared, keep_N: np.ndarray, shared_dir: str | os.PathLik
     removed_hash = hashlib.sha256(np.flatnonzero(~keep_N).astype(np.int64).tobytes()).hexdigest()[:16]
     key = f"{p.model_key}-{removed_hash}"
     return key, Path(shared_dir) / "retrained" / key if shared_dir else out / "retrained"
-
-
-def baseline_member(cfg: Config, dataset: data.Dataset, shared_dir: str | os.PathLike):
-    """(stack member, prepared run) of a sweep run's baseline, for `stack.train_members`."""
-    from ci_jax import stack
-
-    p = prepare(cfg, dataset)
-    member = stack.Member(cfg, np.arange(len(p.poisoned.y_N)), Path(shared_dir) / "baselines" / p.model_key,
-                          p.model_key, "baseline")
-    return member, p
-
-
-def retrain_member(cfg: Config, dataset: data.Dataset, shared_dir: str | os.PathLike):
-    """(stack member, prepared run) of what a sweep run retrains after its defense, or None when it
-    retrains nothing. The baseline must be trained (it is reused); its passes and the defense's
-    result are computed or read from their caches, so the run itself later finds them there."""
-    from ci_jax import stack
-
-    p = prepare(cfg, dataset)
-    baseline_dir = Path(shared_dir) / "baselines" / p.model_key
-    baseline = train.Trainer(cfg, dataset.x_train.shape[1:], dataset.num_classes,
-                             train.steps_per_epoch(len(p.poisoned.y_N), cfg.train.batch_size))
-    train.train(baseline, p.poisoned.x_NHWC, p.poisoned.y_N, baseline_dir, p.model_key, desc="baseline")
-    passes = baseline_passes(baseline, p, dataset, [baseline_dir], cfg, {})
-    keep_N = defend(p, defense_view(cfg, dataset, p, baseline, [baseline_dir], passes), cfg).is_clean_N
-    if not cfg.defense.retrain or keep_N.all():
-        return None
-    key, directory = retrain_target(p, keep_N, shared_dir, None)
-    return stack.Member(cfg, np.flatnonzero(keep_N), directory, key, "retrain"), p
-
-
-def stacked_passes(members_and_runs: list, dataset: data.Dataset) -> None:
-    """Writes passes.npz of freshly stacked-trained baselines in one vmapped pass per set: the
-    training set, the test split and the triggered test images of each."""
-    from ci_jax import stack
-
-    todo = [(m, p) for m, p in members_and_runs
-            if cache.load_npz(m.ckpt_dir / "passes.npz", passes_key(p, m.cfg), passes_fit(p, dataset)) is None]
-    if not todo:
-        return
-    trainers = []
-    for m, p in todo:
-        t = train.Trainer(m.cfg, dataset.x_train.shape[1:], dataset.num_classes,
-                          train.steps_per_epoch(len(p.poisoned.y_N), m.cfg.train.batch_size))
-        train.train(t, p.poisoned.x_NHWC, p.poisoned.y_N, m.ckpt_dir, m.key)  # restores: finished
-        trainers.append(t)
-    for group in _by_eval_batch(trainers, todo):
-        ts = [trainers[i] for i in group]
-        runs = [todo[i][1] for i in group]
-        xs, offsets = _concat([p.poisoned.x_NHWC for p in runs])
-        feats = stack.predict(ts, xs, [o + np.arange(len(p.poisoned.y_N)) for o, p in zip(offsets, runs)], "features")
-        tests = stack.predict(ts, dataset.x_test, [np.arange(len(dataset.y_test))] * len(ts), "test")
-        trig_x, trig_off = _concat([p.triggered.x_NHWC for p in runs])
-        trig = stack.predict(ts, trig_x, [o + np.arange(len(p.triggered.idx)) for o, p in zip(trig_off, runs)],
-                             "triggered")
-        for i, (pred, f), (pt, ft), (pg, _) in zip(group, feats, tests, trig):
-            m, p = todo[i]
-            cache.save_npz(m.ckpt_dir / "passes.npz", key=np.asarray(passes_key(p, m.cfg)), pred=pred, feats=f,
-                           pred_test=pt, feats_test=ft, pred_trig=pg)
-
-
-def _by_eval_batch(trainers, todo) -> list[list[int]]:
-    groups: dict[tuple, list[int]] = {}
-    for i, (m, _) in enumerate(todo):
-        groups.setdefault((m.cfg.train.model, m.cfg.eval.batch_size), []).append(i)
-    return list(groups.values())
-
-
-def _concat(arrays: list[np.ndarray]) -> tuple[np.ndarray, list[int]]:
-    offsets = np.cumsum([0] + [len(a) for a in arrays])[:-1].tolist()
-    return (np.concatenate(arrays) if arrays else np.zeros((0,))), offsets
 
 
 def _clear_dead_writers(model_dir: Path) -> None:

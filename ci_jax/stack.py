@@ -11,12 +11,16 @@ take no-op steps while the others finish theirs.
 
 What must be the same across a stack: the architecture, the optimizer and its hyperparameters but
 the learning rate, the batch size and the number of epochs (`stack_key`).
+
+`train_runs` is what a sweep calls: every model its runs need (their baselines, the baselines'
+passes, then what each run retrains after its defense), stacked; the runs then find them finished.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -26,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from ci_jax import checkpoint, faults, files, train
+from ci_jax import cache, checkpoint, data, experiment, faults, files, train
 from ci_jax.errors import UserError
 
 
@@ -235,3 +239,100 @@ def predict(trainers: list[train.Trainer], x_NHWC: np.ndarray, idx_K: list[np.nd
 def check_stack_size(k: int) -> None:
     if k < 1:
         raise UserError(f"--stack {k}: must be >= 1")
+
+
+# -- the runs of a sweep, stacked ---------------------------------------------------------------
+def baseline_member(p: experiment.Prepared, shared_dir: Path) -> Member:
+    """The baseline of a prepared run, kept under shared_dir/baselines/ as `experiment.run` keeps it."""
+    return Member(p.cfg, np.arange(len(p.poisoned.y_N)), shared_dir / "baselines" / p.model_key, p.model_key,
+                  "baseline")
+
+
+def retrain_member(p: experiment.Prepared, dataset: data.Dataset, baseline: train.Trainer,
+                   shared_dir: Path) -> Member | None:
+    """What a run retrains after its defense, or None when it retrains nothing. `baseline`: the
+    run's finished baseline, loaded; its passes and the defense's result are read from their
+    caches or computed and kept, so the run itself finds them later."""
+    baseline_dir = shared_dir / "baselines" / p.model_key
+    passes = experiment.baseline_passes(baseline, p, dataset, [baseline_dir], p.cfg, {})
+    view = experiment.defense_view(p.cfg, dataset, p, baseline, [baseline_dir], passes)
+    keep_N = experiment.defend(p, view, p.cfg).is_clean_N
+    if not p.cfg.defense.retrain or keep_N.all():
+        return None
+    key, directory = experiment.retrain_target(p, keep_N, shared_dir, None)
+    return Member(p.cfg, np.flatnonzero(keep_N), directory, key, "retrain")
+
+
+def _loaded(m: Member, p: experiment.Prepared, dataset: data.Dataset) -> train.Trainer:
+    t = train.Trainer(m.cfg, dataset.x_train.shape[1:], dataset.num_classes,
+                      train.steps_per_epoch(len(m.idx_N), m.cfg.train.batch_size))
+    checkpoint.load(t, m.ckpt_dir)
+    return t
+
+
+def stacked_passes(jobs: list[tuple[Member, experiment.Prepared]], dataset: data.Dataset) -> None:
+    """Writes passes.npz of finished baselines that have none, in one vmapped pass per set: the
+    training set, the test split and the triggered test images of each."""
+    todo = [(m, p) for m, p in jobs
+            if cache.load_npz(m.ckpt_dir / "passes.npz", experiment.passes_key(p, m.cfg),
+                              experiment.passes_fit(p, dataset)) is None]
+    groups: dict[tuple, list[int]] = {}
+    for i, (m, _) in enumerate(todo):
+        groups.setdefault((m.cfg.train.model, m.cfg.eval.batch_size), []).append(i)
+    for group in groups.values():
+        ts = [_loaded(*todo[i], dataset) for i in group]
+        runs = [todo[i][1] for i in group]
+        xs, offsets = _concat([p.poisoned.x_NHWC for p in runs])
+        feats = predict(ts, xs, [o + np.arange(len(p.poisoned.y_N)) for o, p in zip(offsets, runs)], "features")
+        tests = predict(ts, dataset.x_test, [np.arange(len(dataset.y_test))] * len(ts), "test")
+        trig_x, trig_off = _concat([p.triggered.x_NHWC for p in runs])
+        trig = predict(ts, trig_x, [o + np.arange(len(p.triggered.idx)) for o, p in zip(trig_off, runs)], "triggered")
+        for i, (pred, f), (pt, ft), (pg, _) in zip(group, feats, tests, trig):
+            m, p = todo[i]
+            cache.save_npz(m.ckpt_dir / "passes.npz", key=np.asarray(experiment.passes_key(p, m.cfg)), pred=pred,
+                           feats=f, pred_test=pt, feats_test=ft, pred_trig=pg)
+
+
+def _concat(arrays: list[np.ndarray]) -> tuple[np.ndarray, list[int]]:
+    offsets = np.cumsum([0] + [len(a) for a in arrays])[:-1].tolist()
+    return (np.concatenate(arrays) if arrays else np.zeros((0,))), offsets
+
+
+def _train_chunks(jobs: list[tuple[Member, experiment.Prepared]], dataset: data.Dataset, k: int) -> None:
+    """Stacks of up to k members that agree on stack_key, each stack on the images of its own runs
+    (runs of one baseline share them)."""
+    groups: dict[tuple, list] = {}
+    for m, p in jobs:
+        groups.setdefault(stack_key(m.cfg), []).append((m, p))
+    for group in groups.values():
+        for start in range(0, len(group), k):
+            xs, ys, members, offsets = [], [], [], {}
+            for m, p in group[start:start + k]:
+                if p.model_key not in offsets:
+                    offsets[p.model_key] = sum(len(x) for x in xs)
+                    xs.append(p.poisoned.x_NHWC)
+                    ys.append(p.poisoned.y_N)
+                members.append(dataclasses.replace(m, idx_N=offsets[p.model_key] + m.idx_N))
+            train_members(members, np.concatenate(xs), np.concatenate(ys), dataset.x_train.shape[1:],
+                          dataset.num_classes, k)
+
+
+def train_runs(prepared: list[experiment.Prepared], dataset: data.Dataset, shared_dir: str | os.PathLike,
+               k: int) -> None:
+    """Trains every model the prepared runs (of one dataset) need, in stacks of up to k: their
+    baselines, the baselines' passes, then what each run retrains after its defense."""
+    shared_dir = Path(shared_dir)
+    baselines: dict[str, tuple[Member, experiment.Prepared]] = {}
+    for p in prepared:
+        baselines.setdefault(p.model_key, (baseline_member(p, shared_dir), p))
+    _train_chunks(list(baselines.values()), dataset, k)
+    stacked_passes(list(baselines.values()), dataset)
+    loaded: dict[str, train.Trainer] = {}
+    retrains: dict[str, tuple[Member, experiment.Prepared]] = {}
+    for p in prepared:
+        if p.model_key not in loaded:
+            loaded[p.model_key] = _loaded(*baselines[p.model_key], dataset)
+        m = retrain_member(p, dataset, loaded[p.model_key], shared_dir)
+        if m is not None:
+            retrains.setdefault(m.key, (m, p))
+    _train_chunks(list(retrains.values()), dataset, k)

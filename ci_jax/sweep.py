@@ -26,7 +26,7 @@ import os
 import re
 import runpy
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -487,63 +487,47 @@ def run(spec_path: str | os.PathLike, out: str | os.PathLike, *, shard: tuple[in
     cols = table_columns(columns(spec), rows)
     if rows or damage is not None:
         write_rows(csv_path, cols, rows)
-    if stack > 1:
-        _train_stacked(pending, datasets, Path(models_dir or out), stack)
+    shared = Path(models_dir or out)
     with tqdm(total=len(mine), desc=f"{spec.name} shard {i}/{n}" if n > 1 else spec.name, unit="run") as bar:
-        for r in mine:
-            if r.run_id not in done:
+        bar.update(len(mine) - len(pending))
+        # Dataset by dataset when stacking (its prepared runs are held until they have run: the
+        # poisoned sets of one dataset's baselines, not of every dataset's); in spec order otherwise.
+        order = [[r for r in pending if r.cfg.data.dataset == name] for name in datasets] if stack > 1 else [pending]
+        for runs in order:
+            prepared = _prepared(runs, datasets, keep_all=stack > 1)
+            if stack > 1 and runs:
+                from ci_jax import stack as stack_lib
+
+                prepared = list(prepared)
+                stack_lib.train_runs(prepared, datasets[runs[0].cfg.data.dataset], shared, stack)
+            for r, p in zip(runs, prepared):
                 tqdm.write(f"run {r.run_id}: {r.varied}, seed {r.cfg.seed}")
                 report = experiment.run(r.cfg, out / "runs" / r.run_id, dataset=datasets[r.cfg.data.dataset],
-                                        make_plots=make_plots, shared_dir=models_dir or out)
+                                        make_plots=make_plots, shared_dir=shared, prepared=p)
                 rows.append(row_of(r, report))
                 write_rows(csv_path, cols, rows)
                 done.add(r.run_id)
-            bar.update()
+                bar.update()
     if n == 1:
         summarize(out)
     return csv_path
 
 
-def _train_stacked(runs: list[Run], datasets: dict[str, Any], shared: Path, k: int) -> None:
-    """datasets: every dataset the runs use, loaded."""
+def _prepared(runs: list[Run], datasets: dict[str, Any], keep_all: bool) -> Iterator[Any]:
+    """Each run's `experiment.prepare`, in order, each once; a run whose baseline an earlier one
+    shares takes its poisoned sets. keep_all: every baseline's are held (a stacked sweep prepares
+    one dataset's runs up front); else only the last one's."""
     from ci_jax import experiment
 
-    for name in dict.fromkeys(r.cfg.data.dataset for r in runs):
-        ds = datasets[name]
-        mine = [r for r in runs if r.cfg.data.dataset == name]
-        baselines = {}
-        for r in mine:
-            m, p = experiment.baseline_member(r.cfg, ds, shared)
-            baselines.setdefault(m.key, (m, p))
-        _train_chunks(list(baselines.values()), ds, k)
-        experiment.stacked_passes(list(baselines.values()), ds)
-        retrains = {}
-        for r in mine:
-            job = experiment.retrain_member(r.cfg, ds, shared)
-            if job is not None:
-                retrains.setdefault(job[0].key, job)
-        _train_chunks(list(retrains.values()), ds, k)
-
-
-def _train_chunks(jobs: list, ds, k: int) -> None:
-    """Stacks of up to k jobs (member, prepared run), each stack on the images of its own runs."""
-    from ci_jax import stack as stack_lib
-
-    groups: dict[tuple, list] = {}
-    for m, p in jobs:
-        groups.setdefault(stack_lib.stack_key(m.cfg), []).append((m, p))
-    for group in groups.values():
-        for start in range(0, len(group), k):
-            chunk = group[start:start + k]
-            xs, ys, members, offsets = [], [], [], {}
-            for m, p in chunk:
-                if p.model_key not in offsets:  # runs of one baseline share its images
-                    offsets[p.model_key] = sum(len(x) for x in xs)
-                    xs.append(p.poisoned.x_NHWC)
-                    ys.append(p.poisoned.y_N)
-                members.append(dataclasses.replace(m, idx_N=offsets[p.model_key] + m.idx_N))
-            stack_lib.train_members(members, np.concatenate(xs), np.concatenate(ys), ds.x_train.shape[1:],
-                                    ds.num_classes, k)
+    held: dict[str, Any] = {}
+    for r in runs:
+        ds = datasets[r.cfg.data.dataset]
+        key = config_lib.model_key(r.cfg, ds.sha256)
+        p = experiment.prepare(r.cfg, ds, like=held.get(key))
+        if not keep_all:
+            held.clear()
+        held[key] = p
+        yield p
 
 
 def merge(out: str | os.PathLike) -> Path:

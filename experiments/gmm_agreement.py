@@ -1,7 +1,7 @@
 """How far the mixtures fitted in JAX agree with scikit-learn's on a run's real features, beside how
 far either agrees with itself under another seed: the chosen k per class, each backend's seconds
 (the JAX one warm, its first call apart), and CI's detection with each, from the run's cached
-features and filtered passes (nothing is trained or passed again).
+features and filtered passes (nothing is trained; a pass not cached yet is computed and kept).
 
     python experiments/gmm_agreement.py --run runs/mnist --data-dir ../shared/data/mnist \
         --seeds 0 1 2 --out experiments/results/gmm_agreement_mnist.json
@@ -20,15 +20,8 @@ os.environ["XLA_FLAGS"] = kernels.xla_flags()
 
 import numpy as np  # noqa: E402
 
-from ci_jax import cache, data, experiment, files, filters, metrics  # noqa: E402
+from ci_jax import experiment, files, filters, metrics  # noqa: E402
 from ci_jax.defenses import ci, gmm, gmm_jax  # noqa: E402
-
-
-class _NoModel:
-    """The baseline's passes are all cached in the run: none runs here."""
-
-    def predict(self, *args, **kwargs):
-        raise SystemExit("a pass this script needs is not cached in the run: rerun `ci-jax run` there first")
 
 
 def _ci(view, defense: ci.CI, comp_N: np.ndarray, classes: list[dict]) -> tuple[np.ndarray, np.ndarray]:
@@ -47,13 +40,8 @@ def main() -> None:
     p.add_argument("--out", required=True)
     args = p.parse_args()
     run = Path(args.run)
-    cfg = experiment.config_from_run(files.read_json(run / "config.json"), args.run)
-    ds = data.load(cfg.data.dataset, args.data_dir)
-    prep = experiment.prepare(cfg, ds)
-    passes = cache.load_npz(run / "baseline" / "passes.npz", experiment.passes_key(prep, cfg))
-    if passes is None:
-        raise SystemExit(f"{run}: no cached passes of its baseline: rerun `ci-jax run` there first")
-    view = experiment.defense_view(cfg, ds, prep, _NoModel(), [run / "baseline"], passes)
+    opened = experiment.open_run(run, data_dir=args.data_dir)
+    cfg, view, prep = opened.cfg, opened.view, opened.prepared
     defense = ci.CI(cfg.defense.ci)
     out = {"run": str(run), "features": list(view.feats_ND.shape), "bic_search": cfg.defense.ci.bic_search,
            "seeds": args.seeds, "fits": {}}

@@ -8,7 +8,6 @@ import shutil
 import re
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
