@@ -32,19 +32,27 @@ from ci_jax.errors import UserError
 
 QUICK = dict(batch_sizes=(32,), eval_batch_sizes=(64,), steps=3, pass_images=128, gmm_images=600,
              peak_n=512)
+# gmm_images None: the dataset's full training split (DatasetSpec.train_size), what a run clusters.
 FULL = dict(batch_sizes=(16, 32, 128), eval_batch_sizes=(64, 512), steps=20, pass_images=8192,
-            gmm_images=60000, peak_n=4096)
+            gmm_images=None, peak_n=4096)
+SYNTHETIC_SIZES = dict(n_train=2000, n_test=500)  # the stand-in images without --data-dir
 
 
 def add_arguments(p: argparse.ArgumentParser, positive: Callable[[str], int]) -> None:
-    p.add_argument("--models", nargs="+", default=["resnet20", "cnn"], metavar="MODEL")
+    p.add_argument("--models", nargs="+", metavar="MODEL", help="models to time (default: every registered one)")
+    default = config.Config().data.dataset  # the default experiment's
+    p.add_argument("--dataset", default=default, metavar="NAME",
+                   help=f"dataset whose shape and classes the stages use (default: {default}); its images with "
+                        "--data-dir, else synthetic ones of its shape")
     p.add_argument("--batch-sizes", nargs="+", type=positive, metavar="B", help="train batch sizes")
     p.add_argument("--eval-batch-sizes", nargs="+", type=positive, metavar="B", help="batch sizes of the passes")
     p.add_argument("--steps", type=positive, help="timed train steps per repeat")
     p.add_argument("--repeats", type=positive, default=3, help="timed repeats; the best is reported")
     p.add_argument("--pass-images", type=positive, help="images per timed pass")
-    p.add_argument("--gmm-images", type=positive, help="features the GMM stage clusters (60,000 = MNIST)")
-    p.add_argument("--data-dir", help="MNIST IDX directory (else synthetic images)")
+    p.add_argument("--gmm-images", type=positive,
+                   help="features the GMM stage clusters (default: the dataset's training-set size, 60,000 "
+                        "for MNIST)")
+    p.add_argument("--data-dir", help="the dataset's data directory (else synthetic images of its shape)")
     p.add_argument("--run", metavar="RUN_DIR",
                    help="finished `ci-jax run` directory: the GMM clusters its baseline's features "
                         "(else those of a freshly initialised model)")
@@ -329,13 +337,14 @@ def bench_stack(model: str, batch: int, k: int, x_NHWC: np.ndarray, y_N: np.ndar
 
 def _baseline_view(args, ds: data.Dataset, n: int, eval_batch: int):
     """(View, source): a finished run's baseline (its cached passes, a reserve of 1,000 test
-    images), else a freshly initialised resnet20 on the data."""
+    images), else a freshly initialised model of the default config on the data."""
     from ci_jax import experiment
 
     if not args.run:
         reps = math.ceil(n / len(ds.y_train))
         x, y = np.concatenate([ds.x_train] * reps)[:n], np.concatenate([ds.y_train] * reps)[:n]
-        t = _trainer("resnet20", 32, eval_batch, x.shape[1:], ds.num_classes)
+        model = config.Config().train.model  # the features the default experiment clusters
+        t = _trainer(model, 32, eval_batch, x.shape[1:], ds.num_classes)
         pred, feats = t.predict(x)
         r = np.arange(min(1000, len(ds.y_test) // 10))
         tp, tf = t.predict(ds.x_test[r])
@@ -343,7 +352,7 @@ def _baseline_view(args, ds: data.Dataset, n: int, eval_batch: int):
 
         view = View(x_NHWC=x, y_N=y, feats_ND=feats, pred_N=pred, num_classes=ds.num_classes, predict=t.predict,
                     seed=0, reserve=Reserve(ds.x_test[r], ds.y_test[r], tf, tp, r, key="bench"))
-        return view, "random-init resnet20"
+        return view, f"random-init {model}"
     run = experiment.open_run(args.run, dataset=ds, overrides={
         "eval.batch_size": eval_batch, "eval.reserve": min(1000, len(ds.y_test) // 10)})
     cfg, view = run.cfg, run.view
@@ -387,6 +396,16 @@ def device_info() -> dict[str, Any]:
 
 
 # -- command ------------------------------------------------------------------------------------
+def bench_data(name: str, data_dir: str | None) -> data.Dataset:
+    """The dataset `name` from `data_dir`, or made in memory when that is how it comes; else
+    synthetic images of its shape and classes: the stages' timings depend on little else."""
+    spec = data.get_dataset(name)
+    if data_dir or spec.generate is not None:
+        return data.load(name, data_dir)
+    return data.synthetic(**SYNTHETIC_SIZES, num_classes=spec.num_classes, image_size=spec.image_size,
+                          channels=spec.channels)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """All stages for args.models x batch sizes; prints a table, writes args.out if given."""
     s = {**(QUICK if args.quick else FULL)}
@@ -399,10 +418,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from ci_jax import filters, models
     from ci_jax.errors import unknown_name
 
-    for m in args.models:
-        if m not in models.MODELS:
-            raise unknown_name("model", m, models.MODELS)
-    ds = data.load("mnist", args.data_dir) if args.data_dir else data.synthetic(n_train=2000, n_test=500)
+    model_names = args.models or list(models.MODELS)
+    for m in model_names:
+        models.get_model(m)  # an unknown name fails here, before anything is timed
+    ds = bench_data(args.dataset, args.data_dir)
+    s["gmm_images"] = s["gmm_images"] or data.get_dataset(args.dataset).train_size or len(ds.y_train)
     blur = filters.make(config.preset("default").defense.ci.filters[0])
     peak = matmul_peak_gflops(s["peak_n"])
     x_dev = jnp.asarray(ds.x_train)
@@ -410,7 +430,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     reps = math.ceil(s["pass_images"] / len(ds.y_train))
     x_pass = np.concatenate([ds.x_train] * reps)[: s["pass_images"]]
     results: list[dict[str, Any]] = []
-    for model in args.models:
+    for model in model_names:
         for b in s["batch_sizes"]:
             results.append(bench_train(model, b, x_dev, y_dev, ds.num_classes, s["steps"], args.repeats, peak))
             _print_row(results[-1])
@@ -422,7 +442,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 results.append(bench_pass(model, b, x_pass, ds.num_classes, args.repeats, peak, transform))
                 _print_row(results[-1])
     for k in args.stack or ():
-        for model in args.models:
+        for model in model_names:
             results.append(bench_stack(model, s["batch_sizes"][0], k, ds.x_train, ds.y_train, ds.num_classes,
                                        s["steps"], args.repeats, s["eval_batch_sizes"][0]))
             _print_row(results[-1])
@@ -441,9 +461,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             raise unknown_name("defense", name, defenses.NAMES)
         results.append(bench_defense(view, name, source))
         _print_row(results[-1])
-    n_train = 60000 if args.data_dir else len(ds.y_train)
-    n_test = 10000 if args.data_dir else len(ds.y_test)
-    for model in args.models:
+    n_train, n_test = len(ds.y_train), len(ds.y_test)
+    for model in model_names:
         e2e = end_to_end(results, n_train, n_test, gmm["seconds"] * n_train / gmm["features"]
                          if gmm["features"] != n_train else gmm["seconds"], model)
         if e2e:
@@ -451,7 +470,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             _print_row(e2e)
     report = {"device": device_info(), "fp32_matmul_peak_gflops": peak, "quick": bool(args.quick),
               "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in s.items()},
-              "repeats": args.repeats, "data": "mnist" if args.data_dir else "synthetic",
+              "repeats": args.repeats, "data": ds.name,
               "stages": results + gmms}
     if args.out:
         files.write_json(args.out, report)

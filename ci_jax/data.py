@@ -1,9 +1,13 @@
-"""Image classification datasets as in-memory numpy arrays.
+"""Image classification datasets as in-memory numpy arrays, each one entry of a registry.
 
-Two sources: a local data dir (IDX files for MNIST / Fashion-MNIST, the binary version of
-CIFAR-10), which needs nothing but numpy, or tensorflow-datasets, read through
-`tfds.data_source` because that path decodes with numpy/PIL and never imports TensorFlow.
-Preparing (downloading) a tfds dataset, however, does need TensorFlow; see `_load_tfds`.
+A `DatasetSpec` says everything the rest of the project may assume about a dataset: its classes,
+channels, image size, how raw pixels become [0, 1] floats, and where its arrays come from.
+
+The built-in ones (mnist, fashion_mnist, cifar10) have two sources: a local data dir (IDX files
+for MNIST / Fashion-MNIST, the binary version of CIFAR-10), which needs nothing but numpy, or
+tensorflow-datasets, read through `tfds.data_source` because that path decodes with numpy/PIL and
+never imports TensorFlow. Preparing (downloading) a tfds dataset, however, does need TensorFlow;
+see `_load_tfds`.
 """
 
 from __future__ import annotations
@@ -27,11 +31,9 @@ import numpy as np
 
 from ci_jax import files as files_lib
 from ci_jax.errors import UserError, one_line
-
-DATASETS: tuple[str, ...] = ("mnist", "fashion_mnist", "cifar10")
+from ci_jax.registry import Names, Registry
 
 DATA_DIR_ENV = "CI_JAX_DATA_DIR"
-NUM_CLASSES = 10
 
 IDX_FILES = (
     "train-images-idx3-ubyte",
@@ -46,17 +48,11 @@ CIFAR_RECORD_BYTES = 1 + 3 * 32 * 32
 
 _IDX_UBYTE = 0x08
 _MAX_EXCESS_COUNTED = 1 << 26
-_GET_DATA_DIR = (
-    "pass --data-dir DIR holding {what}, or omit it to download with tensorflow-datasets"
-)
-_WHERE_TO_GET = {  # offline, where a package manager has the files
-    "fashion_mnist": " (on Debian or Ubuntu, `apt-get install dataset-fashion-mnist` puts them in "
-                     "/usr/share/datasets/fashion-mnist)",
-}
 
 
-def _how_to_get(name: str, what: str) -> str:
-    return _GET_DATA_DIR.format(what=what) + _WHERE_TO_GET.get(name, "")
+def _how_to_get(spec: DatasetSpec) -> str:
+    tfds = ", or omit it to download with tensorflow-datasets" if spec.tfds_name else ""
+    return f"pass --data-dir DIR holding {spec.files}{tfds}{spec.where_to_get}"
 
 
 _IDX_WHAT = "the four IDX files (train-images-idx3-ubyte[.gz], ...)"
@@ -84,28 +80,101 @@ class Dataset:
         return provenance.sha256_arrays(self.x_train, self.y_train, self.x_test, self.y_test)
 
 
+# Reads a data dir: (spec, data_dir, source) -> Dataset; `source` says where the dir came from
+# (" (from $CI_JAX_DATA_DIR)" or ""), for messages.
+ReadDir = Callable[["DatasetSpec", Path, str], Dataset]
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    """One dataset, as the registry knows it. Its arrays come from, in this order: `read_dir` when
+    a data dir is given (--data-dir or $CI_JAX_DATA_DIR), else `generate` (made in memory), else
+    tensorflow-datasets' `tfds_name`. A spec needs at least one of them."""
+
+    name: str
+    num_classes: int
+    channels: int
+    image_size: int  # square images: image_size x image_size pixels
+    read_dir: ReadDir | None = None
+    generate: Callable[[DatasetSpec], Dataset] | None = None
+    tfds_name: str | None = None
+    files: str = "its files"  # what a data dir holds, for messages
+    where_to_get: str = ""  # where the files are to be had offline, appended to messages
+    # Images in the full training split, where fixed: what bench's end-to-end estimate clusters.
+    train_size: int | None = None
+    # Normalisation: floats = raw / pixel_max, in [0, 1]. No mean/std standardisation: every
+    # trigger (amplitudes, clipping, blends) is defined on [0, 1] images.
+    pixel_max: float = 255.0
+
+    def __post_init__(self) -> None:
+        if self.read_dir is None and self.generate is None and self.tfds_name is None:
+            raise ValueError(f"dataset {self.name!r}: give read_dir, generate or tfds_name")
+        if self.num_classes < 2 or self.channels < 1 or self.image_size < 1:
+            raise ValueError(f"dataset {self.name!r}: needs num_classes >= 2, channels >= 1, image_size >= 1")
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return self.image_size, self.image_size, self.channels
+
+
+_REGISTRY: Registry[DatasetSpec] = Registry("dataset")
+# Live: the config's choices for data.dataset, so a dataset registered later is accepted.
+DATASETS: Names = _REGISTRY.names
+
+
+def register_dataset(spec: DatasetSpec) -> None:
+    """Makes `spec.name` a dataset that `load`, the config and `ci-jax bench` accept."""
+    _REGISTRY.register(spec.name, spec)
+
+
+def unregister_dataset(name: str) -> None:
+    _REGISTRY.unregister(name)
+
+
+def get_dataset(name: str) -> DatasetSpec:
+    """The spec of `name`; UserError with the nearest name for an unknown one."""
+    return _REGISTRY.get(name)
+
+
 def load(name: str, data_dir: str | os.PathLike | None = None) -> Dataset:
-    """Loads `name` from `data_dir`, else $CI_JAX_DATA_DIR, else tensorflow-datasets."""
-    if name not in DATASETS:
-        raise UserError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
+    """Loads `name` from `data_dir`, else $CI_JAX_DATA_DIR, else its generator or tensorflow-datasets."""
+    spec = get_dataset(name)
     source = ""  # where a bad dir came from, so the user knows what to change
-    if data_dir is None and os.environ.get(DATA_DIR_ENV):
+    if data_dir is None and os.environ.get(DATA_DIR_ENV) and spec.read_dir is not None:
+        # Only for a dataset that reads files: the variable is a default place, not a request.
         data_dir, source = os.environ[DATA_DIR_ENV], f" (from ${DATA_DIR_ENV})"
     if data_dir is None:
-        return _load_tfds(name)
+        if spec.generate is not None:
+            return check_fits(spec, spec.generate(spec))
+        if spec.tfds_name is None:
+            raise UserError(f"{name}: no data dir given: {_how_to_get(spec)}")
+        return check_fits(spec, _load_tfds(spec))
+    if spec.read_dir is None:
+        origin = "is made in memory" if spec.generate is not None else "comes from tensorflow-datasets"
+        raise UserError(f"{name}: reads no data dir (its data {origin}): drop --data-dir {data_dir}")
     data_dir = Path(data_dir).expanduser()
     kind, phrase = _path_kind(data_dir)
     if kind != "dir":
-        what = _CIFAR_WHAT if name == "cifar10" else _IDX_WHAT
         problem = ("does not exist" if kind == "missing" else f"cannot be read ({phrase})"
                    if kind == "unreadable" else f"is {phrase}, not a directory")
-        raise UserError(
-            f"{name}: data dir {data_dir}{source} {problem}: "
-            + _how_to_get(name, what)
-        )
-    if name == "cifar10":
-        return _load_cifar10_dir(data_dir, source)
-    return _load_idx_dir(name, data_dir, source)
+        raise UserError(f"{name}: data dir {data_dir}{source} {problem}: " + _how_to_get(spec))
+    return check_fits(spec, spec.read_dir(spec, data_dir, source))
+
+
+def check_fits(spec: DatasetSpec, ds: Dataset) -> Dataset:
+    """`ds`, once its classes, image shape and labels are those `spec` promises: the models,
+    attacks and defenses are built from the spec's numbers and would fail deep inside otherwise."""
+    if ds.num_classes != spec.num_classes:
+        raise UserError(f"{spec.name}: the loaded data has {ds.num_classes} classes, the dataset "
+                        f"declares {spec.num_classes}")
+    for split, x, y in (("train", ds.x_train, ds.y_train), ("test", ds.x_test, ds.y_test)):
+        if x.shape[1:] != spec.image_shape:
+            raise UserError(f"{spec.name}: its {split} images are {'x'.join(map(str, x.shape[1:]))}, "
+                            f"expected {'x'.join(map(str, spec.image_shape))} (height x width x channels)")
+        if len(y) != len(x):
+            raise UserError(f"{spec.name}: {len(y)} {split} labels for {len(x)} {split} images")
+        _check_labels(f"{spec.name} {split} split", y, spec.num_classes)
+    return ds
 
 
 # ---------------------------------------------------------------- files and folders
@@ -170,8 +239,8 @@ def _point_at(name: str, sub: Path, source: str) -> str:
     return f"pass --data-dir {sub} (in a sweep, --data-dir {name}={sub})"
 
 
-def _check_holds_files(name: str, data_dir: Path, source: str, candidates: Callable[[Path], list[Path]],
-                       subdirs: Sequence[Path], what: str) -> None:
+def _check_holds_files(spec: DatasetSpec, data_dir: Path, source: str, candidates: Callable[[Path], list[Path]],
+                       subdirs: Sequence[Path]) -> None:
     """UserError unless some of the dataset's files are in `data_dir` itself.
 
     A data dir must hold the files: searching below it would silently pick whichever dataset sits
@@ -181,9 +250,9 @@ def _check_holds_files(name: str, data_dir: Path, source: str, candidates: Calla
         return
     for sub in subdirs:
         if any(os.path.lexists(p) for p in candidates(sub)):
-            raise UserError(f"{name}: no data files in {data_dir}{source}, but found them in {sub}: "
-                            + _point_at(name, sub, source))
-    raise UserError(f"{name}: no data files in {data_dir}{source}: " + _how_to_get(name, what))
+            raise UserError(f"{spec.name}: no data files in {data_dir}{source}, but found them in {sub}: "
+                            + _point_at(spec.name, sub, source))
+    raise UserError(f"{spec.name}: no data files in {data_dir}{source}: " + _how_to_get(spec))
 
 
 # ---------------------------------------------------------------- IDX (MNIST, Fashion-MNIST)
@@ -319,25 +388,27 @@ def write_idx(path: str | os.PathLike, array_uint8: np.ndarray) -> None:
     path.write_bytes(raw)
 
 
-def _load_idx_dir(name: str, data_dir: Path, source: str = "") -> Dataset:
+def _read_idx_dir(spec: DatasetSpec, data_dir: Path, source: str = "") -> Dataset:
+    """A dir of the four IDX files of a one-channel dataset (MNIST's layout)."""
+    name = spec.name
     # Where a download or a package may have put them: mnist/, fashion_mnist/, fashion-mnist/.
     subdirs = [data_dir / d for d in dict.fromkeys((name, name.replace("_", "-")))]
-    _check_holds_files(name, data_dir, source, _idx_candidates, subdirs, _IDX_WHAT)
+    _check_holds_files(spec, data_dir, source, _idx_candidates, subdirs)
     arrays, paths = {}, []
     for stem in IDX_FILES:
         path = _idx_path(name, data_dir, stem)
         if path is None:
             raise UserError(
                 f"{name}: missing {data_dir / stem}(.gz) next to the other IDX files: "
-                + _how_to_get(name, _IDX_WHAT)
+                + _how_to_get(spec)
             )
         arrays[stem] = (path, read_idx(path, ndim=1 if "labels" in stem else 3))
         paths.append(path)
-    x_train_NHW, y_train_N = _check_idx_pair(arrays["train-images-idx3-ubyte"],
+    x_train_NHW, y_train_N = _check_idx_pair(spec, arrays["train-images-idx3-ubyte"],
                                              arrays["train-labels-idx1-ubyte"])
-    x_test_NHW, y_test_N = _check_idx_pair(arrays["t10k-images-idx3-ubyte"],
+    x_test_NHW, y_test_N = _check_idx_pair(spec, arrays["t10k-images-idx3-ubyte"],
                                            arrays["t10k-labels-idx1-ubyte"])
-    return _to_dataset(name, x_train_NHW[..., None], y_train_N, x_test_NHW[..., None], y_test_N,
+    return _to_dataset(spec, x_train_NHW[..., None], y_train_N, x_test_NHW[..., None], y_test_N,
                        files=paths)
 
 
@@ -377,27 +448,29 @@ def _idx_candidates(root: Path) -> list[Path]:
     return [root / f"{stem}{ext}" for stem in IDX_FILES for ext in (".gz", "")]
 
 
-def _check_idx_pair(images: tuple[Path, np.ndarray], labels: tuple[Path, np.ndarray]):
+def _check_idx_pair(spec: DatasetSpec, images: tuple[Path, np.ndarray], labels: tuple[Path, np.ndarray]):
     (x_path, x_NHW), (y_path, y_N) = images, labels
-    if x_NHW.shape[1:] != (28, 28):
+    side = spec.image_size
+    if x_NHW.shape[1:] != (side, side):
         raise UserError(
-            f"{x_path}: images are {x_NHW.shape[1]}x{x_NHW.shape[2]}, expected 28x28; "
-            f"check that this is MNIST or Fashion-MNIST"
+            f"{x_path}: images are {x_NHW.shape[1]}x{x_NHW.shape[2]}, expected {side}x{side}; "
+            f"check that these are {spec.name}'s files"
         )
     if len(y_N) != len(x_NHW):
         raise UserError(
             f"{y_path}: has {len(y_N)} labels but {x_path.name} has {len(x_NHW)} images; "
             f"both files must come from the same download"
         )
-    _check_labels(y_path, y_N)
+    _check_labels(y_path, y_N, spec.num_classes)
     return x_NHW, y_N
 
 
-def _check_labels(where: str | Path, y_N: np.ndarray) -> None:
-    if len(y_N) and int(y_N.max()) >= NUM_CLASSES:
-        bad = int(np.argmax(y_N >= NUM_CLASSES))
+def _check_labels(where: str | Path, y_N: np.ndarray, num_classes: int) -> None:
+    outside_N = (y_N < 0) | (y_N >= num_classes)
+    if outside_N.any():
+        bad = int(np.argmax(outside_N))
         raise UserError(
-            f"{where}: label {int(y_N[bad])} at index {bad} is outside 0..{NUM_CLASSES - 1}; "
+            f"{where}: label {int(y_N[bad])} at index {bad} is outside 0..{num_classes - 1}; "
             f"the file is corrupt or not a label file, re-download it"
         )
 
@@ -405,27 +478,28 @@ def _check_labels(where: str | Path, y_N: np.ndarray) -> None:
 # ---------------------------------------------------------------- CIFAR-10 binary version
 
 
-def _load_cifar10_dir(data_dir: Path, source: str = "") -> Dataset:
-    subdirs = [data_dir / CIFAR_SUBDIR, data_dir / "cifar10", data_dir / "cifar10" / CIFAR_SUBDIR]
-    _check_holds_files("cifar10", data_dir, source, _cifar_candidates, subdirs, _CIFAR_WHAT)
-    train = [_read_cifar_bin(data_dir / f) for f in CIFAR_TRAIN_FILES]
+def _read_cifar10_dir(spec: DatasetSpec, data_dir: Path, source: str = "") -> Dataset:
+    """A dir of CIFAR-10's binary version: five train batches and a test batch."""
+    subdirs = [data_dir / CIFAR_SUBDIR, data_dir / spec.name, data_dir / spec.name / CIFAR_SUBDIR]
+    _check_holds_files(spec, data_dir, source, _cifar_candidates, subdirs)
+    train = [_read_cifar_bin(spec, data_dir / f) for f in CIFAR_TRAIN_FILES]
     x_train_NHWC = np.concatenate([x for x, _ in train])
     y_train_N = np.concatenate([y for _, y in train])
-    x_test_NHWC, y_test_N = _read_cifar_bin(data_dir / CIFAR_TEST_FILE)
+    x_test_NHWC, y_test_N = _read_cifar_bin(spec, data_dir / CIFAR_TEST_FILE)
     paths = [data_dir / f for f in (*CIFAR_TRAIN_FILES, CIFAR_TEST_FILE)]
-    return _to_dataset("cifar10", x_train_NHWC, y_train_N, x_test_NHWC, y_test_N, files=paths)
+    return _to_dataset(spec, x_train_NHWC, y_train_N, x_test_NHWC, y_test_N, files=paths)
 
 
 def _cifar_candidates(root: Path) -> list[Path]:
     return [root / f for f in (*CIFAR_TRAIN_FILES, CIFAR_TEST_FILE)]
 
 
-def _read_cifar_bin(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _read_cifar_bin(spec: DatasetSpec, path: Path) -> tuple[np.ndarray, np.ndarray]:
     if not os.path.lexists(path):
         hint = ""
         if (path.parent / path.stem).is_file():  # data_batch_1 without .bin: the pickled version
             hint = " (this looks like the CIFAR-10 python version; use cifar-10-binary.tar.gz)"
-        raise UserError(f"cifar10: missing {path}{hint}: " + _how_to_get("cifar10", _CIFAR_WHAT))
+        raise UserError(f"{spec.name}: missing {path}{hint}: " + _how_to_get(spec))
     try:
         with _open_file(path) as f:
             raw = np.frombuffer(f.read(), dtype=np.uint8)
@@ -438,7 +512,7 @@ def _read_cifar_bin(path: Path) -> tuple[np.ndarray, np.ndarray]:
         )
     records_NR = raw.reshape(-1, CIFAR_RECORD_BYTES)
     y_N = records_NR[:, 0]
-    _check_labels(path, y_N)
+    _check_labels(path, y_N, spec.num_classes)
     # Records store channel planes (CHW); the rest of the project wants NHWC.
     x_NHWC = records_NR[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
     return x_NHWC, y_N
@@ -446,7 +520,6 @@ def _read_cifar_bin(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 # ---------------------------------------------------------------- tensorflow-datasets
 
-_TFDS_NAMES = {"mnist": "mnist", "fashion_mnist": "fashion_mnist", "cifar10": "cifar10"}
 _TFDS_HOST = ("storage.googleapis.com", 443)  # tfds asks GCS first for every dataset
 _OFFLINE = (
     "{name}: tensorflow-datasets cannot download it, this machine seems offline ({err}): "
@@ -454,14 +527,13 @@ _OFFLINE = (
 )
 
 
-def _load_tfds(name: str) -> Dataset:
-    """Reads `name` with `tfds.data_source`, preparing it first if needed.
+def _load_tfds(spec: DatasetSpec) -> Dataset:
+    """Reads `spec.tfds_name` with `tfds.data_source`, preparing it first if needed.
 
     Reading a prepared ArrayRecord dataset needs no TensorFlow. Preparing does: the MNIST
     builders read with `tf.io.gfile`, and `tfds.features.Image` encodes PNGs with TensorFlow.
     """
-    what = _CIFAR_WHAT if name == "cifar10" else _IDX_WHAT
-    tfds_name = _TFDS_NAMES[name]
+    name, what, tfds_name = spec.name, spec.files, spec.tfds_name
     try:
         import tensorflow_datasets as tfds
 
@@ -482,9 +554,9 @@ def _load_tfds(name: str) -> Dataset:
         raise
     x_train_NHWC, y_train_N = _stack_tfds(train)
     x_test_NHWC, y_test_N = _stack_tfds(test)
-    _check_labels(f"tensorflow-datasets {tfds_name} train split", y_train_N)
-    _check_labels(f"tensorflow-datasets {tfds_name} test split", y_test_N)
-    return _to_dataset(name, x_train_NHWC, y_train_N, x_test_NHWC, y_test_N)
+    _check_labels(f"tensorflow-datasets {tfds_name} train split", y_train_N, spec.num_classes)
+    _check_labels(f"tensorflow-datasets {tfds_name} test split", y_test_N, spec.num_classes)
+    return _to_dataset(spec, x_train_NHWC, y_train_N, x_test_NHWC, y_test_N)
 
 
 def _stack_tfds(source) -> tuple[np.ndarray, np.ndarray]:
@@ -525,21 +597,21 @@ def _is_network_error(e: BaseException) -> bool:
 # ---------------------------------------------------------------- common
 
 
-def _to_dataset(name, x_train_NHWC, y_train_N, x_test_NHWC, y_test_N,
+def _to_dataset(spec: DatasetSpec, x_train_NHWC, y_train_N, x_test_NHWC, y_test_N,
                 files: Sequence[Path] = ()) -> Dataset:
     return Dataset(
-        name=name,
-        x_train=_to_float(x_train_NHWC),
+        name=spec.name,
+        x_train=_to_float(x_train_NHWC, spec.pixel_max),
         y_train=np.asarray(y_train_N, dtype=np.int32),
-        x_test=_to_float(x_test_NHWC),
+        x_test=_to_float(x_test_NHWC, spec.pixel_max),
         y_test=np.asarray(y_test_N, dtype=np.int32),
-        num_classes=NUM_CLASSES,
+        num_classes=spec.num_classes,
         files=tuple(str(Path(p).resolve()) for p in files),
     )
 
 
-def _to_float(x_NHWC_uint8: np.ndarray) -> np.ndarray:
-    return x_NHWC_uint8.astype(np.float32) / np.float32(255)
+def _to_float(x_NHWC_raw: np.ndarray, pixel_max: float) -> np.ndarray:
+    return x_NHWC_raw.astype(np.float32) / np.float32(pixel_max)
 
 
 # ---------------------------------------------------------------- synthetic
@@ -584,3 +656,15 @@ def _linear_upsample_matrix(n_in: int, n_out: int) -> np.ndarray:
     """(n_out, n_in) matrix that linearly interpolates n_in control points onto n_out pixels."""
     pos_S = np.linspace(0.0, n_in - 1, n_out)
     return np.maximum(0.0, 1.0 - np.abs(pos_S[:, None] - np.arange(n_in)[None, :]))
+
+
+# ---------------------------------------------------------------- the built-in datasets
+
+_MNIST_SHAPE = dict(num_classes=10, channels=1, image_size=28, files=_IDX_WHAT, train_size=60_000)
+register_dataset(DatasetSpec("mnist", read_dir=_read_idx_dir, tfds_name="mnist", **_MNIST_SHAPE))
+register_dataset(DatasetSpec(
+    "fashion_mnist", read_dir=_read_idx_dir, tfds_name="fashion_mnist", **_MNIST_SHAPE,
+    where_to_get=" (on Debian or Ubuntu, `apt-get install dataset-fashion-mnist` puts them in "
+                 "/usr/share/datasets/fashion-mnist)"))
+register_dataset(DatasetSpec("cifar10", num_classes=10, channels=3, image_size=32, read_dir=_read_cifar10_dir,
+                             tfds_name="cifar10", files=_CIFAR_WHAT, train_size=50_000))

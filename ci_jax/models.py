@@ -7,15 +7,42 @@ clusters (the authors' choice, not the pre-residual-add hook of the public noteb
 from __future__ import annotations
 
 import functools
+from typing import Protocol
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from ci_jax import kernels
-from ci_jax.errors import unknown_name
 from ci_jax.kernels import ConvFn
+from ci_jax.registry import Names, Registry
 
-MODELS: tuple[str, ...] = ("resnet20", "cnn")
+
+class ModelFactory(Protocol):
+    """Builds a model, initialised from `seed`, for square images of `image_size` pixels with
+    `in_channels` channels and `num_classes` classes, running its convolutions with `conv`."""
+
+    def __call__(self, in_channels: int, num_classes: int, seed: int, image_size: int, *,
+                 conv: ConvFn) -> nnx.Module: ...
+
+
+_REGISTRY: Registry[ModelFactory] = Registry("model")
+# Live: the config's choices for train.model, so a model registered later is accepted.
+MODELS: Names = _REGISTRY.names
+
+
+def register_model(name: str, factory: ModelFactory) -> None:
+    """Makes `name` a model that `create`, the config and `ci-jax bench` accept."""
+    _REGISTRY.register(name, factory)
+
+
+def unregister_model(name: str) -> None:
+    _REGISTRY.unregister(name)
+
+
+def get_model(name: str) -> ModelFactory:
+    """The factory of `name`; UserError with the nearest name for an unknown one."""
+    return _REGISTRY.get(name)
 
 _he_normal = nnx.initializers.he_normal()
 
@@ -93,9 +120,17 @@ def create(name: str, in_channels: int, num_classes: int, seed: int, image_size:
            conv: ConvFn | None = None) -> nnx.Module:
     """The model `name`, initialised from `seed`; conv: the convolution to run (default: the one
     `kernels` chooses for the current backend)."""
-    if name not in MODELS:
-        raise unknown_name("model", name, MODELS)
-    rngs, conv = nnx.Rngs(seed), conv or kernels.conv()
-    if name == "cnn":
-        return SmallCNN(in_channels, num_classes, rngs=rngs, image_size=image_size, conv=conv)
-    return ResNet20(in_channels, num_classes, rngs=rngs, conv=conv)
+    return get_model(name)(in_channels, num_classes, seed, image_size, conv=conv or kernels.conv())
+
+
+def _resnet20(in_channels: int, num_classes: int, seed: int, image_size: int, *, conv: ConvFn) -> nnx.Module:
+    # Global average pooling: any image size works, so image_size is not needed.
+    return ResNet20(in_channels, num_classes, rngs=nnx.Rngs(seed), conv=conv)
+
+
+def _cnn(in_channels: int, num_classes: int, seed: int, image_size: int, *, conv: ConvFn) -> nnx.Module:
+    return SmallCNN(in_channels, num_classes, rngs=nnx.Rngs(seed), image_size=image_size, conv=conv)
+
+
+register_model("resnet20", _resnet20)
+register_model("cnn", _cnn)

@@ -14,7 +14,7 @@ import functools
 import math
 import reprlib
 import typing
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from ci_jax.errors import UserError, one_line, unknown_name
@@ -26,10 +26,10 @@ _TYPE_WORDS = {int: "an int (a whole number)", float: "a number", bool: "true or
                str: "a string", tuple: "a list of names"}
 
 
-def setting(default: Any, help: str, *, choices: tuple[str, ...] | None = None,
+def setting(default: Any, help: str, *, choices: Sequence[str] | None = None,
             low: float | None = None, high: float | None = None, low_open: bool = False) -> Any:
     """A section field: its default, a one-line meaning, and for names their choices (every entry
-    of a list must be one), for numbers their range [low, high] ((low, high] with low_open)."""
+    of a list must be one; a registry's live `Names` keeps up with later registrations), for numbers their range [low, high] ((low, high] with low_open)."""
     return dataclasses.field(default=default, metadata={
         "help": help, "choices": choices, "low": low, "high": high, "low_open": low_open})
 
