@@ -41,3 +41,19 @@ def pytest_generate_tests(metafunc):
     if n > 1:
         metafunc.fixturenames.append("_repetition")
         metafunc.parametrize("_repetition", range(n), ids=lambda i: f"rep{i}")
+
+
+# End to end: these train models or run the CLI as a process. `pytest -m "not slow"` leaves them out
+# for a quick loop; the README's test command runs everything.
+SLOW_MODULES = {"test_experiment.py", "test_hardening.py", "test_sweep.py", "test_stack.py", "test_checkpoint.py",
+                "test_registry.py"}
+SLOW_FIXTURES = {"finished", "first_run", "trained_dir", "full_sweep", "finished_run", "uninterrupted",
+                 "mnist_like_dir"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if (item.path.name in SLOW_MODULES or SLOW_FIXTURES & set(getattr(item, "fixturenames", ()))
+                or item.get_closest_marker("timing")):
+            item.add_marker(pytest.mark.slow)
+
