@@ -19,6 +19,9 @@ from typing import Sequence
 
 from ci_jax.errors import one_line
 
+if typing.TYPE_CHECKING:
+    from ci_jax.report import Report
+
 INTERRUPTED = "interrupted: rerun the same command to resume"
 
 
@@ -287,17 +290,17 @@ def _run(args: argparse.Namespace) -> None:
     print(summary(report, os.path.join(args.out, "report.json")))
 
 
-def summary(report: dict, where: str) -> str:
+def summary(report: Report, where: str) -> str:
     """The report in four lines: rates in percent with 2 decimals, AUC with 4 (metrics.fmt_*)."""
     from ci_jax.metrics import fmt_auc, fmt_rate as pct
 
-    b, d, r, t = report["baseline"], report["defense"], report["retrained"], report["timings_s"]
-    parts = ", ".join(f"{k} {v:.0f}" for k, v in d["timings_s"].items())
-    return (f"baseline   clean {pct(b['clean_acc'])}  ASR {pct(b['asr'])}  ({report['attack']['asr_measured_on']})\n"
-            f"defense    {d['name']} removed {d['removed']} ({d['removed_poisons']} of {d['poisons']} poisons, "
-            f"{d['removed_clean']} of {d['clean_images']} others)  TPR {pct(d['tpr'])}  FPR {pct(d['fpr'])}  "
-            f"precision {pct(d['precision'])}  AUC {fmt_auc(d['auc'])}\n"
-            f"retrained  clean {pct(r['clean_acc'])}  ASR {pct(r['asr'])}\n"
+    b, d, r, t = report.baseline, report.defense.detection, report.retrained, report.timings_s
+    parts = ", ".join(f"{k} {v:.0f}" for k, v in report.defense.timings_s.items())
+    return (f"baseline   clean {pct(b.clean_acc)}  ASR {pct(b.asr)}  ({report.attack['asr_measured_on']})\n"
+            f"defense    {report.defense.name} removed {d.removed} ({d.removed_poisons} of {d.poisons} poisons, "
+            f"{d.removed_clean} of {d.clean_images} others)  TPR {pct(d.tpr)}  FPR {pct(d.fpr)}  "
+            f"precision {pct(d.precision)}  AUC {fmt_auc(d.auc)}\n"
+            f"retrained  clean {pct(r.clean_acc)}  ASR {pct(r.asr)}\n"
             f"total {t['total']:.0f} s (defense {t['defense']:.0f} s: {parts}) -> {where}")
 
 

@@ -30,6 +30,7 @@ from ci_jax import attacks, cache, checkpoint, config as config_lib, data, defen
 from ci_jax.config import Config
 from ci_jax.defenses.base import Reserve, View
 from ci_jax.errors import UserError
+from ci_jax.report import DefenseReport, Detection, Report, Scores
 
 _RESERVE_STREAM = 7  # of the run's seed: which test images are held out
 
@@ -292,7 +293,7 @@ def _take_over(out: Path, cfg: Config, dataset: data.Dataset) -> None:
 def run(cfg: Config, out: str | os.PathLike, *, data_dir: str | os.PathLike | None = None,
         dataset: data.Dataset | None = None, make_plots: bool = True,
         baseline_from: str | os.PathLike | None = None,
-        shared_dir: str | os.PathLike | None = None, prepared: Prepared | None = None) -> dict[str, Any]:
+        shared_dir: str | os.PathLike | None = None, prepared: Prepared | None = None) -> Report:
     """Runs (or resumes) the experiment in `out` and returns the report written to report.json.
 
     baseline_from: another run directory whose finished baseline (and cached passes) to use
@@ -324,7 +325,7 @@ def run(cfg: Config, out: str | os.PathLike, *, data_dir: str | os.PathLike | No
 
 def _run_locked(cfg: Config, out: Path, dataset: data.Dataset, p: Prepared, baseline_dir: Path,
                 cache_dirs: list[Path], make_plots: bool, shared_dir: str | os.PathLike | None, timings: dict[str, float],
-                t_start: float) -> dict[str, Any]:
+                t_start: float) -> Report:
     image_shape = dataset.x_train.shape[1:]
     poisoned = p.poisoned
     baseline = train.Trainer(cfg, image_shape, dataset.num_classes,
@@ -359,22 +360,24 @@ def _run_locked(cfg: Config, out: Path, dataset: data.Dataset, p: Prepared, base
     retrained_dir, after = _retrain(cfg, out, dataset, p, result.is_clean_N, before, baseline_dir,
                                     shared_dir, timings)
     timings["total"] = time.perf_counter() - t_start
-    report = {
-        "config": config_lib.to_dict(cfg),
-        "data": {"dataset": dataset.name, "sha256": dataset.sha256, "train_images": len(poisoned.y_N),
-                 "test_images_scored": int(p.scored_N.sum()), "reserve_images": int(len(p.reserve_idx))},
-        "attack": {"name": cfg.attack.name, "poisons": poisoned.n_poison, "covers": poisoned.n_cover,
-                   "clean_label": p.attack.clean_label, "asr_measured_on": p.triggered.description,
-                   "asr_images": int(p.scored_N[p.triggered.idx].sum())},
-        "baseline": {**before, "checkpoint": os.path.relpath(baseline_dir, out)},
-        "defense": {"name": cfg.defense.name, **detection, "timings_s": result.timings_s, **result.report},
-        "retrained": after if retrained_dir is None else {**after, "checkpoint": os.path.relpath(retrained_dir, out)},
-        "device": provenance.device(),
-        "timings_s": timings,
-    }
+    relative = lambda d: os.path.relpath(d, out)
+    report = Report(
+        config=config_lib.to_dict(cfg),
+        data={"dataset": dataset.name, "sha256": dataset.sha256, "train_images": len(poisoned.y_N),
+              "test_images_scored": int(p.scored_N.sum()), "reserve_images": int(len(p.reserve_idx))},
+        attack={"name": cfg.attack.name, "poisons": poisoned.n_poison, "covers": poisoned.n_cover,
+                "clean_label": p.attack.clean_label, "asr_measured_on": p.triggered.description,
+                "asr_images": int(p.scored_N[p.triggered.idx].sum())},
+        baseline=Scores(**before, checkpoint=relative(baseline_dir)),
+        defense=DefenseReport(cfg.defense.name, Detection(**detection), result.timings_s, result.report),
+        retrained=Scores(None, None, skipped=True) if retrained_dir is None else
+        Scores(**after, checkpoint=relative(retrained_dir)),
+        device=provenance.device(),
+        timings_s=timings,
+    )
     if make_plots:
         _plots(out / "plots", dataset, p, passes, report, result, baseline_dir, retrained_dir)
-    files.write_json(out / "report.json", report)
+    files.write_json(out / "report.json", report.to_json())
     return report
 
 
@@ -386,7 +389,7 @@ def _retrain(cfg: Config, out: Path, dataset: data.Dataset, p: Prepared, keep_N:
     timings["retrain"] = 0.0
     if not cfg.defense.retrain:
         tqdm.write("retrain: skipped (defense.retrain is false)")
-        return None, {"skipped": True, "clean_acc": None, "asr": None}
+        return None, {}
     if keep_N.all():
         tqdm.write("retrained: nothing removed, the baseline is the retrained model")
         return baseline_dir, dict(before)
@@ -427,14 +430,14 @@ def _clear_dead_writers(model_dir: Path) -> None:
 
 
 def _plots(path: Path, dataset: data.Dataset, p: Prepared, passes: dict[str, np.ndarray],
-           report: dict[str, Any], result: defenses.Result, baseline_dir: Path, retrained_dir: Path | None) -> None:
+           report: Report, result: defenses.Result, baseline_dir: Path, retrained_dir: Path | None) -> None:
     trig = p.triggered
     n = min(8, len(trig.idx))
-    plots.examples(path / "examples.png", {report["attack"]["name"]: (
+    plots.examples(path / "examples.png", {report.attack["name"]: (
         dataset.x_test[trig.idx[:n]], trig.x_NHWC[:n], passes["pred_test"][trig.idx[:n]], passes["pred_trig"][:n])})
     if p.poisoned.is_poison_N.any() and not p.poisoned.is_poison_N.all():
         fpr, tpr = metrics.roc_curve(p.poisoned.is_poison_N, result.score_N)
-        plots.roc(path / "roc.png", {report["defense"]["name"]: (fpr, tpr, report["defense"]["auc"])})
+        plots.roc(path / "roc.png", {report.defense.name: (fpr, tpr, report.defense.detection.auc)})
     p.defense.plot(result, path)
     logs = {"baseline": train.read_log(baseline_dir)}
     if retrained_dir is not None and retrained_dir != baseline_dir:

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from ci_jax import config as config_lib
 from ci_jax import errors, files, settings
+from ci_jax.report import Report
 from ci_jax.config import Config
 from ci_jax.errors import UserError, unknown_name
 
@@ -375,12 +376,12 @@ def _cell(v: Any) -> str:
     return str(v)
 
 
-def row_of(run: Run, report: dict[str, Any]) -> dict[str, Any]:
-    b, d, r = report["baseline"], report["defense"], report["retrained"]
+def row_of(run: Run, report: Report) -> dict[str, Any]:
+    b, d, r = report.baseline, report.defense.detection, report.retrained
     return {"run_id": run.run_id, **run.varied, "seed": run.cfg.seed,
-            "clean_before": b["clean_acc"], "asr_before": b["asr"], "removed": d["removed"],
-            "tpr": d["tpr"], "fpr": d["fpr"], "precision": d["precision"], "auc": d["auc"],
-            "clean_after": r["clean_acc"], "asr_after": r["asr"], "seconds": report["timings_s"]["total"]}
+            "clean_before": b.clean_acc, "asr_before": b.asr, "removed": d.removed,
+            "tpr": d.tpr, "fpr": d.fpr, "precision": d.precision, "auc": d.auc,
+            "clean_after": r.clean_acc, "asr_after": r.asr, "seconds": report.timings_s["total"]}
 
 
 def report_row(out: Path, run: Run) -> dict[str, Any] | None:
@@ -388,8 +389,8 @@ def report_row(out: Path, run: Run) -> dict[str, Any] | None:
     none, or it is unreadable, of another config, or of another shape: a run without a sound
     report is not done, and runs again."""
     try:
-        report = files.read_json(out / "runs" / run.run_id / "report.json")
-        if report["config"] != config_lib.to_dict(run.cfg):
+        report = Report.from_json(files.read_json(out / "runs" / run.run_id / "report.json"))
+        if report.config != config_lib.to_dict(run.cfg):
             return None
         row = row_of(run, report)
     except Exception:  # noqa: BLE001 - OSError, bad UTF-8 or JSON, a missing key, a list for a dict: not done

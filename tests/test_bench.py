@@ -77,7 +77,7 @@ def test_gmm_stage_clusters_a_finished_runs_baseline_features(mnist_like_dir, tm
     run = tmp_path / "run"
     cfg = config.preset("fast", {"train.epochs": 1, "attack.n_poison": 20, "eval.batch_size": 64,
                                  "defense.ci.k_max": 3, "defense.ci.covariance": "diag"})
-    experiment.run(cfg, run, data_dir=mnist_like_dir, make_plots=False)
+    experiment.run(cfg, run, data_dir=mnist_like_dir, make_plots=False).to_json()
     out = tmp_path / "bench.json"
     assert cli.main(TINY + ["--data-dir", str(mnist_like_dir), "--run", str(run), "--out", str(out)]) == 0
     gmm = next(s for s in json.loads(out.read_text())["stages"] if s["stage"] == "gmm")

@@ -460,17 +460,21 @@ def test_a_backend_that_is_installed_but_does_not_start_says_why():
 
 
 def test_the_summary_formats_every_rate_as_a_percent_and_auc_with_4_decimals():
-    report = {"attack": {"asr_measured_on": "test images of class 0, triggered"},
-              "baseline": {"clean_acc": 0.9904, "asr": 0.9296},
-              "defense": {"name": "ci", "removed": 987, "removed_poisons": 986, "poisons": 1000, "removed_clean": 1,
-                          "clean_images": 59000, "tpr": 0.986, "fpr": 1 / 59000, "precision": 986 / 987,
-                          "auc": 0.9993684576271187, "timings_s": {"gmm": 12.3}},
-              "retrained": {"clean_acc": 0.99, "asr": None}, "timings_s": {"total": 100.0, "defense": 20.0}}
+    import dataclasses
+
+    from ci_jax.report import DefenseReport, Detection, Report, Scores
+
+    detection = Detection(removed=987, tpr=0.986, fpr=1 / 59000, precision=986 / 987, auc=0.9993684576271187,
+                          removed_poisons=986, poisons=1000, removed_clean=1, clean_images=59000, denominators={})
+    report = Report(config={}, data={}, attack={"asr_measured_on": "test images of class 0, triggered"},
+                    baseline=Scores(0.9904, 0.9296), defense=DefenseReport("ci", detection, {"gmm": 12.3}, {}),
+                    retrained=Scores(0.99, None), device={}, timings_s={"total": 100.0, "defense": 20.0})
     text = cli.summary(report, "r/report.json")
     assert "clean 99.04 %  ASR 92.96 %" in text
     assert "TPR 98.60 %  FPR 0.00 %  precision 99.90 %  AUC 0.9994" in text
     assert "retrained  clean 99.00 %  ASR n/a" in text
-    report["defense"]["auc"] = 0.5
+    report = dataclasses.replace(report, defense=dataclasses.replace(
+        report.defense, detection=dataclasses.replace(detection, auc=0.5)))
     assert "AUC 0.5000" in cli.summary(report, "r/report.json")
 
 

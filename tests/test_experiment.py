@@ -1,5 +1,6 @@
 """End to end on a small synthetic task: the planted trigger must be learned, found and removed."""
 
+import dataclasses
 import json
 import os
 
@@ -8,6 +9,7 @@ import pytest
 
 from ci_jax import cli, config, data, experiment, train
 from ci_jax.errors import UserError
+from ci_jax.report import Report
 
 # diag: with ~200 images a class, full 128-D covariances cost BIC too much to ever split a class.
 CFG = {"train.epochs": 3, "train.batch_size": 32, "eval.batch_size": 128, "attack.n_poison": 60,
@@ -27,7 +29,7 @@ def ds():
 @pytest.fixture(scope="module")
 def first_run(ds, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    return out, experiment.run(_cfg(), out, dataset=ds)
+    return out, experiment.run(_cfg(), out, dataset=ds).to_json()
 
 
 def test_trigger_found_and_removed(first_run):
@@ -38,9 +40,9 @@ def test_trigger_found_and_removed(first_run):
     assert d["tpr"] >= 0.95 and d["fpr"] <= 0.01 and d["auc"] > 0.95
     assert report["retrained"]["asr"] < 0.1
     assert report["retrained"]["clean_acc"] > 0.9
-    target = next(c for c in d["classes"] if c["label"] == 2)
+    target = next(c for c in d["ci"]["classes"] if c["label"] == 2)  # CI's own section, under its name
     assert target["k"] >= 2 and any(c["flagged"] and c["poisons"] > 50 for c in target["components"])
-    assert d["name"] == "ci" and d["filters"] == ["median3"] and d["rule"] == "threshold"
+    assert d["name"] == "ci" and d["ci"]["filters"] == ["median3"] and d["ci"]["rule"] == "threshold"
     assert d["poisons"] == 60 and d["removed_poisons"] == round(d["tpr"] * 60)
     assert d["removed"] == d["removed_poisons"] + d["removed_clean"] and d["clean_images"] == 1440
     assert d["covers"] == d["removed_covers"] == 0 and sum(d["removed_per_class"].values()) == d["removed"]
@@ -58,7 +60,7 @@ def test_report_says_what_was_measured_on_what(first_run, ds):
     assert 0 <= report["baseline"]["target_rate_untriggered"] < 0.1  # the trigger, not the images, does it
     assert set(report["defense"]["timings_s"]) == {"gmm", "filtered_passes", "impurity"}
     assert report["device"]["platform"] == "cpu"
-    lines = cli.summary(report, "x/report.json").splitlines()
+    lines = cli.summary(Report.from_json(report), "x/report.json").splitlines()
     assert len(lines) == 4 and lines[1].startswith("defense    ci removed") and lines[-1].endswith("-> x/report.json")
 
 
@@ -106,7 +108,7 @@ def _without_timings(report):
 
 def test_rerun_reuses_checkpoints_and_is_identical(first_run, ds):
     out, report = first_run
-    again = experiment.run(_cfg(), out, dataset=ds)
+    again = experiment.run(_cfg(), out, dataset=ds).to_json()
     assert again["timings_s"]["train_baseline"] == 0.0 and again["timings_s"]["retrain"] == 0.0
     assert _without_timings(again) == _without_timings(report)
 
@@ -114,11 +116,11 @@ def test_rerun_reuses_checkpoints_and_is_identical(first_run, ds):
 def test_defense_change_reuses_baseline(first_run, ds, tmp_path):
     out, report = first_run
     changed = experiment.run(_cfg(defense__ci__filters=["mean3"], defense__ci__tau=0.3), out, dataset=ds,
-                             make_plots=False)
+                             make_plots=False).to_json()
     assert changed["timings_s"]["train_baseline"] == 0.0 and changed["timings_s"]["features"] == 0.0
     assert changed["baseline"] == report["baseline"]
     assert changed["config"]["defense"]["ci"]["filters"] == ["mean3"]
-    assert changed["defense"]["filters"] == ["mean3"]
+    assert changed["defense"]["ci"]["filters"] == ["mean3"]
     assert (out / "baseline" / "pass-mean3.npz").is_file()  # beside the median's
     assert not (out / "plots").exists()  # the previous run's figures went with its report
 
@@ -126,10 +128,10 @@ def test_defense_change_reuses_baseline(first_run, ds, tmp_path):
 def test_another_defense_on_the_same_baseline(first_run, ds, tmp_path):
     out, report = first_run
     ss = experiment.run(_cfg(defense__name="ss", defense__retrain=False), tmp_path / "ss", dataset=ds,
-                        make_plots=False, baseline_from=out)
+                        make_plots=False, baseline_from=out).to_json()
     assert ss["timings_s"]["train_baseline"] == 0.0
     assert ss["defense"]["name"] == "ss" and set(ss["defense"]["timings_s"]) == {"scoring"}
-    assert ss["defense"]["removed"] == sum(c["removed"] for c in ss["defense"]["classes"])
+    assert ss["defense"]["removed"] == sum(c["removed"] for c in ss["defense"]["ss"]["classes"])
     assert ss["retrained"] == {"skipped": True, "clean_acc": None, "asr": None}
     assert ss["timings_s"]["retrain"] == 0.0 and not (tmp_path / "ss" / "retrained").exists()
 
@@ -137,7 +139,7 @@ def test_another_defense_on_the_same_baseline(first_run, ds, tmp_path):
 def test_a_reserve_is_held_out_of_accuracy_and_asr(first_run, ds, tmp_path):
     out, report = first_run
     held = experiment.run(_cfg(eval__reserve=100, defense__retrain=False), tmp_path / "held", dataset=ds,
-                          make_plots=False, baseline_from=out)
+                          make_plots=False, baseline_from=out).to_json()
     assert held["timings_s"]["train_baseline"] == 0.0  # eval settings change no model
     assert held["data"]["reserve_images"] == 100 and held["data"]["test_images_scored"] == 400
     with np.load(tmp_path / "held" / "defense.npz") as z:
@@ -151,14 +153,14 @@ def test_a_reserve_is_held_out_of_accuracy_and_asr(first_run, ds, tmp_path):
 
 def test_same_seed_same_report_in_a_fresh_directory(first_run, ds, tmp_path):
     _, report = first_run
-    fresh = experiment.run(_cfg(), tmp_path / "fresh", dataset=ds, make_plots=False)
+    fresh = experiment.run(_cfg(), tmp_path / "fresh", dataset=ds, make_plots=False).to_json()
     assert _without_timings(fresh) == _without_timings(report)
 
 
 def test_baseline_from_another_run(first_run, ds, tmp_path):
     out, report = first_run
     other = experiment.run(_cfg(defense__ci__tau=0.3), tmp_path / "ablation", dataset=ds,
-                           make_plots=False, baseline_from=out)
+                           make_plots=False, baseline_from=out).to_json()
     assert other["timings_s"]["train_baseline"] == 0.0
     assert other["baseline"]["clean_acc"] == report["baseline"]["clean_acc"]
     assert not (tmp_path / "ablation" / "baseline").exists()
@@ -171,25 +173,25 @@ def test_baseline_from_writes_nothing_into_the_other_run(first_run, ds, tmp_path
     out, _ = first_run
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
     other = experiment.run(_cfg(defense__ci__filters=["mean2"], defense__retrain=False), tmp_path / "abl",
-                           dataset=ds, make_plots=False, baseline_from=out)
+                           dataset=ds, make_plots=False, baseline_from=out).to_json()
     assert other["timings_s"]["features"] == 0.0  # the other run's passes.npz, read
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
     kept = {p.name for p in (tmp_path / "abl" / "caches").iterdir()}
     assert "pass-mean2.npz" in kept and any(n.startswith("defense-ci-") for n in kept)
     again = experiment.run(_cfg(defense__ci__filters=["mean2"], defense__retrain=False), tmp_path / "abl",
-                           dataset=ds, make_plots=False, baseline_from=out)
+                           dataset=ds, make_plots=False, baseline_from=out).to_json()
     assert again["defense"]["timings_s"] == {}  # the result cached in caches/ is reused
 
 
 def test_baseline_from_a_run_with_other_training_is_refused(first_run, ds, tmp_path):
     out, _ = first_run
     with pytest.raises(UserError, match=r"its baseline was trained otherwise \(train.lr differ\)"):
-        experiment.run(_cfg(train__lr=0.01), tmp_path / "x", dataset=ds, baseline_from=out)
+        experiment.run(_cfg(train__lr=0.01), tmp_path / "x", dataset=ds, baseline_from=out).to_json()
     other_data = data.synthetic(n_train=1500, n_test=500, seed=1)
     with pytest.raises(UserError, match="trained on other data"):
-        experiment.run(_cfg(), tmp_path / "y", dataset=other_data, baseline_from=out)
+        experiment.run(_cfg(), tmp_path / "y", dataset=other_data, baseline_from=out).to_json()
     with pytest.raises(UserError, match="no finished baseline there"):
-        experiment.run(_cfg(), tmp_path / "z", dataset=ds, baseline_from=tmp_path / "nowhere")
+        experiment.run(_cfg(), tmp_path / "z", dataset=ds, baseline_from=tmp_path / "nowhere").to_json()
 
 
 def test_a_run_directory_of_the_flat_config_is_refused(first_run, ds, tmp_path):
@@ -216,7 +218,7 @@ def test_prepare_checks_everything_before_any_work(ds):
 
 
 def test_nothing_removed_reuses_the_baseline_as_the_retrained_model(ds, tmp_path):
-    report = experiment.run(_cfg(attack__n_poison=0), tmp_path / "clean", dataset=ds, make_plots=False)
+    report = experiment.run(_cfg(attack__n_poison=0), tmp_path / "clean", dataset=ds, make_plots=False).to_json()
     assert report["defense"]["removed"] == 0
     assert report["retrained"] == {**report["baseline"], "checkpoint": "baseline"}
     assert report["timings_s"]["retrain"] == 0.0
@@ -293,5 +295,19 @@ def test_damaged_baseline_checkpoint_is_an_error_before_anything_is_written(firs
     for name in ("config.json", "provenance.json", "report.json"):
         (out / name).unlink()
     with pytest.raises(UserError, match="baseline"):
-        experiment.run(_cfg(), out, dataset=ds)
+        experiment.run(_cfg(), out, dataset=ds).to_json()
     assert not any((out / name).exists() for name in ("config.json", "provenance.json", "report.json"))
+
+
+def test_the_report_reads_back_as_written_and_a_defense_cannot_overwrite_a_metric(first_run):
+    out, report = first_run
+    typed = Report.from_json(json.loads((out / "report.json").read_text()))
+    assert typed.to_json() == report
+    assert typed.defense.detection.tpr == report["defense"]["tpr"] and typed.defense.own["rule"] == "threshold"
+    # A defense whose own report had a key named like a metric would have overwritten it when the
+    # two were merged flat: its own section now sits under its name.
+    clash = dataclasses.replace(typed.defense, own={"tpr": "mine", "removed": -1})
+    as_json = clash.to_json()
+    assert as_json["tpr"] == report["defense"]["tpr"] and as_json["ci"] == {"tpr": "mine", "removed": -1}
+    with pytest.raises(UserError, match="not a report of this ci-jax"):
+        Report.from_json({**report, "defense": {"name": "ci"}})

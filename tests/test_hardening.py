@@ -46,16 +46,16 @@ def other_ds():
 @pytest.fixture(scope="module")
 def finished(ds, tmp_path_factory):
     out = tmp_path_factory.mktemp("finished")
-    return out, experiment.run(_cfg(), out, dataset=ds, make_plots=False)
+    return out, experiment.run(_cfg(), out, dataset=ds, make_plots=False).to_json()
 
 
 # -- 1: other data never reuses the old model ------------------------------------------------------
 def test_rerun_on_other_data_trains_anew_and_reports_the_new_data(finished, ds, other_ds, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(finished[0], out)
-    again = experiment.run(_cfg(), out, dataset=other_ds, make_plots=False)
+    again = experiment.run(_cfg(), out, dataset=other_ds, make_plots=False).to_json()
     assert again["timings_s"]["train_baseline"] > 0
-    fresh = experiment.run(_cfg(), tmp_path / "fresh", dataset=other_ds, make_plots=False)
+    fresh = experiment.run(_cfg(), tmp_path / "fresh", dataset=other_ds, make_plots=False).to_json()
     assert _bare(again) | {"baseline": None, "retrained": None} == _bare(fresh) | {"baseline": None, "retrained": None}
     assert again["baseline"]["clean_acc"] == fresh["baseline"]["clean_acc"]
     assert again["data"]["sha256"] == other_ds.sha256 != ds.sha256
@@ -63,7 +63,7 @@ def test_rerun_on_other_data_trains_anew_and_reports_the_new_data(finished, ds, 
 
 def test_baseline_from_a_run_on_other_data_is_refused(finished, other_ds, tmp_path):
     with pytest.raises(UserError, match="trained on other data"):
-        experiment.run(_cfg(), tmp_path / "x", dataset=other_ds, baseline_from=finished[0])
+        experiment.run(_cfg(), tmp_path / "x", dataset=other_ds, baseline_from=finished[0]).to_json()
 
 
 def test_model_key_covers_every_field_that_trains_the_model():
@@ -128,7 +128,7 @@ def test_fuzz_damaged_cache_then_rerun_gives_the_same_report_or_one_error(finish
     shutil.copytree(finished[0], out)
     _damage(out / name, how, seed)
     try:
-        again = experiment.run(_cfg(), out, dataset=ds, make_plots=False)
+        again = experiment.run(_cfg(), out, dataset=ds, make_plots=False).to_json()
     except UserError as e:
         assert "\n" not in str(e)
         return
@@ -149,7 +149,7 @@ def test_fuzz_damaged_training_log_then_rerun_gives_the_same_report(finished, ds
         path.write_bytes(np.random.default_rng(3).integers(0, 256, 2000, dtype=np.uint8).tobytes())
     else:
         _damage(path, how, 0)
-    again = experiment.run(_cfg(), out, dataset=ds, make_plots=True)
+    again = experiment.run(_cfg(), out, dataset=ds, make_plots=True).to_json()
     assert _bare(again) == _bare(finished[1])
     assert (out / "report.json").is_file() and (out / "plots" / "loss.png").is_file()
 
@@ -161,7 +161,7 @@ def test_gmm_cache_that_does_not_fit_is_refitted(finished, ds, tmp_path, value):
     shutil.copytree(finished[0], out)
     saved = json.loads((out / "baseline" / "gmm.json").read_text())
     (out / "baseline" / "gmm.json").write_text(json.dumps({"key": saved["key"], "value": value}))
-    assert _bare(experiment.run(_cfg(), out, dataset=ds, make_plots=False)) == _bare(finished[1])
+    assert _bare(experiment.run(_cfg(), out, dataset=ds, make_plots=False).to_json()) == _bare(finished[1])
 
 
 # -- 3: config.json and report.json describe the same run ------------------------------------------
@@ -174,7 +174,7 @@ def test_an_interrupted_rerun_leaves_no_report_that_contradicts_the_config(finis
         raise KeyboardInterrupt
     monkeypatch.setattr(ci.CI, "run", boom)
     with pytest.raises(KeyboardInterrupt):
-        experiment.run(_cfg(**{"defense.ci.tau": 0.07}), out, dataset=ds, make_plots=False)
+        experiment.run(_cfg(**{"defense.ci.tau": 0.07}), out, dataset=ds, make_plots=False).to_json()
     assert json.loads((out / "config.json").read_text())["defense"]["ci"]["tau"] == 0.07
     assert not (out / "report.json").exists()
 
@@ -184,7 +184,7 @@ def test_a_second_run_in_the_same_directory_is_refused_while_the_first_holds_it(
     shutil.copytree(finished[0], out)
     with files.exclusive(out / ".run.lock"):
         with pytest.raises(UserError, match="another ci-jax run is using"):
-            experiment.run(_cfg(), out, dataset=ds, make_plots=False)
+            experiment.run(_cfg(), out, dataset=ds, make_plots=False).to_json()
 
 
 def test_a_no_plots_rerun_leaves_no_stale_plots(finished, ds, tmp_path):
@@ -192,7 +192,7 @@ def test_a_no_plots_rerun_leaves_no_stale_plots(finished, ds, tmp_path):
     shutil.copytree(finished[0], out)
     (out / "plots").mkdir(exist_ok=True)
     (out / "plots" / "roc.png").write_bytes(b"old")
-    experiment.run(_cfg(**{"defense.ci.tau": 0.06}), out, dataset=ds, make_plots=False)
+    experiment.run(_cfg(**{"defense.ci.tau": 0.06}), out, dataset=ds, make_plots=False).to_json()
     assert not (out / "plots").exists()
 
 
@@ -200,7 +200,7 @@ def test_a_no_plots_rerun_leaves_no_stale_plots(finished, ds, tmp_path):
 def test_huge_gaussian_is_refused_before_any_work(ds, tmp_path):
     with pytest.raises(UserError, match="wider than the 28-pixel image"):
         experiment.run(_cfg(**{"defense.ci.filters": ["gaussian"], "defense.ci.gaussian_sigma": 100.0}),
-                       tmp_path / "g", dataset=ds)
+                       tmp_path / "g", dataset=ds).to_json()
     assert not (tmp_path / "g").exists()
 
 
@@ -233,7 +233,7 @@ def test_a_huge_sweep_grid_is_refused(monkeypatch):
 
 def test_a_huge_eval_batch_is_refused_before_any_work(ds, tmp_path):
     with pytest.raises(UserError, match="eval.batch_size = 2147483647 is larger than"):
-        experiment.run(_cfg(**{"eval.batch_size": 2147483647}), tmp_path / "e", dataset=ds)
+        experiment.run(_cfg(**{"eval.batch_size": 2147483647}), tmp_path / "e", dataset=ds).to_json()
 
 
 def test_a_config_that_is_not_a_regular_file_is_refused():
@@ -294,7 +294,7 @@ def test_reusing_a_finished_baseline_takes_no_lock_and_writes_nothing_there(fini
     stamp = lambda: {p: p.stat().st_mtime_ns for p in finished[0].rglob("*")}
     before = stamp()
     experiment.run(_cfg(**{"defense.ci.tau": 0.3}), tmp_path / "ablation", dataset=ds, make_plots=False,
-                   baseline_from=finished[0])
+                   baseline_from=finished[0]).to_json()
     assert stamp() == before
     assert any(p.name.startswith("defense-ci-") for p in (tmp_path / "ablation" / "caches").iterdir())
 
@@ -309,7 +309,7 @@ def test_a_read_only_baseline_is_used_without_its_caches(finished, ds, tmp_path,
             raise OSError(errno.EROFS, "Read-only file system", str(path))
         return real(path, write)
     monkeypatch.setattr(files, "atomic_write", read_only)
-    report = experiment.run(_cfg(**{"defense.ci.tau": 0.31}), out, dataset=ds, make_plots=False)
+    report = experiment.run(_cfg(**{"defense.ci.tau": 0.31}), out, dataset=ds, make_plots=False).to_json()
     assert report["baseline"] == finished[1]["baseline"]
     assert "not cached" in capsys.readouterr().out
 
@@ -380,14 +380,14 @@ def _alive(pid):
 def test_weight_decay_divergence_names_the_weight_decay(ds, tmp_path):
     with pytest.raises(UserError, match="weight decay 1.0.*--train.weight_decay"):
         experiment.run(_cfg(**{"train.weight_decay": 1.0, "train.lr": 1e3, "train.optimizer": "sgd"}),
-                       tmp_path / "w", dataset=ds, make_plots=False)
+                       tmp_path / "w", dataset=ds, make_plots=False).to_json()
 
 
 def test_a_test_split_without_the_source_class_is_an_error(ds, tmp_path):
     keep = ds.y_test != 0
     no_source = data.Dataset("synthetic", ds.x_train, ds.y_train, ds.x_test[keep], ds.y_test[keep], 10)
     with pytest.raises(UserError, match="no test images of class 0 left"):
-        experiment.run(_cfg(), tmp_path / "s", dataset=no_source)
+        experiment.run(_cfg(), tmp_path / "s", dataset=no_source).to_json()
 
 
 def test_negative_numbers_after_a_flag_are_values(capsys, mnist_like_dir, tmp_path):

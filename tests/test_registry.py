@@ -202,7 +202,7 @@ def test_a_whole_experiment_runs_on_a_registered_model_and_dataset(toys, tmp_pat
         "eval.batch_size": 100, "attack.name": "patch", "attack.source": 0, "attack.target": 2,
         "attack.n_poison": 40, "attack.patch.row": 11, "attack.patch.col": 11,  # 3x3: inside 16x16
         "defense.ci.k_max": 3, "defense.ci.covariance": "diag"})
-    report = experiment.run(cfg, tmp_path / "run", make_plots=False)  # loaded by name, through the registry
+    report = experiment.run(cfg, tmp_path / "run", make_plots=False).to_json()  # loaded by name, through the registry
     assert report["data"]["dataset"] == TOY_DATA and report["data"]["train_images"] == 600
     assert report["data"]["test_images_scored"] == 300
     # Chance is 1/3; the colours separate the classes.
@@ -211,7 +211,7 @@ def test_a_whole_experiment_runs_on_a_registered_model_and_dataset(toys, tmp_pat
     assert report["attack"]["asr_images"] == 100 and report["attack"]["poisons"] == 40
     assert report["baseline"]["asr"] > 0.9  # the patch is learned...
     d = report["defense"]
-    assert [c["label"] for c in d["classes"]] == [0, 1, 2]  # one entry per class of the spec
+    assert [c["label"] for c in d["ci"]["classes"]] == [0, 1, 2]  # one entry per class of the spec
     assert d["poisons"] == 40 and d["clean_images"] == 560
     assert d["tpr"] >= 0.9 and d["fpr"] <= 0.02  # ...found in the target class...
     assert set(d["removed_per_class"]) == {"0", "1", "2"} and d["removed_per_class"]["2"] >= 36
