@@ -96,12 +96,19 @@ def examples(path: PathLike, attacks: dict[str, tuple[np.ndarray, np.ndarray, np
     _save(fig, path)
 
 
+def _numbers(entry: dict, *keys: str) -> bool:
+    return all(isinstance(entry.get(k), (int, float)) and not isinstance(entry.get(k), bool)
+               and math.isfinite(entry[k]) for k in keys)
+
+
 def loss_curves(path: PathLike, logs: dict[str, list[dict]]) -> None:
     """Training loss against the step, one line per model, from their metrics.jsonl; beside it,
     where the log has them, clean accuracy (solid) and ASR (dashed) after each epoch."""
-    loss = {name: [(e["step"], e["loss"]) for e in entries if "step" in e and "loss" in e]
+    # A log is read line by line and a damaged line can parse into anything: numbers are checked.
+    loss = {name: [(e["step"], e["loss"]) for e in entries if _numbers(e, "step", "loss")]
             for name, entries in logs.items()}
-    scores = {name: [e for e in entries if "mean_loss" in e and "clean_acc" in e] for name, entries in logs.items()}
+    scores = {name: [e for e in entries if "mean_loss" in e and _numbers(e, "epoch", "clean_acc")
+                     and (e.get("asr") is None or _numbers(e, "asr"))] for name, entries in logs.items()}
     if not any(loss.values()):
         _message(path, "no training log (models trained before logs were kept)")
         return

@@ -17,6 +17,7 @@ import yaml
 
 from ci_jax import config, experiment, sweep
 from ci_jax.errors import UserError
+from ci_jax.report import Report
 
 BASE = {"data.dataset": "mnist", "train.epochs": 1, "train.batch_size": 32, "eval.batch_size": 128,
         "attack.n_poison": 20, "attack.pixel.amplitude": 1.0, "defense.ci.k_max": 3, "defense.ci.covariance": "diag"}
@@ -560,7 +561,7 @@ def test_a_damaged_report_leaves_the_row_and_a_lost_row_reruns_only_its_run(full
     sweep.run(spec_path, d)  # the CSV still has the row: nothing runs
     assert ran == [] and _rows(d / "results.csv") == rows
     (d / "results.csv").write_bytes(b"\xff" * 10)  # and now the row is gone too: that run, and only it, runs again
-    report = json.loads((out / "runs" / victim / "report.json").read_text())
+    report = Report.from_json(json.loads((out / "runs" / victim / "report.json").read_text()))
     monkeypatch.setattr(experiment, "run", lambda cfg, run_dir, **k: ran.append(Path(run_dir).name) or report)
     sweep.run(spec_path, d, data_dir=data_dir)
     assert ran == [victim]
