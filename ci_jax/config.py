@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from ci_jax import attacks, data, defenses, files, models, settings
+from ci_jax import attacks, augment, data, defenses, files, models, settings
 from ci_jax.errors import UserError, one_line, unknown_name
 from ci_jax.settings import section, setting
 
@@ -79,6 +79,10 @@ class Train:
     weight_decay: float = setting(0.0, "decoupled weight decay of the kernels (not of BatchNorm or biases)",
                                   low=0.0, high=1.0)
     schedule: str = setting("onecycle", "learning-rate schedule over the whole training", choices=SCHEDULES)
+    augment: str = setting("none", "training-time augmentation, on the device: crop (a random crop after 4 pixels of "
+                           "zero padding) or dataset (that crop, plus a horizontal flip where the dataset allows "
+                           "one: CIFAR, not digits or GTSRB); poisons are augmented like every training image, the "
+                           "defenses' passes never", choices=augment.CHOICES)
 
 
 @section
@@ -197,6 +201,12 @@ def from_dict(d: Mapping[str, Any], where: str = "config") -> Config:
 
 
 # -- what identifies what ---------------------------------------------------------------------
+# Train fields added after models had been trained without them, and the value that trains as before:
+# at that value a field is left out of a model's identity, so those models keep their keys and are
+# reused; any other value is part of the key like every field.
+ADDED_LATER: dict[str, Any] = {"augment": "none"}
+
+
 def model_identity(cfg: Config) -> dict[str, Any]:
     """Everything that decides the trained baseline: the seed, data, training and the chosen
     attack (its common fields and its own settings, not those of the attacks not chosen)."""
@@ -204,8 +214,8 @@ def model_identity(cfg: Config) -> dict[str, Any]:
     chosen = cfg.attack_settings()
     if chosen is not None:
         attack[cfg.attack.name] = settings.to_dict(chosen)
-    return {"seed": cfg.seed, "data": settings.to_dict(cfg.data), "attack": attack,
-            "train": settings.to_dict(cfg.train)}
+    train = {k: v for k, v in settings.to_dict(cfg.train).items() if k not in ADDED_LATER or v != ADDED_LATER[k]}
+    return {"seed": cfg.seed, "data": settings.to_dict(cfg.data), "attack": attack, "train": train}
 
 
 def run_identity(cfg: Config) -> dict[str, Any]:

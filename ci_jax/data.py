@@ -3,10 +3,10 @@
 A `DatasetSpec` says everything the rest of the project may assume about a dataset: its classes,
 channels, image size, how raw pixels become [0, 1] floats, and where its arrays come from.
 
-The built-in ones (mnist, fashion_mnist, cifar10) have two sources: a local data dir (IDX files
-for MNIST / Fashion-MNIST, the binary version of CIFAR-10), which needs nothing but numpy, or
-tensorflow-datasets, read through `tfds.data_source` because that path decodes with numpy/PIL and
-never imports TensorFlow. Preparing (downloading) a tfds dataset, however, does need TensorFlow;
+The built-in ones have up to two sources: a local data dir (IDX files for MNIST / Fashion-MNIST,
+the binary or python version of CIFAR-10, the python version of CIFAR-100, GTSRB's PPM folders,
+which need PIL), or tensorflow-datasets (not GTSRB), read through `tfds.data_source` because that
+path decodes with numpy/PIL and never imports TensorFlow. Preparing (downloading) a tfds dataset, however, does need TensorFlow;
 see `_load_tfds`.
 """
 
@@ -18,6 +18,7 @@ import functools
 import gzip
 import math
 import os
+import pickle
 import socket
 import stat
 import struct
@@ -56,7 +57,11 @@ def _how_to_get(spec: DatasetSpec) -> str:
 
 
 _IDX_WHAT = "the four IDX files (train-images-idx3-ubyte[.gz], ...)"
-_CIFAR_WHAT = "the CIFAR-10 binary version (data_batch_1.bin .. data_batch_5.bin, test_batch.bin)"
+_CIFAR_WHAT = ("CIFAR-10's binary version (data_batch_1.bin .. data_batch_5.bin, test_batch.bin) or its python "
+               "version (data_batch_1 .. data_batch_5, test_batch, batches.meta)")
+_CIFAR_GET = " (https://www.cs.toronto.edu/~kriz/cifar.html: cifar-10-binary.tar.gz or cifar-10-python.tar.gz)"
+_CIFAR100_WHAT = "CIFAR-100's python version (train, test, meta)"
+_CIFAR100_GET = " (https://www.cs.toronto.edu/~kriz/cifar.html: cifar-100-python.tar.gz)"
 
 
 # eq=False: the generated __eq__/__hash__ would compare/hash arrays, which numpy cannot do.
@@ -105,6 +110,10 @@ class DatasetSpec:
     # Normalisation: floats = raw / pixel_max, in [0, 1]. No mean/std standardisation: every
     # trigger (amplitudes, clipping, blends) is defined on [0, 1] images.
     pixel_max: float = 255.0
+    # Augmentation policy (train.augment dataset): a random crop after zero padding always; a
+    # horizontal flip only where a mirror image keeps its class (natural images, not digits or
+    # traffic signs, whose mirror image is another class or none).
+    flips: bool = False
 
     def __post_init__(self) -> None:
         if self.read_dir is None and self.generate is None and self.tfds_name is None:
@@ -479,9 +488,14 @@ def _check_labels(where: str | Path, y_N: np.ndarray, num_classes: int) -> None:
 
 
 def _read_cifar10_dir(spec: DatasetSpec, data_dir: Path, source: str = "") -> Dataset:
-    """A dir of CIFAR-10's binary version: five train batches and a test batch."""
-    subdirs = [data_dir / CIFAR_SUBDIR, data_dir / spec.name, data_dir / spec.name / CIFAR_SUBDIR]
-    _check_holds_files(spec, data_dir, source, _cifar_candidates, subdirs)
+    """A dir of CIFAR-10's binary version (five train batches and a test batch) or of its python
+    version; the binary one first, as before the python reader existed, should a dir hold both."""
+    subdirs = [data_dir / d for d in (CIFAR_SUBDIR, CIFAR10_PY_SUBDIR, spec.name, f"{spec.name}/{CIFAR_SUBDIR}",
+                                      f"{spec.name}/{CIFAR10_PY_SUBDIR}")]
+    _check_holds_files(spec, data_dir, source, lambda root: _cifar_candidates(root) + _cifar10_py_candidates(root),
+                       subdirs)
+    if not any(os.path.lexists(p) for p in _cifar_candidates(data_dir)):
+        return _read_cifar10_py(spec, data_dir)
     train = [_read_cifar_bin(spec, data_dir / f) for f in CIFAR_TRAIN_FILES]
     x_train_NHWC = np.concatenate([x for x, _ in train])
     y_train_N = np.concatenate([y for _, y in train])
@@ -498,7 +512,7 @@ def _read_cifar_bin(spec: DatasetSpec, path: Path) -> tuple[np.ndarray, np.ndarr
     if not os.path.lexists(path):
         hint = ""
         if (path.parent / path.stem).is_file():  # data_batch_1 without .bin: the pickled version
-            hint = " (this looks like the CIFAR-10 python version; use cifar-10-binary.tar.gz)"
+            hint = " (the python version's files are there too: keep one version in a dir)"
         raise UserError(f"{spec.name}: missing {path}{hint}: " + _how_to_get(spec))
     try:
         with _open_file(path) as f:
@@ -516,6 +530,262 @@ def _read_cifar_bin(spec: DatasetSpec, path: Path) -> tuple[np.ndarray, np.ndarr
     # Records store channel planes (CHW); the rest of the project wants NHWC.
     x_NHWC = records_NR[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
     return x_NHWC, y_N
+
+
+# ---------------------------------------------------------------- CIFAR python version (pickles)
+
+# What cifar-10-python.tar.gz / cifar-100-python.tar.gz extract to (what torchvision downloads).
+CIFAR10_PY_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
+CIFAR10_PY_TEST_FILE = "test_batch"
+CIFAR10_PY_META = "batches.meta"
+CIFAR10_PY_SUBDIR = "cifar-10-batches-py"
+CIFAR100_FILES = ("train", "test", "meta")
+CIFAR100_SUBDIR = "cifar-100-python"
+_CIFAR_PIXELS = 3 * 32 * 32
+
+# The only globals a CIFAR pickle names (a numpy array, pickled by Python 2's cPickle or by Python
+# 3): anything else is refused, because unpickling an arbitrary file can run arbitrary code.
+_PICKLE_GLOBALS = frozenset({
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("builtins", "bytearray"), ("_codecs", "encode"),
+})
+
+
+class _DataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _PICKLE_GLOBALS:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which a data batch never does")
+        return super().find_class(module, name)
+
+
+def _read_pickle(spec: DatasetSpec, path: Path, keys: Sequence[str]) -> dict[str, object]:
+    """The dict a CIFAR pickle holds, with str keys, once it has `keys`; UserError otherwise."""
+    if not os.path.lexists(path):
+        raise UserError(f"{spec.name}: missing {path}: " + _how_to_get(spec))
+    try:
+        with _open_file(path) as f:
+            # latin1: Python 2 str keys come back as str and numpy's raw bytes survive intact.
+            obj = _DataUnpickler(f, encoding="latin1").load()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read it ({e.strerror or e}); check the path") from None
+    except Exception as e:  # any unpickling failure: truncated, not a pickle, a foreign object
+        raise UserError(f"{path}: not a CIFAR python batch ({one_line(e, 120)}); re-download it"
+                        f"{spec.where_to_get}") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path}: holds a {type(obj).__name__}, expected a dict of {', '.join(keys)}; "
+                        f"re-download it{spec.where_to_get}")
+    out = {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in obj.items()}
+    missing = [k for k in keys if k not in out]
+    if missing:
+        raise UserError(f"{path}: has no {missing[0]!r} entry (it has {', '.join(map(str, out)) or 'none'}); "
+                        f"re-download it{spec.where_to_get}")
+    return out
+
+
+def _pickled_batch(spec: DatasetSpec, path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
+    """(x_NHWC uint8, y_N) of one pickled batch: 'data' is N rows of 3072 bytes, channel planes."""
+    d = _read_pickle(spec, path, ("data", label_key))
+    x_raw = np.asarray(d["data"])
+    y_N = np.asarray(d[label_key])
+    if x_raw.dtype != np.uint8 or x_raw.ndim != 2 or x_raw.shape[1] != _CIFAR_PIXELS:
+        raise UserError(f"{path}: 'data' is {x_raw.dtype} of shape {x_raw.shape}, expected uint8 rows of "
+                        f"{_CIFAR_PIXELS} (3x32x32); re-download it{spec.where_to_get}")
+    if y_N.ndim != 1 or len(y_N) != len(x_raw) or not np.issubdtype(y_N.dtype, np.integer):
+        raise UserError(f"{path}: {label_key!r} is not {len(x_raw)} integer labels, one per image; "
+                        f"re-download it{spec.where_to_get}")
+    _check_labels(path, y_N, spec.num_classes)
+    return x_raw.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), y_N
+
+
+def _check_meta(spec: DatasetSpec, path: Path, names_key: str) -> None:
+    """The meta file must name exactly the spec's classes: a CIFAR-100 meta in a CIFAR-10 dir (or a
+    coarse-label file) would otherwise pass unnoticed."""
+    names = _read_pickle(spec, path, (names_key,))[names_key]
+    if not isinstance(names, (list, tuple)) or len(names) != spec.num_classes:
+        count = len(names) if isinstance(names, (list, tuple)) else type(names).__name__
+        raise UserError(f"{path}: {names_key!r} lists {count} classes, {spec.name} has {spec.num_classes}; "
+                        f"check that it is {spec.name}'s file")
+
+
+def _read_cifar10_py(spec: DatasetSpec, data_dir: Path) -> Dataset:
+    """torchvision's `cifar-10-batches-py`: five pickled train batches, a test batch, batches.meta."""
+    _check_meta(spec, data_dir / CIFAR10_PY_META, "label_names")
+    train = [_pickled_batch(spec, data_dir / f, "labels") for f in CIFAR10_PY_TRAIN_FILES]
+    x_test_NHWC, y_test_N = _pickled_batch(spec, data_dir / CIFAR10_PY_TEST_FILE, "labels")
+    paths = [data_dir / f for f in (*CIFAR10_PY_TRAIN_FILES, CIFAR10_PY_TEST_FILE, CIFAR10_PY_META)]
+    return _to_dataset(spec, np.concatenate([x for x, _ in train]), np.concatenate([y for _, y in train]),
+                       x_test_NHWC, y_test_N, files=paths)
+
+
+def _cifar10_py_candidates(root: Path) -> list[Path]:
+    return [root / f for f in (*CIFAR10_PY_TRAIN_FILES, CIFAR10_PY_TEST_FILE, CIFAR10_PY_META)]
+
+
+def _read_cifar100_dir(spec: DatasetSpec, data_dir: Path, source: str = "") -> Dataset:
+    """`cifar-100-python`: pickled `train` and `test` (fine labels: 100 classes) and `meta`."""
+    subdirs = [data_dir / CIFAR100_SUBDIR, data_dir / spec.name, data_dir / spec.name / CIFAR100_SUBDIR]
+    _check_holds_files(spec, data_dir, source, lambda root: [root / f for f in CIFAR100_FILES], subdirs)
+    _check_meta(spec, data_dir / "meta", "fine_label_names")
+    x_train_NHWC, y_train_N = _pickled_batch(spec, data_dir / "train", "fine_labels")
+    x_test_NHWC, y_test_N = _pickled_batch(spec, data_dir / "test", "fine_labels")
+    return _to_dataset(spec, x_train_NHWC, y_train_N, x_test_NHWC, y_test_N,
+                       files=[data_dir / f for f in CIFAR100_FILES])
+
+
+def write_cifar_python(root: str | os.PathLike, x_train_NHWC: np.ndarray, y_train_N: np.ndarray,
+                       x_test_NHWC: np.ndarray, y_test_N: np.ndarray, num_classes: int = 10) -> None:
+    """Writes uint8 32x32x3 images in the layout of CIFAR's python version: for 10 classes
+    cifar-10-batches-py's five train batches, test_batch and batches.meta; for 100 cifar-100-python's
+    train, test and meta (fine labels). For synthetic stand-ins of the real files."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    for x in (x_train_NHWC, x_test_NHWC):
+        if x.dtype != np.uint8 or x.shape[1:] != (32, 32, 3):
+            raise ValueError(f"CIFAR images are uint8 32x32x3, got {x.dtype} {x.shape[1:]}")
+
+    def dump(name: str, obj: dict) -> None:
+        with open(root / name, "wb") as f:
+            pickle.dump(obj, f, protocol=2)  # what Python 2's cPickle wrote
+
+    rows = lambda x_NHWC: np.ascontiguousarray(x_NHWC.transpose(0, 3, 1, 2).reshape(len(x_NHWC), -1))
+    names = [f"class_{k}" for k in range(num_classes)]
+    if num_classes == 100:
+        for name, x, y in (("train", x_train_NHWC, y_train_N), ("test", x_test_NHWC, y_test_N)):
+            dump(name, {"data": rows(x), "fine_labels": [int(v) for v in y], "coarse_labels": [0] * len(y)})
+        dump("meta", {"fine_label_names": names, "coarse_label_names": [f"super_{k}" for k in range(20)]})
+        return
+    for i, part in enumerate(np.array_split(np.arange(len(y_train_N)), len(CIFAR10_PY_TRAIN_FILES))):
+        dump(CIFAR10_PY_TRAIN_FILES[i], {"data": rows(x_train_NHWC[part]), "labels": [int(v) for v in y_train_N[part]]})
+    dump(CIFAR10_PY_TEST_FILE, {"data": rows(x_test_NHWC), "labels": [int(v) for v in y_test_N]})
+    dump(CIFAR10_PY_META, {"label_names": names, "num_cases_per_batch": 10000, "num_vis": 3072})
+
+
+# ---------------------------------------------------------------- GTSRB (PPM folders)
+
+GTSRB_CLASSES = 43
+# The official archives (GTSRB_Final_Training_Images.zip, GTSRB_Final_Test_Images.zip and
+# GTSRB_Final_Test_GT.zip) and torchvision's `datasets.GTSRB` download, relative to the data dir.
+GTSRB_OFFICIAL_TRAIN = Path("GTSRB/Final_Training/Images")
+GTSRB_TORCHVISION_TRAIN = Path("gtsrb/GTSRB/Training")
+GTSRB_TEST_IMAGES = (Path("GTSRB/Final_Test/Images"), Path("gtsrb/GTSRB/Final_Test/Images"))
+# Where each layout's test labels may be: the official GT zip holds one GT-final_test.csv to put next
+# to the images (as WaNet's and BackdoorBench's loaders read it) or in the data dir; torchvision
+# keeps it in gtsrb/ (spelt GT-final_test.csv there; GT-Final_Test.csv is accepted too).
+GTSRB_TEST_CSVS = (
+    ("GTSRB/Final_Test/Images/GT-final_test.csv", "GTSRB/GT-final_test.csv", "GT-final_test.csv"),
+    ("gtsrb/GT-final_test.csv", "gtsrb/GT-Final_Test.csv", "gtsrb/GTSRB/Final_Test/Images/GT-final_test.csv"),
+)
+_GTSRB_COLUMNS = ("Filename", "Width", "Height", "Roi.X1", "Roi.Y1", "Roi.X2", "Roi.Y2", "ClassId")
+_GTSRB_WHAT = ("GTSRB's folders: GTSRB/Final_Training/Images/000NN/ (PPM images and GT-000NN.csv) and "
+               "GTSRB/Final_Test/Images/ with GT-final_test.csv (the official archives), or torchvision's "
+               "gtsrb/GTSRB/Training/, gtsrb/GTSRB/Final_Test/Images/ and gtsrb/GT-final_test.csv")
+_GTSRB_GET = (" (from https://benchmark.ini.rub.de/: GTSRB_Final_Training_Images.zip, "
+              "GTSRB_Final_Test_Images.zip and GTSRB_Final_Test_GT.zip, or torchvision.datasets.GTSRB("
+              "root=DIR, split=..., download=True); tensorflow-datasets has no GTSRB)")
+
+
+def _read_gtsrb_dir(spec: DatasetSpec, data_dir: Path, source: str = "") -> Dataset:
+    """GTSRB in either layout, every image resized to spec.image_size with PIL's bilinear filter
+    (antialiased when shrinking), as the toolkits' `transforms.Resize` does; the whole image, not
+    its Roi box, again as the toolkits and torchvision use it."""
+    layout = next((i for i, train in enumerate((GTSRB_OFFICIAL_TRAIN, GTSRB_TORCHVISION_TRAIN))
+                   if (data_dir / train).is_dir()), None)
+    if layout is None:
+        for sub in (data_dir / "GTSRB_Final_Training_Images", data_dir / spec.name, data_dir / "data"):
+            if (sub / GTSRB_OFFICIAL_TRAIN).is_dir() or (sub / GTSRB_TORCHVISION_TRAIN).is_dir():
+                raise UserError(f"{spec.name}: no data files in {data_dir}{source}, but found them in {sub}: "
+                                + _point_at(spec.name, sub, source))
+        raise UserError(f"{spec.name}: no {GTSRB_OFFICIAL_TRAIN} or {GTSRB_TORCHVISION_TRAIN} in "
+                        f"{data_dir}{source}: " + _how_to_get(spec))
+    train_dir = data_dir / (GTSRB_OFFICIAL_TRAIN, GTSRB_TORCHVISION_TRAIN)[layout]
+    test_dir = data_dir / GTSRB_TEST_IMAGES[layout]
+    csvs = [data_dir / p for p in GTSRB_TEST_CSVS[layout]]
+    test_csv = next((p for p in csvs if os.path.lexists(p)), None)
+    if not test_dir.is_dir() or test_csv is None:
+        missing = test_dir if not test_dir.is_dir() else f"the test labels ({' or '.join(map(str, csvs))})"
+        raise UserError(f"{spec.name}: missing {missing}: " + _how_to_get(spec))
+    train_files, y_train, train_csvs = _gtsrb_train_list(spec, train_dir)
+    test_files, y_test = _gtsrb_csv(spec, test_csv, test_dir, None)
+    size = spec.image_size
+    return _to_dataset(spec, _gtsrb_images(train_files, size), np.array(y_train), _gtsrb_images(test_files, size),
+                       np.array(y_test), files=[*train_csvs, test_csv])
+
+
+def _gtsrb_train_list(spec: DatasetSpec, train_dir: Path) -> tuple[list[Path], list[int], list[Path]]:
+    """Every training image and its class: the class is the folder 000NN; each folder's GT-000NN.csv
+    lists its images where it is there (always, in the official archive), else every .ppm in it,
+    sorted, as torchvision reads it. Also returns the CSVs it read."""
+    names = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
+    bad = [n for n in names if not (len(n) == 5 and n.isdigit() and int(n) < spec.num_classes)]
+    if bad or not names:
+        what = f"a folder {bad[0]!r}" if bad else "no class folders"
+        raise UserError(f"{train_dir}: has {what}; expected class folders 00000 .. "
+                        f"{spec.num_classes - 1:05d} as the archive extracts them")
+    paths, labels, csvs = [], [], []
+    for name in names:
+        folder, c = train_dir / name, int(name)
+        csv_path = folder / f"GT-{name}.csv"
+        if os.path.lexists(csv_path):
+            found, ys = _gtsrb_csv(spec, csv_path, folder, c)
+            csvs.append(csv_path)
+        else:
+            found = sorted(folder.glob("*.ppm"))
+            ys = [c] * len(found)
+        paths += found
+        labels += ys
+    if not paths:
+        raise UserError(f"{train_dir}: no .ppm images in its class folders: " + _how_to_get(spec))
+    return paths, labels, csvs
+
+
+def _gtsrb_csv(spec: DatasetSpec, path: Path, image_dir: Path, folder_class: int | None) -> tuple[list[Path], list[int]]:
+    """(image paths, classes) from a GTSRB annotation file: semicolon-separated, a header of
+    Filename;Width;Height;Roi.X1;Roi.Y1;Roi.X2;Roi.Y2;ClassId."""
+    try:
+        with _open_file(path) as f:
+            lines = f.read().decode("utf-8-sig").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read it ({one_line(e, 120)}); re-download it{_GTSRB_GET}") from None
+    rows = [[cell.strip() for cell in line.split(";")] for line in lines if line.strip()]
+    if not rows or not {"Filename", "ClassId"} <= set(rows[0]):
+        got = ";".join(rows[0]) if rows else "an empty file"
+        raise UserError(f"{path}: header is {one_line(got, 80)!r}, expected {';'.join(_GTSRB_COLUMNS)} "
+                        f"(the test labels come from GTSRB_Final_Test_GT.zip, not the images' unlabelled "
+                        f"GT-final_test.test.csv){_GTSRB_GET}")
+    col = {name: i for i, name in enumerate(rows[0])}
+    paths, labels = [], []
+    for line_no, row in enumerate(rows[1:], start=2):
+        try:
+            name, label = row[col["Filename"]], int(row[col["ClassId"]])
+        except (IndexError, ValueError):
+            raise UserError(f"{path}: line {line_no} ({one_line(';'.join(row), 80)!r}) has no Filename and "
+                            f"integer ClassId; re-download it{_GTSRB_GET}") from None
+        if not 0 <= label < spec.num_classes or (folder_class is not None and label != folder_class):
+            expected = f"class {folder_class}, its folder's" if folder_class is not None else \
+                f"0..{spec.num_classes - 1}"
+            raise UserError(f"{path}: line {line_no}: ClassId {label}, expected {expected}; re-download it")
+        if Path(name).name != name:  # a path, not a file name: would reach outside the folder
+            raise UserError(f"{path}: line {line_no}: Filename {name!r} is not a plain file name")
+        paths.append(image_dir / name)
+        labels.append(label)
+    return paths, labels
+
+
+def _gtsrb_images(paths: Sequence[Path], size: int) -> np.ndarray:
+    """(N, size, size, 3) uint8: each PPM read with PIL and resized bilinearly (PIL.Image.Resampling.BILINEAR)."""
+    from PIL import Image, UnidentifiedImageError
+
+    out_NHWC = np.empty((len(paths), size, size, 3), np.uint8)
+    for i, path in enumerate(paths):  # one decode per file: the images differ in size
+        _require_file(path)
+        try:
+            with Image.open(path) as im:
+                out_NHWC[i] = np.asarray(im.convert("RGB").resize((size, size), Image.Resampling.BILINEAR))
+        except (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as e:
+            raise UserError(f"{path}: not a readable image ({one_line(e, 120)}); re-download it{_GTSRB_GET}") from None
+    return out_NHWC
 
 
 # ---------------------------------------------------------------- tensorflow-datasets
@@ -667,4 +937,11 @@ register_dataset(DatasetSpec(
     where_to_get=" (on Debian or Ubuntu, `apt-get install dataset-fashion-mnist` puts them in "
                  "/usr/share/datasets/fashion-mnist)"))
 register_dataset(DatasetSpec("cifar10", num_classes=10, channels=3, image_size=32, read_dir=_read_cifar10_dir,
-                             tfds_name="cifar10", files=_CIFAR_WHAT, train_size=50_000))
+                             tfds_name="cifar10", files=_CIFAR_WHAT, where_to_get=_CIFAR_GET, train_size=50_000,
+                             flips=True))
+register_dataset(DatasetSpec("cifar100", num_classes=100, channels=3, image_size=32, read_dir=_read_cifar100_dir,
+                             tfds_name="cifar100", files=_CIFAR100_WHAT, where_to_get=_CIFAR100_GET,
+                             train_size=50_000, flips=True))
+# 32x32 as the toolkits train on it; no tfds_name: GTSRB is not in tensorflow-datasets' catalogue.
+register_dataset(DatasetSpec("gtsrb", num_classes=GTSRB_CLASSES, channels=3, image_size=32, read_dir=_read_gtsrb_dir,
+                             files=_GTSRB_WHAT, where_to_get=_GTSRB_GET, train_size=39_209))

@@ -97,6 +97,81 @@ class ResNet20(nnx.Module):
         return self.head(feats_BD), feats_BD
 
 
+def _conv1x1(cin: int, cout: int, stride: int, rngs: nnx.Rngs, conv: ConvFn) -> nnx.Conv:
+    return nnx.Conv(cin, cout, (1, 1), strides=stride, padding=((0, 0), (0, 0)), use_bias=False,
+                    kernel_init=_he_normal, conv_general_dilated=conv, rngs=rngs)
+
+
+class ProjectionBlock(nnx.Module):
+    """ResNet-18's basic block (kuangliu/pytorch-cifar's BasicBlock): two 3x3 convs, each followed
+    by BatchNorm, and a 1x1 conv + BatchNorm shortcut where the shape changes (option B)."""
+
+    def __init__(self, cin: int, cout: int, stride: int, *, rngs: nnx.Rngs, conv: ConvFn):
+        self.conv1, self.bn1 = _conv3x3(cin, cout, stride, rngs, conv), _batch_norm(cout, rngs)
+        self.conv2, self.bn2 = _conv3x3(cout, cout, 1, rngs, conv), _batch_norm(cout, rngs)
+        self.project = stride != 1 or cin != cout
+        if self.project:
+            self.short_conv, self.short_bn = _conv1x1(cin, cout, stride, rngs, conv), _batch_norm(cout, rngs)
+
+    def __call__(self, x_BHWC: jax.Array) -> jax.Array:
+        y = nnx.relu(self.bn1(self.conv1(x_BHWC)))
+        y = self.bn2(self.conv2(y))
+        shortcut = self.short_bn(self.short_conv(x_BHWC)) if self.project else x_BHWC
+        return nnx.relu(y + shortcut)
+
+
+class PreActBlock(nnx.Module):
+    """Pre-activation basic block (He et al. 2016b; BackdoorBench's PreActBlock): BN-ReLU before
+    each conv, the shortcut a bare 1x1 conv of the activated input where the shape changes."""
+
+    def __init__(self, cin: int, cout: int, stride: int, *, rngs: nnx.Rngs, conv: ConvFn):
+        self.bn1, self.conv1 = _batch_norm(cin, rngs), _conv3x3(cin, cout, stride, rngs, conv)
+        self.bn2, self.conv2 = _batch_norm(cout, rngs), _conv3x3(cout, cout, 1, rngs, conv)
+        self.project = stride != 1 or cin != cout
+        if self.project:
+            self.short_conv = _conv1x1(cin, cout, stride, rngs, conv)
+
+    def __call__(self, x_BHWC: jax.Array) -> jax.Array:
+        a = nnx.relu(self.bn1(x_BHWC))
+        shortcut = self.short_conv(a) if self.project else x_BHWC
+        y = self.conv1(a)
+        y = self.conv2(nnx.relu(self.bn2(y)))
+        return y + shortcut
+
+
+class ResNet18(nnx.Module):
+    """ResNet-18 for 32x32 inputs (kuangliu/pytorch-cifar, backdoor-toolbox, the CI authors): a 3x3
+    stride-1 stem and no max-pool, four stages of two blocks (64-128-256-512), global average pooling.
+
+    `preact`: the pre-activation variant (BackdoorBench's PreActResNet18): no BN after the stem, and
+    none after the last block either, so the features are the last block's sum, pooled.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, *, rngs: nnx.Rngs, preact: bool = False,
+                 conv: ConvFn = jax.lax.conv_general_dilated):
+        self.conv = _conv3x3(in_channels, 64, 1, rngs, conv)
+        self.bn = None if preact else _batch_norm(64, rngs)
+        block = PreActBlock if preact else ProjectionBlock
+        blocks, cin = [], 64
+        for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+            for i in range(2):
+                blocks.append(block(cin, cout, stride if i == 0 else 1, rngs=rngs, conv=conv))
+                cin = cout
+        self.blocks = nnx.List(blocks)
+        self.head = nnx.Linear(512, num_classes, kernel_init=_he_normal, rngs=rngs)
+
+    def __call__(self, x_BHWC: jax.Array) -> tuple[jax.Array, jax.Array]:
+        x = self.conv(x_BHWC)
+        if self.bn is not None:
+            x = nnx.relu(self.bn(x))
+        for block in self.blocks:
+            x = block(x)
+        # The references pool 4x4 maps with avg_pool2d(4) / AdaptiveAvgPool2d(1): at 32x32 both are
+        # this mean, and it serves any image size.
+        feats_BD = x.mean(axis=(1, 2))
+        return self.head(feats_BD), feats_BD
+
+
 class SmallCNN(nnx.Module):
     """A LeNet-size CNN: fast enough for unit tests and quick ablations."""
 
@@ -132,5 +207,15 @@ def _cnn(in_channels: int, num_classes: int, seed: int, image_size: int, *, conv
     return SmallCNN(in_channels, num_classes, rngs=nnx.Rngs(seed), image_size=image_size, conv=conv)
 
 
+def _resnet18(in_channels: int, num_classes: int, seed: int, image_size: int, *, conv: ConvFn) -> nnx.Module:
+    return ResNet18(in_channels, num_classes, rngs=nnx.Rngs(seed), conv=conv)
+
+
+def _preact_resnet18(in_channels: int, num_classes: int, seed: int, image_size: int, *, conv: ConvFn) -> nnx.Module:
+    return ResNet18(in_channels, num_classes, rngs=nnx.Rngs(seed), preact=True, conv=conv)
+
+
 register_model("resnet20", _resnet20)
 register_model("cnn", _cnn)
+register_model("resnet18", _resnet18)
+register_model("preact_resnet18", _preact_resnet18)

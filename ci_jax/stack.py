@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from ci_jax import cache, checkpoint, data, experiment, faults, files, train
+from ci_jax import augment, cache, checkpoint, data, experiment, faults, files, train
 from ci_jax.errors import UserError
 
 
@@ -75,6 +75,9 @@ class Stack:
         self.trainers = [train.Trainer(m.cfg, image_shape, num_classes, int(s)) for m, s in zip(members, self.steps_K)]
         t0 = self.trainers[0]
         self.replicated, self.train_def, self.eval_def = t0.replicated, t0.train_def, t0.eval_def
+        if len({t.augment for t in self.trainers}) != 1:
+            raise ValueError("members of a stack must augment alike")  # one dataset per stack
+        self.augment, self.seeds_K = t0.augment, jnp.array([m.cfg.seed for m in members], jnp.uint32)
         self.epochs = members[0].cfg.train.epochs
         total = int(self.steps_K.max()) * self.epochs
         self.lr_KS = jnp.stack([jnp.pad(t.lr_S, (0, total - t.lr_S.shape[0])) for t in self.trainers])
@@ -89,18 +92,20 @@ class Stack:
             t.state = jax.device_put(jax.tree.map(lambda a: a[k], state), self.replicated)
 
     # -- jitted bodies --------------------------------------------------------------------------
-    def _one(self, state, x_NHWC, y_N, idx_SB, i, steps, lr_S, epoch):
+    def _one(self, state, x_NHWC, y_N, idx_SB, i, steps, lr_S, epoch, seed):
         active = i < steps
         idx_B = idx_SB[jnp.minimum(i, idx_SB.shape[0] - 1)]
+        # Each member's own draws, those it makes when trained alone (same seed and global step).
+        x_BHWC = augment.apply(self.augment, x_NHWC[idx_B], seed, epoch * steps + i)
         # A copy goes in: merging a state into modules and updating them rewrites the state's own
         # containers, and the no-op branch needs the old values.
-        new, loss = train.update(self.train_def, jax.tree.map(lambda a: a, state), x_NHWC[idx_B], y_N[idx_B],
+        new, loss = train.update(self.train_def, jax.tree.map(lambda a: a, state), x_BHWC, y_N[idx_B],
                                  lr_S[epoch * steps + i])
         return _select(active, new, state), jnp.where(active, loss, 0.0)
 
     def _stacked_step(self, state_K, x_NHWC, y_N, idx_KSB, i, steps_K, lr_KS, epoch):
-        return jax.vmap(self._one, in_axes=(0, None, None, 0, None, 0, 0, None))(
-            state_K, x_NHWC, y_N, idx_KSB, i, steps_K, lr_KS, epoch)
+        return jax.vmap(self._one, in_axes=(0, None, None, 0, None, 0, 0, None, 0))(
+            state_K, x_NHWC, y_N, idx_KSB, i, steps_K, lr_KS, epoch, self.seeds_K)
 
     # -- training -------------------------------------------------------------------------------
     def epoch_indices(self, epoch: int) -> jax.Array:

@@ -32,7 +32,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from ci_jax import checkpoint, faults, files, metrics, models
+from ci_jax import augment, checkpoint, faults, files, metrics, models
 from ci_jax.errors import UserError, one_line
 
 LOG_EVERY = 25  # steps between loss read-backs (each one syncs host and device) and log lines
@@ -190,6 +190,8 @@ class Trainer:
         self.eval_def, _ = nnx.split(model)
         self.state = jax.device_put(state, self.replicated)
         self.lr_S = jax.device_put(lr_table(self.schedule, max(1, self.total_steps)), self.replicated)
+        # None when off: the step is then the very program it was before augmentation existed.
+        self.augment = augment.policy(cfg.train.augment, cfg.data.dataset)
         self.train_step = jax.jit(self._step, donate_argnums=0)
         self.eval_step = jax.jit(self._fwd, static_argnums=3)
 
@@ -200,7 +202,8 @@ class Trainer:
     # -- jitted bodies --------------------------------------------------------------------------
     def _step(self, state, x_NHWC, y_N, idx_SB, i, lr_S, g):
         idx_B = idx_SB[i]  # indexed inside the step: no extra dispatch per step
-        x_BHWC = jax.lax.with_sharding_constraint(x_NHWC[idx_B], self.sharded)
+        x_BHWC = augment.apply(self.augment, x_NHWC[idx_B], self.cfg.seed, g)
+        x_BHWC = jax.lax.with_sharding_constraint(x_BHWC, self.sharded)
         y_B = jax.lax.with_sharding_constraint(y_N[idx_B], self.sharded)
         return update(self.train_def, state, x_BHWC, y_B, lr_S[g])
 

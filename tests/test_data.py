@@ -378,7 +378,7 @@ def test_env_var_is_honored(idx_dir, monkeypatch):
 
 
 def test_unknown_name_lists_valid_names():
-    with pytest.raises(UserError, match=r"unknown dataset 'svhn': \(choose one of mnist, fashion_mnist, cifar10\)"):
+    with pytest.raises(UserError, match=r"unknown dataset 'svhn': \(choose one of mnist, fashion_mnist, cifar10, cifar100, gtsrb\)"):
         data.load("svhn", "/tmp")
 
 

@@ -137,3 +137,54 @@ def test_importing_ci_jax_changes_no_environment_variable():
             "ci_jax.experiment, ci_jax.sweep, ci_jax.stack; print(json.dumps(dict(os.environ) == before))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "true"
+
+
+def _trainable(model) -> int:
+    """Parameters a PyTorch count would call trainable: kernels, biases, BatchNorm scales and biases,
+    not BatchNorm's running statistics."""
+    return sum(p.size for p in jax.tree.leaves(models.nnx.state(model, models.nnx.Param)))
+
+
+@pytest.mark.parametrize("name, count", [
+    # kuangliu/pytorch-cifar models/resnet.py ResNet18() for 10 classes: 11,173,962.
+    ("resnet18", 11_173_962),
+    # SCLBD/BackdoorBench models/preact_resnet.py PreActResNet18(num_classes=10): no BatchNorm after the
+    # stem or the last block, bare 1x1 shortcut convs; the same count as kuangliu's PreActResNet18.
+    # By hand: 11,173,962 - stem BN 128 - shortcut BNs (256 + 512 + 1024) + per-block pre-activation
+    # BNs on the block input instead of after conv2 (only the first blocks of stages 2-4 differ:
+    # 2 * (64 - 128) + 2 * (128 - 256) + 2 * (256 - 512) = -896) = 11,171,146.
+    ("preact_resnet18", 11_171_146),
+])
+def test_resnet18_parameter_counts_are_the_references(name, count):
+    assert 11_173_962 - 128 - (256 + 512 + 1024) - 896 == 11_171_146
+    model = models.create(name, 3, 10, seed=0, image_size=32)
+    assert _trainable(model) == count
+
+
+@pytest.mark.parametrize("name", ["resnet18", "preact_resnet18"])
+def test_resnet18_is_the_32x32_variant_and_trains_one_step(name):
+    model = models.create(name, 3, 10, seed=0, image_size=32)
+    stem = model.conv
+    assert stem.kernel_size == (3, 3) and stem.strides == 1  # 3x3 stride-1 stem, no max-pool
+    convs = [m for _, m in models.nnx.iter_modules(model) if isinstance(m, models.nnx.Conv)]
+    assert sum(c.kernel_size == (3, 3) for c in convs) == 17 and len(convs) == 20  # + 3 shortcut 1x1s
+    x = jax.random.uniform(jax.random.key(0), (2, 32, 32, 3))
+    y = jnp.array([1, 7])
+
+    def loss(m):
+        logits_BK, feats_BD = m(x)
+        assert logits_BK.shape == (2, 10) and feats_BD.shape == (2, 512)
+        return -jnp.take_along_axis(jax.nn.log_softmax(logits_BK), y[:, None], 1).mean()
+
+    value, grads = models.nnx.value_and_grad(loss)(model)
+    assert np.isfinite(value) and all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
+    model.eval()
+    logits, feats = model(x)
+    np.testing.assert_allclose(logits, model.head(feats), rtol=1e-5, atol=1e-5)
+
+
+def test_resnet18_takes_any_channels_and_classes():
+    model = models.create("preact_resnet18", 1, 43, seed=0, image_size=28)
+    model.eval()
+    logits_BK, _ = model(jnp.zeros((1, 28, 28, 1)))
+    assert logits_BK.shape == (1, 43)

@@ -87,13 +87,16 @@ def test_a_name_registered_twice_or_unregistered_twice_is_a_programming_error():
 
 
 def test_the_built_in_entries_keep_their_names_and_shapes():
-    assert data.DATASETS == ("mnist", "fashion_mnist", "cifar10")
-    assert models.MODELS == ("resnet20", "cnn")
+    assert data.DATASETS == ("mnist", "fashion_mnist", "cifar10", "cifar100", "gtsrb")
+    assert models.MODELS == ("resnet20", "cnn", "resnet18", "preact_resnet18")
     shapes = {n: (s.num_classes, s.image_shape, s.train_size, s.tfds_name)
               for n in data.DATASETS for s in [data.get_dataset(n)]}
     assert shapes == {"mnist": (10, (28, 28, 1), 60_000, "mnist"),
                       "fashion_mnist": (10, (28, 28, 1), 60_000, "fashion_mnist"),
-                      "cifar10": (10, (32, 32, 3), 50_000, "cifar10")}
+                      "cifar10": (10, (32, 32, 3), 50_000, "cifar10"),
+                      "cifar100": (100, (32, 32, 3), 50_000, "cifar100"),
+                      "gtsrb": (43, (32, 32, 3), 39_209, None)}  # GTSRB is not in tfds' catalogue
+    assert [n for n in data.DATASETS if data.get_dataset(n).flips] == ["cifar10", "cifar100"]
     assert "apt-get install dataset-fashion-mnist" in data.get_dataset("fashion_mnist").where_to_get
 
 
@@ -105,16 +108,17 @@ def test_a_spec_needs_a_source():
 # -- unknown names --------------------------------------------------------------------------------
 @pytest.mark.parametrize("call, message", [
     (lambda: data.get_dataset("mnsit"), "unknown dataset 'mnsit': did you mean 'mnist'? "
-                                        "(choose one of mnist, fashion_mnist, cifar10)"),
+                                        "(choose one of mnist, fashion_mnist, cifar10, cifar100, gtsrb)"),
     (lambda: data.load("cifar", "/nonexistent"), "unknown dataset 'cifar': did you mean 'cifar10'? "
-                                                 "(choose one of mnist, fashion_mnist, cifar10)"),
+                                                 "(choose one of mnist, fashion_mnist, cifar10, cifar100, gtsrb)"),
     (lambda: models.create("resnet2", 1, 10, seed=0), "unknown model 'resnet2': did you mean 'resnet20'? "
-                                                      "(choose one of resnet20, cnn)"),
-    (lambda: models.get_model("cnnn"), "unknown model 'cnnn': did you mean 'cnn'? (choose one of resnet20, cnn)"),
+                                                      "(choose one of resnet20, cnn, resnet18, preact_resnet18)"),
+    (lambda: models.get_model("cnnn"),
+     "unknown model 'cnnn': did you mean 'cnn'? (choose one of resnet20, cnn, resnet18, preact_resnet18)"),
     (lambda: config.preset("default", {"data.dataset": "fashion"}),
-     "unknown data.dataset 'fashion': did you mean 'fashion_mnist'? (choose one of mnist, fashion_mnist, cifar10)"),
+     "unknown data.dataset 'fashion': did you mean 'fashion_mnist'? (choose one of mnist, fashion_mnist, cifar10, cifar100, gtsrb)"),
     (lambda: config.preset("default", {"train.model": "resnet"}),
-     "unknown train.model 'resnet': did you mean 'resnet20'? (choose one of resnet20, cnn)"),
+     "unknown train.model 'resnet': did you mean 'resnet20'? (choose one of resnet20, cnn, resnet18, preact_resnet18)"),
 ])
 def test_an_unknown_name_is_one_user_error_with_the_nearest_name(call, message):
     with pytest.raises(UserError) as e:
@@ -136,8 +140,8 @@ def test_bench_an_unknown_name_is_one_error_line(capsys, flag, value, message):
 def test_entries_registered_later_are_config_choices_until_unregistered(toys):
     cfg = config.preset("fast", {"data.dataset": TOY_DATA, "train.model": TOY_MODEL})
     assert (cfg.data.dataset, cfg.train.model) == (TOY_DATA, TOY_MODEL)
-    assert "choices: mnist, fashion_mnist, cifar10, toy3;" in settings.help_text(config.PATHS["data.dataset"])
-    assert "choices: resnet20, cnn, toynet;" in settings.help_text(config.PATHS["train.model"])
+    assert "choices: mnist, fashion_mnist, cifar10, cifar100, gtsrb, toy3;" in settings.help_text(config.PATHS["data.dataset"])
+    assert "choices: resnet20, cnn, resnet18, preact_resnet18, toynet;" in settings.help_text(config.PATHS["train.model"])
     data.unregister_dataset(TOY_DATA)
     try:
         with pytest.raises(UserError, match="unknown data.dataset 'toy3'"):

@@ -409,7 +409,7 @@ def test_where_values_that_exist_but_never_together_are_an_error(tmp_path):
 
 
 def test_data_dir_names_must_be_datasets_of_the_sweep(tmp_path, capsys):
-    known = r"\(choose one of mnist, fashion_mnist, cifar10\)"
+    known = r"\(choose one of mnist, fashion_mnist, cifar10, cifar100, gtsrb\)"
     with pytest.raises(UserError, match=r"unknown dataset in --data-dir 'foo': " + known):
         sweep.parse_data_dirs(["foo=/data/foo"])
     with pytest.raises(UserError, match="mnist is given twice"):
