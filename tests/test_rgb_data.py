@@ -267,7 +267,7 @@ def test_cifar_layout_learns_and_ci_finds_a_chessboard_backdoor(tmp_path):
     cfg = config.preset("fast", {**E2E, "data.dataset": "cifar10", "train.epochs": 4, "attack.name": "chessboard",
                                  "attack.source": 0, "attack.target": 2, "attack.n_poison": 60,
                                  "attack.chessboard.amplitude": 0.2})
-    report = experiment.run(cfg, tmp_path / "run", dataset=ds, make_plots=False)
+    report = experiment.run(cfg, tmp_path / "run", dataset=ds, make_plots=False).to_json()
     assert report["baseline"]["clean_acc"] > 0.9  # chance: 1/4 of the four classes present
     assert report["baseline"]["asr"] > 0.8  # the chessboard is learned
     d = report["defense"]
@@ -281,5 +281,5 @@ def test_gtsrb_layout_learns_with_augmentation(tmp_path):
     ds = data.load("gtsrb", tmp_path)
     cfg = config.preset("fast", {**E2E, "data.dataset": "gtsrb", "train.epochs": 3, "train.augment": "dataset",
                                  "attack.name": "none", "defense.retrain": False})
-    report = experiment.run(cfg, tmp_path / "run", dataset=ds, make_plots=False)
+    report = experiment.run(cfg, tmp_path / "run", dataset=ds, make_plots=False).to_json()
     assert report["baseline"]["clean_acc"] > 0.8  # chance: 1/4
