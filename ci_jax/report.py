@@ -3,7 +3,9 @@ CLI and sweeps read back, by attribute.
 
 In JSON the defense's section holds its detection figures (`metrics.detection`) and timings, and
 the defense's own report under its own name (`"defense": {"name": "ci", "tpr": ..., "ci": {...}}`),
-so that nothing a defense reports can overwrite a figure of the detection.
+so that nothing a defense reports can overwrite a figure of the detection. A report of ci-jax 0.2,
+whose defense merged its own keys in flat, reads back in this layout (a sweep that goes on over
+runs of 0.2 keeps their rows).
 """
 
 from __future__ import annotations
@@ -72,9 +74,10 @@ class DefenseReport:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> DefenseReport:
+        """Also a section written by ci-jax 0.2, whose own keys were merged in flat."""
         fields = {f.name for f in dataclasses.fields(Detection)}
-        return cls(d["name"], Detection(**{k: v for k, v in d.items() if k in fields}), dict(d["timings_s"]),
-                   dict(d[d["name"]]))
+        own = d[d["name"]] if d["name"] in d else {k: v for k, v in d.items() if k not in fields | {"name", "timings_s"}}
+        return cls(d["name"], Detection(**{k: v for k, v in d.items() if k in fields}), dict(d["timings_s"]), dict(own))
 
 
 @dataclasses.dataclass(frozen=True)

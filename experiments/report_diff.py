@@ -17,20 +17,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
-DETECTION = {"name", "removed", "tpr", "fpr", "precision", "auc", "removed_poisons", "poisons", "removed_clean",
-             "clean_images", "denominators", "covers", "removed_covers", "removed_per_class", "timings_s"}
+from ci_jax.report import Report
+
 TIMINGS = {"timings_s", "seconds", "images_per_s"}
 
 
 def today(report: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """The report in today's layout, and the keys moved to get there."""
+    """The report in today's layout (as `Report` reads it), and the keys that moved to get there."""
     d = report.get("defense", {})
-    name = d.get("name")
-    if name is None or name in d:
-        return report, []
-    own = {k: v for k, v in d.items() if k not in DETECTION}
-    return {**report, "defense": {**{k: v for k, v in d.items() if k in DETECTION}, name: own}}, \
-        [f"defense.{k} -> defense.{name}.{k}" for k in own]
+    moved = [] if d.get("name") in d else [f"defense.{k} -> defense.{d['name']}.{k}"
+                                           for k in Report.from_json(report).defense.own]
+    return Report.from_json(report).to_json(), moved
 
 
 def diff(a: Any, b: Any, path: str = "") -> list[dict[str, Any]]:

@@ -311,3 +311,6 @@ def test_the_report_reads_back_as_written_and_a_defense_cannot_overwrite_a_metri
     assert as_json["tpr"] == report["defense"]["tpr"] and as_json["ci"] == {"tpr": "mine", "removed": -1}
     with pytest.raises(UserError, match="not a report of this ci-jax"):
         Report.from_json({**report, "defense": {"name": "ci"}})
+    # ci-jax 0.2 merged the defense's own keys in flat: such a report reads back in today's layout.
+    flat = {**report, "defense": {k: v for k, v in report["defense"].items() if k != "ci"} | report["defense"]["ci"]}
+    assert Report.from_json(flat).to_json() == report
