@@ -7,7 +7,7 @@ clusters (the authors' choice, not the pre-residual-add hook of the public noteb
 from __future__ import annotations
 
 import functools
-from typing import Protocol
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -74,6 +74,18 @@ class BasicBlock(nnx.Module):
         return nnx.relu(y + shortcut)
 
 
+def _stages(block: Any, cin: int, stages: tuple[tuple[int, int], ...], per_stage: int, rngs: nnx.Rngs,
+            conv: ConvFn) -> nnx.List:
+    """A ResNet's residual stages: `per_stage` blocks of each (width, stride), the stride on the
+    first block of a stage."""
+    blocks = []
+    for cout, stride in stages:
+        for i in range(per_stage):
+            blocks.append(block(cin, cout, stride if i == 0 else 1, rngs=rngs, conv=conv))
+            cin = cout
+    return nnx.List(blocks)
+
+
 class ResNet20(nnx.Module):
     """CIFAR-style ResNet-20 (He et al. 2016): 16-32-64 channels, 3 blocks per stage."""
 
@@ -81,12 +93,7 @@ class ResNet20(nnx.Module):
                  conv: ConvFn = jax.lax.conv_general_dilated):
         self.conv = _conv3x3(in_channels, 16, 1, rngs, conv)
         self.bn = _batch_norm(16, rngs)
-        blocks, cin = [], 16
-        for cout, stride in ((16, 1), (32, 2), (64, 2)):
-            for i in range(3):
-                blocks.append(BasicBlock(cin, cout, stride if i == 0 else 1, rngs=rngs, conv=conv))
-                cin = cout
-        self.blocks = nnx.List(blocks)
+        self.blocks = _stages(BasicBlock, 16, ((16, 1), (32, 2), (64, 2)), 3, rngs, conv)
         self.head = nnx.Linear(64, num_classes, kernel_init=_he_normal, rngs=rngs)
 
     def __call__(self, x_BHWC: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -152,12 +159,7 @@ class ResNet18(nnx.Module):
         self.conv = _conv3x3(in_channels, 64, 1, rngs, conv)
         self.bn = None if preact else _batch_norm(64, rngs)
         block = PreActBlock if preact else ProjectionBlock
-        blocks, cin = [], 64
-        for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
-            for i in range(2):
-                blocks.append(block(cin, cout, stride if i == 0 else 1, rngs=rngs, conv=conv))
-                cin = cout
-        self.blocks = nnx.List(blocks)
+        self.blocks = _stages(block, 64, ((64, 1), (128, 2), (256, 2), (512, 2)), 2, rngs, conv)
         self.head = nnx.Linear(512, num_classes, kernel_init=_he_normal, rngs=rngs)
 
     def __call__(self, x_BHWC: jax.Array) -> tuple[jax.Array, jax.Array]:
