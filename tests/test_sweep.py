@@ -349,7 +349,7 @@ SPECS = sorted((Path(__file__).parents[1] / "experiments").rglob("*.yaml"))
 @pytest.mark.parametrize("path", SPECS, ids=lambda p: p.name)
 def test_the_experiment_specs_expand(path):
     spec = sweep.expand(sweep.read_spec(path), where=str(path))
-    assert spec.runs and all(f in config.PATHS or f == "case" for f in spec.fields)
+    assert spec.runs and all(f in config.PATHS or f in ("case", "defense") for f in spec.fields)
 
 
 def test_the_filter_and_benchmark_specs_keep_their_meaning():
