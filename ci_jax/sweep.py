@@ -765,7 +765,6 @@ def markdown(table: list[dict[str, Any]], fields: list[str]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     points = ", ".join(f"{c}: TPR at FPR <= {100 * x:g} %" for c, x in zip(OPERATING_COLUMNS, metrics.OPERATING_POINTS))
     notes = [
-        "",
         "Mean ± sample standard deviation over the seeds (`seeds` = n); one seed shows no ±, and (n=k) marks a "
         "figure that only k of the seeds have (e.g. after retraining).",
         f"`cell`: an attack is scored only if the baseline's ASR is >= {100 * metrics.VALID_ASR:g} % and the same "
@@ -775,7 +774,7 @@ def markdown(table: list[dict[str, Any]], fields: list[str]) -> str:
         f"Operating points, from each defense's per-sample scores whatever its own rule removed: {points}.",
     ]
     notes += [f"{ORACLE_MARK} {name}: uses oracle knowledge ({what})" for name, what in oracles.items()]
-    return "\n".join(lines + notes) + "\n"
+    return "\n".join(lines + [""] + [f"- {n}" for n in notes]) + "\n"
 
 
 def spec_rows(rows: list[dict[str, str]], meta: dict[str, Any]) -> list[dict[str, str]]:

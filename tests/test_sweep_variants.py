@@ -179,8 +179,8 @@ def test_the_summary_marks_invalid_cells_and_oracle_defenses(monkeypatch):
     assert ("pixel", "ss/oracle_test †") in cells and ("pixel", "ci/authors †") in cells
     assert cells[("none", "scan/e")]["cell"] == "no attack"
     notes = md[7:]
-    assert "† ss/oracle_test: uses oracle knowledge (the poison count)" in notes
-    assert "† ci/authors: uses oracle knowledge (the target class)" in notes
+    assert "- † ss/oracle_test: uses oracle knowledge (the poison count)" in notes
+    assert "- † ci/authors: uses oracle knowledge (the target class)" in notes
     assert any("decided on the means over the seeds" in n for n in notes)
 
 
