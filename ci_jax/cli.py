@@ -224,8 +224,9 @@ def _parser() -> _Parser:
                        help="directory with the dataset's files (as for `run`), or one NAME=DIR per "
                             "dataset of the sweep")
     sweep.add_argument("--where", nargs="+", metavar="PATH=VALUE[,VALUE]",
-                       help="run only the runs with these config values, e.g. data.dataset=mnist seed=0 "
-                            "(a large spec piece by piece; the summary covers every run done)")
+                       help="run only the runs with these config values, e.g. data.dataset=mnist seed=0, "
+                            "or defense=ci/authors for a spec's defense variants (a large spec piece by "
+                            "piece; the summary covers every run done)")
     sweep.add_argument("--plots", action="store_true", help="also draw each run's plots")
     sweep.add_argument("--stack", type=_positive, default=1, metavar="K",
                        help="train up to K models as one program (baselines that differ in seed or attack, "
@@ -291,15 +292,21 @@ def _run(args: argparse.Namespace) -> None:
 
 
 def summary(report: Report, where: str) -> str:
-    """The report in four lines: rates in percent with 2 decimals, AUC with 4 (metrics.fmt_*)."""
-    from ci_jax.metrics import fmt_auc, fmt_rate as pct
+    """The report in four lines: rates in percent with 2 decimals, AUC with 4 (metrics.fmt_*), and
+    the score's TPR at the matched operating points (FPR <= 0.1, 1, 5 %) beside the AUC."""
+    from ci_jax.metrics import OPERATING_POINTS, fmt_auc, fmt_rate as pct
 
     b, d, r, t = report.baseline, report.defense.detection, report.retrained, report.timings_s
     parts = ", ".join(f"{k} {v:.0f}" for k, v in report.defense.timings_s.items())
+    points = ""
+    if d.tpr_at_fpr is not None:  # None in a report from before they were measured
+        at = [d.tpr_at_fpr.get(str(x)) for x in OPERATING_POINTS]
+        points = (f"  TPR at FPR <= {'/'.join(f'{100 * x:g}' for x in OPERATING_POINTS)} %: "
+                  + " / ".join("n/a" if v is None else f"{100 * v:.2f}" for v in at) + " %")
     return (f"baseline   clean {pct(b.clean_acc)}  ASR {pct(b.asr)}  ({report.attack['asr_measured_on']})\n"
             f"defense    {report.defense.name} removed {d.removed} ({d.removed_poisons} of {d.poisons} poisons, "
             f"{d.removed_clean} of {d.clean_images} others)  TPR {pct(d.tpr)}  FPR {pct(d.fpr)}  "
-            f"precision {pct(d.precision)}  AUC {fmt_auc(d.auc)}\n"
+            f"precision {pct(d.precision)}  AUC {fmt_auc(d.auc)}{points}\n"
             f"retrained  clean {pct(r.clean_acc)}  ASR {pct(r.asr)}\n"
             f"total {t['total']:.0f} s (defense {t['defense']:.0f} s: {parts}) -> {where}")
 

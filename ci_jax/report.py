@@ -56,10 +56,16 @@ class Detection:
     covers: int | None = None
     removed_covers: int | None = None
     removed_per_class: dict[str, int] | None = None
+    # TPR at FPR <= x for each x of metrics.OPERATING_POINTS, keyed str(x); None in a report written
+    # before it was measured.
+    tpr_at_fpr: dict[str, float | None] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {k: v for k, v in dataclasses.asdict(self).items()
-                if v is not None or k in ("tpr", "fpr", "precision", "auc")}
+        out = {k: v for k, v in dataclasses.asdict(self).items()
+               if v is not None or k in ("tpr", "fpr", "precision", "auc")}
+        # The operating points beside the AUC, as metrics.detection orders them.
+        head = [k for k in ("removed", "tpr", "fpr", "precision", "auc", "tpr_at_fpr") if k in out]
+        return {k: out[k] for k in head} | out
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,8 +1,14 @@
 """Sweeps: many runs from one spec, sharing every model they can, one CSV row per finished run.
 
 A spec (YAML, JSON, or a Python file defining SPEC) names a preset, base config fields, an
-optional list of `cases` (each a set of fields, with an optional `case` label), a `grid` of
-fields to vary (every combination), and the `seeds`. Runs = seeds x cases x grid.
+optional list of `cases` (each a set of fields, with an optional `case` label), an optional list of
+`defenses` (named reference settings of ci_jax.defenses.variants, e.g. [ci/authors, scan/e]), a
+`grid` of fields to vary (every combination), and the `seeds`. Runs = seeds x cases x defenses x
+grid; without `defenses`, seeds x cases x grid. A variant's fields override `base`, and a case's
+or the grid's override the variant's (a grid that lowers STRIP's N applies to the STRIP variants
+that set it); a case or grid may not set defense.name beside `defenses`. Each run's row names its
+variant in a `defense` column, the summary groups by it (after the case), and `--where
+defense=NAME` picks runs by it.
 
 Runs that share data, attack, model, training and seed share one baseline under
 OUT/baselines/ (or MODELS/baselines/), trained once; its passes and mixtures are cached beside it. A finished run appends one
@@ -32,15 +38,25 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ci_jax import config as config_lib
-from ci_jax import errors, files, settings
+from ci_jax import errors, files, metrics, settings
+from ci_jax.defenses import variants
 from ci_jax.report import Report
 from ci_jax.config import Config
 from ci_jax.errors import UserError, unknown_name
 
-METRICS: tuple[str, ...] = ("clean_before", "asr_before", "removed", "tpr", "fpr", "precision", "auc",
-                            "clean_after", "asr_after", "seconds")
-SPEC_KEYS = {"name", "preset", "base", "cases", "grid", "seeds", "retrain_seeds"}
+# TPR at FPR <= x (x as a fraction, like every rate of the table) for each of metrics.OPERATING_POINTS.
+OPERATING_COLUMNS: tuple[str, ...] = tuple(f"tpr_at_fpr_{x}" for x in metrics.OPERATING_POINTS)
+METRICS: tuple[str, ...] = ("clean_before", "asr_before", "untriggered_before", "removed", "tpr", "fpr",
+                            "precision", "auc", *OPERATING_COLUMNS, "clean_after", "asr_after", "seconds")
+# Columns added after results CSVs had been written without them: a CSV lacking all of them is of
+# that age (its rows are rebuilt from the runs' reports), one lacking some of them is damaged.
+LATER_COLUMNS: tuple[str, ...] = ("untriggered_before", *OPERATING_COLUMNS, "oracle")
+# The figures that score a backdoor: an invalid attack cell (metrics.attack_cell_validity) shows none.
+SCORING: tuple[str, ...] = ("tpr", "precision", "auc", *OPERATING_COLUMNS, "asr_after")
+SPEC_KEYS = {"name", "preset", "base", "cases", "defenses", "grid", "seeds", "retrain_seeds"}
 DEFENSE = "defense.name"  # a summary varying this field gets an ROC plot per attack
+VARIANT = "defense"  # the column naming a run's defense variant (a spec's `defenses:`)
+ORACLE_MARK = "†"
 # A Run and its config take about this much memory; a spec whose runs would not fit is refused
 # before they are built (a grid of 10^8 combinations is a typo, not a plan).
 _BYTES_PER_RUN = 16_384
@@ -84,8 +100,9 @@ def expand(spec: dict[str, Any], where: str = "spec") -> Spec:
     sweep stopped part-way has covered every cell once before it repeats any with another seed.
 
     Fields are dotted config paths (`defense.ci.tau`), in `base`, `cases` and `grid` alike; a
-    case may give a `case` label. `retrain_seeds` (default: every seed) lists the seeds whose runs
-    retrain after the defense; the others are detection-only (defense.retrain false).
+    case may give a `case` label. `defenses` lists variant names (ci_jax.defenses.variants), each
+    run once per case, between the cases and the grid. `retrain_seeds` (default: every seed) lists
+    the seeds whose runs retrain after the defense; the others are detection-only (defense.retrain false).
     """
     unknown = set(spec) - SPEC_KEYS
     if unknown:
@@ -103,40 +120,71 @@ def expand(spec: dict[str, Any], where: str = "spec") -> Spec:
         raise UserError(f"{where}: cases must be a non-empty list of mappings of config fields")
     cases = [({"case": str(c["case"])} if "case" in c else {}) | flat({k: v for k, v in c.items() if k != "case"}, "case")
              for c in cases]
+    chosen = _variants(spec, cases, grid, where)
     seeds = _seeds(spec.get("seeds", [0]), f"{where}: seeds")
     retrain_seeds = set(_seeds(spec.get("retrain_seeds", seeds), f"{where}: retrain_seeds", empty_ok=True))
     if "seed" in grid or "seed" in base or any("seed" in c for c in cases):
         raise UserError(f"{where}: set seeds with the top-level `seeds` list, not as a field")
-    count = len(cases) * math.prod(len(v) for v in grid.values()) * len(seeds)
+    count = len(cases) * len(chosen or [None]) * math.prod(len(v) for v in grid.values()) * len(seeds)
     free = files.available_memory()
     if free is not None and count * _BYTES_PER_RUN > free:
-        raise UserError(f"{where}: {count} runs ({len(cases)} cases x grid x {len(seeds)} seeds) would not "
+        raise UserError(f"{where}: {count} runs ({len(cases)} cases x defenses x grid x {len(seeds)} seeds) would not "
                         f"fit in the {free // 2**20} MiB of memory available, let alone finish: "
                         "split the sweep into smaller specs")
     labelled = any("case" in c for c in cases)
     case_fields = list(dict.fromkeys(k for c in cases for k in c if k != "case"))
-    fields = (("case",) if labelled else ()) + tuple(case_fields) + tuple(f for f in grid if f not in case_fields)
+    named = (("case",) if labelled else ()) + ((VARIANT,) if chosen else ())
+    fields = named + tuple(case_fields) + tuple(f for f in grid if f not in case_fields)
     preset = spec.get("preset", "default")
-    runs, seen = [], set()
-    for seed, (i, case), combo in itertools.product(seeds, enumerate(cases), itertools.product(*grid.values())):
+    runs, seen = [], {}
+    for seed, (i, case), variant, combo in itertools.product(seeds, enumerate(cases), chosen or [None],
+                                                              itertools.product(*grid.values())):
         label = case.get("case", str(i))
         varied = {**{k: v for k, v in case.items() if k != "case"}, **dict(zip(grid, combo))}
-        overrides = {**base, **varied, "seed": seed}
+        overrides = {**base, **(variant.fields if variant else {}), **varied, "seed": seed}
         if seed not in retrain_seeds:
             overrides["defense.retrain"] = False
         try:
             cfg = config_lib.preset(preset, overrides)
         except UserError as e:
-            raise UserError(f"{where}: case {label}, {varied}: {e}") from None
+            raise UserError(f"{where}: case {label}{f', defense {variant.name}' if variant else ''}, {varied}: {e}") from None
         run_id = config_lib.fingerprint(config_lib.run_identity(cfg))
         if run_id in seen:
+            if variant is not None and seen[run_id] != variant.name:
+                raise UserError(f"{where}: case {label}: defenses {seen[run_id]} and {variant.name} give the same run "
+                                "(a case or grid field sets what tells them apart): list one of them")
             continue  # e.g. a grid value equal to a case's own: one run, not two
-        seen.add(run_id)
-        row = ({"case": label} if labelled else {}) | {f: _show(settings.get(cfg, f)) for f in fields if f != "case"}
+        seen[run_id] = variant.name if variant else None
+        row = ({"case": label} if labelled else {}) | ({VARIANT: variant.name} if variant else {}) | \
+            {f: _show(settings.get(cfg, f)) for f in fields if f not in named}
         detect_id = config_lib.fingerprint(config_lib.run_identity(config_lib.replace(cfg, {"defense.retrain": False})))
         runs.append(Run(run_id, cfg, row, detect_id))
-    summary = (("case",) + tuple(grid)) if labelled else fields
+    summary = (named + tuple(grid)) if labelled else fields
     return Spec(str(spec.get("name", "sweep")), fields, tuple(runs), summary)
+
+
+def _variants(spec: dict[str, Any], cases: list[dict[str, Any]], grid: dict[str, Any],
+              where: str) -> list[variants.Variant]:
+    """The spec's `defenses`, checked before any work: [] when it has none."""
+    if "defenses" not in spec:
+        return []
+    names = spec["defenses"]
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise UserError(f"{where}: defenses must be a non-empty list of defense variant names "
+                        f"(e.g. [{', '.join(variants.NAMES[:2])}])")
+    twice = next((n for k, n in enumerate(names) if n in names[:k]), None)
+    if twice is not None:
+        raise UserError(f"{where}: defenses lists {twice} twice: list each variant once")
+    chosen = []
+    for name in names:
+        try:
+            chosen.append(variants.get(name))
+        except UserError as e:
+            raise UserError(f"{where}: defenses: {e}") from None
+    if DEFENSE in grid or any(DEFENSE in c for c in cases):
+        raise UserError(f"{where}: a case or the grid sets {DEFENSE} beside `defenses`, which names the defense "
+                        "of every run: drop one of them")
+    return chosen
 
 
 def _show(value: Any) -> Any:
@@ -219,16 +267,23 @@ def check_shard(spec: Spec, i: int, n: int) -> None:
 
 def parse_where(items: list[str] | None) -> dict[str, list[str]]:
     """--where PATH=VALUE[,VALUE...] (repeatable) -> {dotted path: accepted values as text}. Each
-    value must parse as its field's type; `check_where` then holds them against a spec."""
+    value must parse as its field's type; `check_where` then holds them against a spec. PATH
+    `defense` picks by defense variant (a spec's `defenses`): its values are variant names."""
     where: dict[str, list[str]] = {}
     for item in items or ():
         path, sep, values = item.partition("=")
         if not sep or not path or not values:
             raise UserError(f"--where {item!r}: expected PATH=VALUE[,VALUE...], e.g. data.dataset=mnist or seed=0,1")
-        config_lib.flatten({path: None}, "--where")  # an unknown path, with a suggestion
+        if path != VARIANT:
+            config_lib.flatten({path: None}, "--where")  # an unknown path, with a suggestion
         for text in (v.strip() for v in values.split(",")):
             if not text:
                 raise UserError(f"--where {item!r}: an empty value; separate values by single commas")
+            if path == VARIANT:
+                if text not in variants.VARIANTS:
+                    raise unknown_name("--where defense variant", text, variants.NAMES)
+                where.setdefault(path, []).append(text)
+                continue
             try:
                 _where_text(path, text)
             except UserError as e:
@@ -244,7 +299,9 @@ def check_where(runs: tuple[Run, ...] | list[Run], where: dict[str, list[str]]) 
     """Every value of `where` must be one that some run of the spec has, and together they must
     pick at least one run: a --where that picks nothing would run nothing and exit as if done."""
     for path, texts in where.items():
-        have = list(dict.fromkeys(_as_text(settings.get(r.cfg, path)) for r in runs))
+        have = list(dict.fromkeys(_value_text(r, path) for r in runs))
+        if path == VARIANT and have == [""]:
+            raise UserError(f"--where {VARIANT}=...: the spec lists no `defenses`; pick by {DEFENSE} instead")
         for text in texts:
             try:
                 ok = _where_text(path, text) in have
@@ -261,6 +318,8 @@ def check_where(runs: tuple[Run, ...] | list[Run], where: dict[str, list[str]]) 
 def _where_text(path: str, text: str) -> str:
     """A --where value as `_as_text` shows the config value it means (1 -> 1.0 for a float field,
     TRUE -> true); UserError when it does not parse as the field's type."""
+    if path == VARIANT:
+        return text
     leaf = config_lib.PATHS[path]
     return _as_text(tuple(text.split()) if leaf.kind is tuple else settings.parse_flag_value(leaf, text))
 
@@ -269,7 +328,12 @@ def select(runs: tuple[Run, ...] | list[Run], where: dict[str, list[str]]) -> li
     """The runs whose config has, at every path of `where`, one of its values (a list of names as
     its names separated by spaces, e.g. defense.ci.filters=median3 quant)."""
     wanted = {path: {_where_text(path, v) for v in values} for path, values in where.items()}
-    return [r for r in runs if all(_as_text(settings.get(r.cfg, path)) in ok for path, ok in wanted.items())]
+    return [r for r in runs if all(_value_text(r, path) in ok for path, ok in wanted.items())]
+
+
+def _value_text(run: Run, path: str) -> str:
+    """A run's value at a --where path: its defense variant's name ("" when none) or its config's."""
+    return str(run.varied.get(VARIANT, "")) if path == VARIANT else _as_text(settings.get(run.cfg, path))
 
 
 def _as_text(value: Any) -> str:
@@ -292,7 +356,7 @@ def shard_runs(runs: tuple[Run, ...], i: int, n: int) -> list[Run]:
 
 # -- results CSV --------------------------------------------------------------------------------
 def columns(spec: Spec) -> list[str]:
-    return ["run_id", *spec.fields, "seed", *METRICS]
+    return ["run_id", *spec.fields, "seed", *METRICS, "oracle"]
 
 
 class Damaged(Exception):
@@ -318,7 +382,9 @@ def read_rows(path: Path, need: list[str] | tuple[str, ...] = ("run_id",)) -> li
             raise Damaged("no header line")
         if len(set(head)) != len(head):
             raise Damaged("a column is named twice")
-        missing = [c for c in need if c not in head]
+        later = [c for c in need if c in LATER_COLUMNS]
+        older = all(c not in head for c in later)  # written before those columns: its rows lack them
+        missing = [c for c in need if c not in head and not (older and c in LATER_COLUMNS)]
         if missing:
             raise Damaged(f"no column {errors.one_line(missing[0], 60)}")
         rows = []
@@ -377,11 +443,17 @@ def _cell(v: Any) -> str:
 
 
 def row_of(run: Run, report: Report) -> dict[str, Any]:
+    """The run's CSV row. oracle: what the defense knew of the ground truth, as its own report says
+    (its "oracle" key; "" when it used none)."""
     b, d, r = report.baseline, report.defense.detection, report.retrained
+    points = d.tpr_at_fpr or {}  # none in a report from before they were measured
+    oracle = report.defense.own.get("oracle")
     return {"run_id": run.run_id, **run.varied, "seed": run.cfg.seed,
-            "clean_before": b.clean_acc, "asr_before": b.asr, "removed": d.removed,
-            "tpr": d.tpr, "fpr": d.fpr, "precision": d.precision, "auc": d.auc,
-            "clean_after": r.clean_acc, "asr_after": r.asr, "seconds": report.timings_s["total"]}
+            "clean_before": b.clean_acc, "asr_before": b.asr, "untriggered_before": b.target_rate_untriggered,
+            "removed": d.removed, "tpr": d.tpr, "fpr": d.fpr, "precision": d.precision, "auc": d.auc,
+            **{c: points.get(str(x)) for c, x in zip(OPERATING_COLUMNS, metrics.OPERATING_POINTS)},
+            "clean_after": r.clean_acc, "asr_after": r.asr, "seconds": report.timings_s["total"],
+            "oracle": errors.one_line(oracle, 200) if oracle else ""}
 
 
 def report_row(out: Path, run: Run) -> dict[str, Any] | None:
@@ -404,7 +476,7 @@ def _detect_twin(run: Run) -> Run | None:
     if run.detect_id == run.run_id:
         return None
     cfg = config_lib.replace(run.cfg, {"defense.retrain": False})
-    varied = {k: v if k == "case" else _show(settings.get(cfg, k)) for k, v in run.varied.items()}
+    varied = {k: v if k in ("case", VARIANT) else _show(settings.get(cfg, k)) for k, v in run.varied.items()}
     return Run(run.detect_id, cfg, varied, run.detect_id)
 
 
@@ -623,38 +695,86 @@ def _number(text: str) -> float:
 
 
 def aggregate(rows: list[dict[str, str]], fields: list[str]) -> list[dict[str, Any]]:
-    """One entry per combination of the varied fields: mean and std of each metric over seeds."""
+    """One entry per combination of the varied fields: mean and std of each metric over seeds;
+    `n`: the number of seeds behind each metric that fewer seeds than `seeds` have (say, only
+    seed 0 retrained); `cell`: whether the attack is a backdoor to score (metrics.attack_cell_validity
+    on the mean ASR and untriggered target rate over the seeds); `oracle`: what the defense knew
+    of the ground truth (its report's word, else its variant's), None when nothing."""
     groups: dict[tuple, list[dict[str, str]]] = {}
     for row in rows:
         groups.setdefault(tuple(row[f] for f in fields), []).append(row)
     table = []
     for key, members in groups.items():
         entry: dict[str, Any] = dict(zip(fields, key)) | {"seeds": len(members)}
+        n = {}
         for m in METRICS:
-            vals = np.array([_number(r[m]) for r in members])
+            vals = np.array([_number(r.get(m, "")) for r in members])  # a CSV may predate a metric
             ok = vals[~np.isnan(vals)]
             # The sample standard deviation; none for one seed, where there is no spread to show.
             entry[m] = (float(ok.mean()), float(ok.std(ddof=1)) if ok.size > 1 else None) if ok.size else None
+            if 0 < ok.size < len(members):
+                n[m] = int(ok.size)
+        mean = lambda m: None if entry[m] is None else entry[m][0]
+        validity = metrics.attack_cell_validity(mean("asr_before"), mean("untriggered_before"))
+        entry |= {"n": n, "cell": {"status": validity.status, "reason": validity.reason},
+                  "oracle": _oracle(entry, members)}
         table.append(entry)
     return table
 
 
+def _oracle(entry: dict[str, Any], members: list[dict[str, str]]) -> str | None:
+    said = next((r["oracle"] for r in members if r.get("oracle")), None)
+    variant = variants.VARIANTS.get(entry.get(VARIANT, ""))
+    if said is None and variant is not None and variant.oracle:
+        said = variant.knows or "the ground truth"
+    return said
+
+
 def markdown(table: list[dict[str, Any]], fields: list[str]) -> str:
-    percent = {"clean_before", "asr_before", "tpr", "fpr", "precision", "clean_after", "asr_after"}
-    head = [*fields, "seeds", *METRICS]
+    """The summary as a table, then its notes. An attack cell that is not a backdoor
+    (metrics.attack_cell_validity) shows why in its `cell` column and none of the figures that
+    would score a backdoor; a defense that used oracle knowledge is marked with a dagger."""
+    percent = {"clean_before", "asr_before", "untriggered_before", "tpr", "fpr", "precision", *OPERATING_COLUMNS,
+               "clean_after", "asr_after"}
+    head = [*fields, "seeds", "cell", *METRICS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    marked_field = next((f for f in (VARIANT, DEFENSE) if f in fields), fields[0] if fields else None)
+    oracles: dict[str, str] = {}
     for e in table:
-        cells = [str(e[f]) for f in fields] + [str(e["seeds"])]
+        cells = []
+        for f in fields:
+            cell = str(e[f])
+            if f == marked_field and e.get("oracle"):
+                oracles.setdefault(cell, e["oracle"])
+                cell += f" {ORACLE_MARK}"
+            cells.append(cell)
+        status = e.get("cell", {}).get("status", "valid")
+        cells += [str(e["seeds"]), status if status != "invalid" else f"invalid: {e['cell']['reason']}"]
         for m in METRICS:
+            if status == "invalid" and m in SCORING:
+                cells.append("-")
+                continue
             if e[m] is None:
                 cells.append("n/a")
                 continue
             mean, std = e[m]
             scale, digits, unit = (100, 2, " %") if m in percent else (1, 4, "") if m == "auc" else (1, 0, "")
             spread = "" if std is None else f" ± {scale * std:.{digits}f}"
-            cells.append(f"{scale * mean:.{digits}f}{spread}{unit}")
+            count = e.get("n", {}).get(m)
+            cells.append(f"{scale * mean:.{digits}f}{spread}{unit}" + ("" if count is None else f" (n={count})"))
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    points = ", ".join(f"{c}: TPR at FPR <= {100 * x:g} %" for c, x in zip(OPERATING_COLUMNS, metrics.OPERATING_POINTS))
+    notes = [
+        "Mean ± sample standard deviation over the seeds (`seeds` = n); one seed shows no ±, and (n=k) marks a "
+        "figure that only k of the seeds have (e.g. after retraining).",
+        f"`cell`: an attack is scored only if the baseline's ASR is >= {100 * metrics.VALID_ASR:g} % and the same "
+        f"test images untriggered are taken for the target (`untriggered_before`) at most ASR/{metrics.UNTRIGGERED_SHARE}, "
+        f"decided on the means over the seeds; an invalid cell shows `-` for {', '.join(SCORING)}; "
+        "`no attack`: no backdoor to score (FPR only).",
+        f"Operating points, from each defense's per-sample scores whatever its own rule removed: {points}.",
+    ]
+    notes += [f"{ORACLE_MARK} {name}: uses oracle knowledge ({what})" for name, what in oracles.items()]
+    return "\n".join(lines + [""] + [f"- {n}" for n in notes]) + "\n"
 
 
 def spec_rows(rows: list[dict[str, str]], meta: dict[str, Any]) -> list[dict[str, str]]:
@@ -668,8 +788,10 @@ def spec_rows(rows: list[dict[str, str]], meta: dict[str, Any]) -> list[dict[str
 
 
 def summarize(out: str | os.PathLike) -> dict[str, Any]:
-    """summary.md / summary.json (mean ± std over seeds), a plot per varied field, and, when the
-    defense varies, an attack x defense grid per dataset and an ROC plot per attack."""
+    """summary.md / summary.json (mean ± std over seeds, each cell's validity and oracle mark: see
+    `aggregate`), a plot per varied field, and, when the defense (or its variant) varies, an attack
+    x defense grid per dataset and an ROC plot per attack. summary.json keeps every figure of an
+    invalid cell beside its status; summary.md and the grid do not score it."""
     from ci_jax import plots
 
     out = Path(out)
@@ -693,9 +815,10 @@ def summarize(out: str | os.PathLike) -> dict[str, Any]:
             series.setdefault(label, []).append((e[field], e))
         plots.sweep_field(out / "plots" / f"{field}.png", field, series,
                           ("tpr", "fpr", "clean_after", "asr_after"))
-    if DEFENSE in fields:  # a grid over defenses: the other summary fields name the attack
-        _defense_grids(out, table, rows, fields)
-        _roc_per_attack(out, rows, [f for f in fields if f != DEFENSE], DEFENSE)
+    defense = next((f for f in (VARIANT, DEFENSE) if f in fields), None)
+    if defense is not None:  # a grid over defenses: the other summary fields name the attack
+        _defense_grids(out, table, rows, fields, defense)
+        _roc_per_attack(out, rows, [f for f in fields if f != defense], defense)
     elif DEFENSE in meta["fields"]:  # cases that set the defense: one curve per case
         attack = [f for f in meta["fields"] if f != "case" and not f.startswith("defense.")]
         _roc_per_attack(out, rows, attack, "case")
@@ -755,12 +878,14 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")
 
 
-def _defense_grids(out: Path, table: list[dict[str, Any]], rows: list[dict[str, str]], fields: list[str]) -> None:
+def _defense_grids(out: Path, table: list[dict[str, Any]], rows: list[dict[str, str]], fields: list[str],
+                   defense: str = DEFENSE) -> None:
     """plots/grid_DATASET.png: attack x defense, one figure per dataset. An attack is a summary
-    row's other fields (its case label), less a leading dataset name."""
+    row's other fields (its case label), less a leading dataset name, marked when its cell is
+    invalid; a defense is its name or variant, marked when it used oracle knowledge."""
     from ci_jax import plots
 
-    attack_fields = [f for f in fields if f != DEFENSE]
+    attack_fields = [f for f in fields if f != defense]
     dataset_of: dict[tuple, str] = {}
     for r in rows:
         dataset_of.setdefault(tuple(r[f] for f in attack_fields), r.get("data.dataset") or "all")
@@ -770,7 +895,9 @@ def _defense_grids(out: Path, table: list[dict[str, Any]], rows: list[dict[str, 
         dataset = dataset_of.get(key, "all")
         attack = ", ".join(map(str, key)) or "attack"
         attack = attack[len(dataset) + 1:] if attack.startswith(f"{dataset} ") else attack
-        grids.setdefault(dataset, {})[(attack, e[DEFENSE])] = e
+        attack += " (invalid)" if e.get("cell", {}).get("status") == "invalid" else ""
+        name = str(e[defense]) + (f" {ORACLE_MARK}" if e.get("oracle") else "")
+        grids.setdefault(dataset, {})[(attack, name)] = e
     for dataset, cells in grids.items():
         attacks = list(dict.fromkeys(a for a, _ in cells))
         defenses = list(dict.fromkeys(d for _, d in cells))
