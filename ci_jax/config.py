@@ -161,10 +161,33 @@ RENAMED: dict[str, str] = {
 }
 
 
+# Fields taken out, with the value at which an old config (every config.json written before) behaves
+# as today: that value is dropped silently, any other is refused with where the setting went.
+RETIRED: dict[str, tuple[Any, str]] = {
+    "defense.spectre.only_top_class": (False, "defense.spectre.mode: toolbox removes from the most spiked class "
+                                       "only, with the true poison count as its budget"),
+}
+
+
+def _drop_retired(d: Mapping[str, Any], where: str, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        path = f"{prefix}{k}" if isinstance(k, str) else None
+        if path in RETIRED:
+            same, went = RETIRED[path]
+            if not (type(v) is type(same) and v == same):
+                raise UserError(f"{where}: config field {path} = {settings.show(v)} is gone; see {went}")
+            continue
+        out[k] = _drop_retired(v, where, path + ".") if path is not None and isinstance(v, Mapping) else v
+    return out
+
+
 def flatten(d: Mapping[str, Any], where: str) -> dict[str, Any]:
     """{dotted path: value} from a mapping of config fields (nested sections or dotted paths); a
-    field name from before config sections gets its new path in the error."""
+    field name from before config sections gets its new path in the error, a retired field
+    (`RETIRED`) is dropped at its old default and refused otherwise."""
     if isinstance(d, Mapping):
+        d = _drop_retired(d, where)
         old = [k for k, v in d.items() if isinstance(k, str) and k in RENAMED and k not in PATHS
                and not isinstance(v, Mapping)]
         if old:

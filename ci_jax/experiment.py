@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from ci_jax import attacks, cache, checkpoint, config as config_lib, data, defenses, files, metrics, plots, provenance, train
 from ci_jax.config import Config
-from ci_jax.defenses.base import Reserve, View
+from ci_jax.defenses.base import Reserve, Truth, View
 from ci_jax.errors import UserError
 from ci_jax.report import DefenseReport, Detection, Report, Scores
 
@@ -146,7 +146,14 @@ def defense_view(cfg: Config, dataset: data.Dataset, p: Prepared, baseline: trai
     return View(x_NHWC=p.poisoned.x_NHWC, y_N=p.poisoned.y_N, feats_ND=passes["feats"], pred_N=passes["pred"],
                 num_classes=dataset.num_classes, predict=baseline.predict, seed=cfg.seed, reserve=reserve,
                 cache_dir=cache_dirs[0], read_dirs=tuple(cache_dirs[1:]), key=passes_key(p, cfg),
-                is_poison_N=p.poisoned.is_poison_N)
+                is_poison_N=p.poisoned.is_poison_N, truth=truth(p))
+
+
+def truth(p: Prepared) -> Truth:
+    """What the attack did, for the defenses' oracle modes: its poison count, and its target class
+    where it poisoned anything."""
+    n = p.poisoned.n_poison
+    return Truth(poisons=n, target=p.cfg.attack.target if n else None)
 
 
 def defend(p: Prepared, view: View, cfg: Config) -> defenses.Result:

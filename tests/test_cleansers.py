@@ -53,9 +53,11 @@ def test_spectre_finds_the_planted_poisons_and_removes_one_and_a_half_eps_per_cl
     assert res.report["top_class"] == TARGET
 
 
-def test_spectre_only_top_class_removes_from_the_target_alone():
+def test_spectre_toolbox_mode_removes_from_the_target_alone():
     feats, y, is_poison, _, _ = _planted()
-    res = defenses.build("spectre", _settings("spectre", eps=0.1, only_top_class=True)).run(_view(feats, y, is_poison))
+    view = _view(feats, y, is_poison)
+    view.truth = defenses.Truth(poisons=int(is_poison.sum()), target=TARGET)
+    res = defenses.build("spectre", _settings("spectre", mode="toolbox")).run(view)
     removed = ~res.is_clean_N
     assert removed[is_poison].all() and not removed[y != TARGET].any()
 
@@ -179,7 +181,7 @@ def test_strip_removes_images_whose_blends_stay_confident():
     res = defenses.build("strip", _settings("strip", blends=8)).run(view)
     removed = ~res.is_clean_N
     assert removed[is_poison].all() and removed[~is_poison].mean() <= 0.05
-    assert res.report["blend_images"] == 8 and res.report["clean_images_for_cut_off"] == 192
+    assert res.report["blend_images"] == 8 and res.report["clean_images_for_cut_off"] == 200
 
 
 def test_strip_with_clean_entropies_all_alike_uses_their_quantile():

@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 
 from ci_jax.defenses import ac, ci, scan, spectre, ss, strip
-from ci_jax.defenses.base import Defense, Reserve, Result, View
-from ci_jax.errors import unknown_name
+from ci_jax.defenses.base import Defense, Reserve, Result, Truth, View
+from ci_jax.errors import UserError, unknown_name
 
 REGISTRY: dict[str, type[Defense]] = {
     "ci": ci.CI,
@@ -33,16 +33,21 @@ def build(name: str, settings: Any) -> Defense:
 
 
 def detect_poison(trainer, x_NHWC: np.ndarray, y_N: np.ndarray, num_classes: int, cfg,
-                  reserve: Reserve | None = None) -> tuple[dict[str, Any], np.ndarray]:
+                  reserve: Reserve | None = None, truth: Truth | None = None) -> tuple[dict[str, Any], np.ndarray]:
     """ART's shape: (report, is_clean) for a trained model (`train.Trainer`) and its training set,
-    with the defense `cfg.defense.name` at its settings in `cfg`. Nothing is cached."""
+    with the defense `cfg.defense.name` at its settings in `cfg`. Nothing is cached. truth: the
+    attack's poison count and target, for an oracle mode (e.g. defense.ss.mode every_class)."""
     defense = build(cfg.defense.name, getattr(cfg.defense, cfg.defense.name))
     defense.check(tuple(x_NHWC.shape[1:]), num_classes)
+    if defense.oracle() and truth is None:
+        raise UserError(f"defense {cfg.defense.name}: its mode uses the true poison count and target class: "
+                        "pass truth=Truth(poisons, target)")
     pred_N, feats_ND = trainer.predict(x_NHWC)
     view = View(x_NHWC=x_NHWC, y_N=np.asarray(y_N), feats_ND=feats_ND, pred_N=pred_N,
-                num_classes=num_classes, predict=trainer.predict, seed=cfg.seed, reserve=reserve)
+                num_classes=num_classes, predict=trainer.predict, seed=cfg.seed, reserve=reserve,
+                truth=truth)
     result = defense.run(view)
     return result.report, result.is_clean_N
 
 
-__all__ = ["REGISTRY", "NAMES", "Defense", "Reserve", "Result", "View", "build", "detect_poison"]
+__all__ = ["REGISTRY", "NAMES", "Defense", "Reserve", "Result", "Truth", "View", "build", "detect_poison"]

@@ -9,10 +9,23 @@ threshold), as ART's silhouette analysis does.
 Assumptions: a class's poisons form one of two clusters, and a smaller one. Every class is split,
 so a clean class whose 2-means split happens to be lopsided loses its smaller part.
 
-Deviations: the paper (and ART) reduce with FastICA; our default is PCA (`reduce ica` is the
-paper's). The `size` rule is ART's "relative-size" analysis, not its default "smaller" (which
-flags the smaller cluster of every class); the paper's exclusionary reclassification (retrain
-without a cluster and see where its images go) is not implemented.
+References, each a named variant (ci_jax/defenses/variants.py):
+- ac/size: PCA to 10 and the `size` rule (smaller cluster under 35 % of its class): ART's
+  ActivationDefence (Trusted-AI/adversarial-robustness-toolbox,
+  art/defences/detector/poison/activation_defence.py), whose default reduction is PCA
+  (`self.reduce = "PCA"`, since 2020; only the module function reduce_dimensionality still defaults
+  to FastICA), with its "relative-size" analysis (clustering_analyzer.py, size_threshold 0.35);
+  backdoor-toolbox does the same (cleansers_tool_box/activation_clustering.py: the top 10 singular
+  directions of the centred features, 2-means, smaller cluster < 0.35).
+- ac/silhouette: PCA to 10, and the smaller cluster only when the split's silhouette exceeds 0.1
+  too: ART's "silhouette-scores" analysis (analyze_by_silhouette_score).
+- ac/ica: FastICA to 10 and the `size` rule: the paper's reduction, as BackdoorBench runs it
+  (detection_pretrain/ac.py: FastICA(nb_dims=10, whiten="unit-variance"), smaller < 0.35).
+
+Deviations: the `size` rule is ART's "relative-size" analysis, not ART's default "smaller" (which
+flags the smaller cluster of every class, as BackdoorBench's config/detection/ac/*.yaml names but
+its code does not do); the paper's exclusionary reclassification (retrain without a cluster and see
+where its images go) is not implemented.
 """
 
 from __future__ import annotations

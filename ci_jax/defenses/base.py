@@ -35,6 +35,15 @@ class Reserve:
     key: str = ""  # names which images they are, for the caches of the defenses that use them
 
 
+@dataclasses.dataclass(frozen=True)
+class Truth:
+    """What the attack did, for the reference modes that assume they know it (oracle modes, e.g.
+    backdoor-toolbox's SS budget of 1.5 x the true poison count): nothing else may read it."""
+
+    poisons: int  # the number of poisoned training images (0: no attack)
+    target: int | None  # the class the backdoor leads to; None without poisons
+
+
 @dataclasses.dataclass(eq=False)
 class View:
     """The trained baseline as a defense sees it."""
@@ -51,6 +60,7 @@ class View:
     read_dirs: tuple[Path, ...] = ()  # caches also read, never written (a borrowed baseline's)
     key: str = ""  # identifies the baseline and its passes: every cache key starts with it
     is_poison_N: np.ndarray | None = None  # ground truth, only to count poisons in reports
+    truth: Truth | None = None  # the attack's poison count and target, only for oracle modes
     timings_s: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def cache_paths(self, name: str) -> list[Path]:
@@ -85,6 +95,13 @@ class View:
         if self.reserve is None:
             raise UserError(f"defense {defense} needs clean held-out images: set --eval.reserve N (e.g. 1000)")
         return self.reserve
+
+    def need_truth(self, defense: str, mode: str) -> Truth:
+        """The attack's truth for an oracle mode, or a UserError saying it is not known here."""
+        if self.truth is None:
+            raise UserError(f"defense {defense} mode {mode} uses the true poison count and target class, "
+                            "which this caller does not know: pass them (View.truth) or choose another mode")
+        return self.truth
 
     def poisons_in(self, idx: np.ndarray) -> dict[str, int]:
         """{"poisons": n} for a report entry, or nothing when the ground truth is unknown."""
@@ -127,6 +144,10 @@ class Defense:
 
     def check(self, image_shape: tuple[int, int, int], num_classes: int) -> None:
         """UserError for settings that do not fit this data, before any work."""
+
+    def oracle(self) -> bool:
+        """Whether these settings use the attack's ground truth (`View.truth`)."""
+        return False
 
     def run(self, view: View) -> Result:
         raise NotImplementedError

@@ -7,8 +7,15 @@ class plus a variation e ~ N(0, S_e) shared by every class. S_mu and S_e are fit
 small clean set (the held-out reserve). Then, per labelled class, on its training and reserve
 features: a two-subgroup split (2-means in the metric F = S_e^-1) against one identity, scored by
 the log-likelihood ratio J_k = mean((r - mu)' F (r - mu) - (r - u_z)' F (r - u_z)). A class whose
-J_k is an outlier among the classes, J*_k = (J_k - median J) / (1.4826 MAD J) > exp(2), holds two
+J_k is an outlier among the classes, J*_k = (J_k - median J) / (1.4826 MAD J) > threshold, holds two
 identities: its subgroup with fewer reserve images is the poison and is removed.
+
+Threshold (`threshold`): e^2 by default, as the authors (TDteach/Demon-in-the-Variant msrc/test.m,
+`sum(a > exp(2))`; msrc/online_test.m, `thr = exp(2)`), BackdoorBench (detection_pretrain/scan.py,
+`threshold = np.exp(2)`) and backdoor-toolbox's confusion-training inference
+(cleansers_tool_box/CT_feature_inference.py); backdoor-toolbox's SCAn cleanser takes e
+(cleansers_tool_box/scan.py, `threshold = np.e`). Named variants: scan/e2 and scan/e
+(ci_jax/defenses/variants.py).
 
 Assumptions: poisons of a class carry a second identity (the trigger) in the features; the
 reserve is clean and holds every class. F = pinv(S_e) comes from the reserve alone, so a feature
@@ -17,12 +24,16 @@ The median/MAD normalisation needs several classes: with 2 it cannot flag anythi
 (J* <= 1/1.4826), with 3-4 it is weak.
 
 Deviations: J* is one-sided (a class less split than the others is not suspicious; the authors'
-Matlab has this form commented out, their code takes |J - median|). The one-identity mean is the
-posterior mean S_mu (N S_mu + S_e)^+ sum r, as in the authors' own EM step (global_model.m); their
-calc_test, and the Python ports, use S_e (N S_mu + S_e)^+ sum r. Pseudo-inverses throughout, as the
-authors' F = pinv(S_e), since ReLU features can have dead dimensions. Where EM has not converged
-after EM_ITERS steps the last estimate is used and the report says so (the Matlab gives up). A
-class that 2-means cannot split in two is scored 0 and keeps its images.
+calc_anomaly_index.m has this form commented out and takes |J - median|, as do all the Python
+ports). The one-identity mean is the posterior mean S_mu (N S_mu + S_e)^+ sum r. The authors' EM
+step (msrc/global_model.m) forms it as -S_e G sum r with G = -(n S_mu + S_e)^+ S_mu F (`G = G*SuF`),
+which is the same matrix where S_e is invertible; their calc_test (msrc/local_model.m and
+msrc/online_update.m) has G = -(N S_mu + S_e)^+ without the S_mu F factor and so uses
+S_e (N S_mu + S_e)^+ sum r, as the Python ports do (pysrc/SCAn.py, backdoor-toolbox, BackdoorBench).
+Pseudo-inverses throughout, as the authors' F = pinv(S_e), since ReLU features can have dead
+dimensions. Where EM has not converged after EM_ITERS steps the last estimate is used and the
+report says so (the Matlab gives up). A class that 2-means cannot split in two is scored 0 and
+keeps its images.
 """
 
 from __future__ import annotations
@@ -42,8 +53,9 @@ SPLIT_ITERS = 100
 
 @section
 class Settings:
-    threshold: float = setting(float(np.exp(2)), "flag a class whose normalised J* exceeds this (the paper's e^2)",
-                               low=0.0, low_open=True)
+    threshold: float = setting(float(np.exp(2)), "flag a class whose normalised J* exceeds this: e^2 (the authors' "
+                               "msrc/test.m, BackdoorBench detection_pretrain/scan.py) or e (backdoor-toolbox "
+                               "cleansers_tool_box/scan.py)", low=0.0, low_open=True)
 
 
 def global_model(x_ND: np.ndarray, y_N: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
@@ -94,6 +106,13 @@ def statistic(x_ND: np.ndarray, z: np.ndarray, s_mu: np.ndarray, s_e: np.ndarray
     return float((((one @ f_DD) * one).sum(1) - ((two @ f_DD) * two).sum(1)).mean())
 
 
+def anomaly_index(js: np.ndarray) -> np.ndarray:
+    """J* of every class: how far its J lies above the classes' median, in robust standard
+    deviations (1.4826 MAD); 0 at or below the median, and everywhere when the MAD is 0."""
+    mad = 1.4826 * np.median(np.abs(js - np.median(js)))
+    return np.maximum(0.0, js - np.median(js)) / mad if mad > 0 else np.zeros_like(js)
+
+
 class SCAn(Defense):
     Settings = Settings
     needs_reserve = True
@@ -122,9 +141,7 @@ class SCAn(Defense):
             # The poison subgroup is the one with fewer clean (reserve) images.
             sus = z if from_reserve[idx][z].sum() < from_reserve[idx][~z].sum() else ~z
             per_class.append((c, idx, z, sus, j))
-        js = np.array([j for *_, j in per_class])
-        mad = 1.4826 * np.median(np.abs(js - np.median(js)))
-        j_star = np.maximum(0.0, js - np.median(js)) / mad if mad > 0 else np.zeros_like(js)
+        j_star = anomaly_index(np.array([j for *_, j in per_class]))
         n = len(view.y_N)
         score_N, removed_N = np.zeros(n), np.zeros(n, bool)
         classes = []
