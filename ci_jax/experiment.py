@@ -245,10 +245,12 @@ class OpenRun:
 
 def open_run(run_dir: str | os.PathLike, *, dataset: data.Dataset | None = None,
              data_dir: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None,
-             flag: str = "--run") -> OpenRun:
+             models: str | os.PathLike | None = None, flag: str = "--run") -> OpenRun:
     """Opens the finished baseline of `run_dir` with its config (and `overrides` of fields that
     train no model, e.g. eval.batch_size), on `dataset` or the data in `data_dir`. Nothing is
-    trained; a pass that is not cached yet is computed and kept. Errors name `flag`."""
+    trained; a pass that is not cached yet is computed and kept. Errors name `flag`.
+    models: a sweep's models directory (its --models, or its --out): a sweep run's baseline lives
+    there, under baselines/KEY, not in the run directory."""
     try:
         saved = files.read_json(Path(run_dir) / "config.json")
     except (OSError, ValueError) as e:
@@ -260,7 +262,13 @@ def open_run(run_dir: str | os.PathLike, *, dataset: data.Dataset | None = None,
     if dataset is None:
         dataset = data.load(cfg.data.dataset, data_dir)
     p = prepare(cfg, dataset)
-    baseline_dir = finished_baseline(run_dir, cfg, p.model_key, flag)
+    if models is None:
+        baseline_dir = finished_baseline(run_dir, cfg, p.model_key, flag)
+    else:
+        baseline_dir = Path(models) / "baselines" / p.model_key
+        if not checkpoint.finished(baseline_dir, p.model_key):
+            raise UserError(f"{flag} {run_dir}: no finished baseline of it under {models}/baselines/: "
+                            "give the sweep's --models (or --out) directory")
     baseline = train.Trainer(cfg, dataset.x_train.shape[1:], dataset.num_classes,
                              train.steps_per_epoch(len(p.poisoned.y_N), cfg.train.batch_size))
     checkpoint.load(baseline, baseline_dir)

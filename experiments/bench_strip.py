@@ -41,6 +41,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", default=None, help="a finished `ci-jax run` directory (default: a random-init model)")
     p.add_argument("--data-dir", default=None)
+    p.add_argument("--models", default=None, help="for a sweep's run: the sweep's --models (or --out) directory")
     p.add_argument("--blends", type=int, default=100, help="N, the passes timed")
     p.add_argument("--images", type=int, default=2000, help="images blended in each pass")
     p.add_argument("--reserve", type=int, default=1000, help="overlay images (and the reserve of a cell)")
@@ -49,7 +50,7 @@ def main() -> None:
     args = p.parse_args()
     overrides = {"eval.batch_size": args.eval_batch} if args.eval_batch else {}
     if args.run:
-        opened = experiment.open_run(args.run, data_dir=args.data_dir, overrides=overrides)
+        opened = experiment.open_run(args.run, data_dir=args.data_dir, overrides=overrides, models=args.models)
         predict, x, eval_batch = opened.view.predict, opened.view.x_NHWC[:args.images], opened.cfg.eval.batch_size
         pool = opened.dataset.x_test[:args.reserve]
         source = f"trained baseline of {args.run} ({opened.cfg.train.model})"

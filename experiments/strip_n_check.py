@@ -44,19 +44,9 @@ def subsample(is_poison_N: np.ndarray, poison_cap: int, n_clean: int, seed: int)
     return np.sort(np.concatenate([poisons, clean]))
 
 
-def tpr_at_fpr(is_poison_N: np.ndarray, score_N: np.ndarray, fpr: float) -> float | None:
-    """The largest TPR at a threshold whose FPR is at most `fpr` (higher score: more suspicious);
-    None without both poisons and clean images."""
-    is_poison_N = is_poison_N.astype(bool)
-    if is_poison_N.all() or not is_poison_N.any():
-        return None
-    f, t = metrics.roc_curve(is_poison_N, score_N)
-    return float(t[f <= fpr + 1e-12].max())
-
-
 def scores_at(is_poison_N: np.ndarray, mean_H: np.ndarray) -> dict[str, Any]:
     """AUC and TPR at 1 % FPR of STRIP's score (lower entropy: more suspicious)."""
-    return {"auc": metrics.roc_auc(is_poison_N, -mean_H), "tpr_at_1pct_fpr": tpr_at_fpr(is_poison_N, -mean_H, 0.01)}
+    return {"auc": metrics.roc_auc(is_poison_N, -mean_H), "tpr_at_1pct_fpr": metrics.tpr_at_fpr(is_poison_N, -mean_H, 0.01)}
 
 
 def differences(large: dict[str, Any], small: dict[str, Any]) -> dict[str, float | None]:
@@ -68,6 +58,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, help="a finished `ci-jax run` directory (an attack with poisons)")
     p.add_argument("--data-dir", default=None)
+    p.add_argument("--models", default=None, help="for a sweep's run: the sweep's --models (or --out) directory")
     p.add_argument("--blends", type=int, default=100, help="the large N (default 100, the references')")
     p.add_argument("--small", type=int, nargs="+", default=[16], help="the smaller N to compare")
     p.add_argument("--poisons", type=int, default=1000, help="at most this many poisons")
@@ -84,7 +75,7 @@ def main() -> None:
         saved = {}
     kept = isinstance(saved, dict) and isinstance(saved.get("eval"), dict) and saved["eval"].get("reserve", 0)
     overrides = {} if kept else {"eval.reserve": args.reserve}
-    opened = experiment.open_run(args.run, data_dir=args.data_dir, overrides=overrides)
+    opened = experiment.open_run(args.run, data_dir=args.data_dir, overrides=overrides, models=args.models)
     view = opened.view
     r = view.need_reserve("strip")
     is_poison_N = opened.prepared.poisoned.is_poison_N

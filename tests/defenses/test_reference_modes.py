@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ci_jax import config, defenses, experiment, parallel, settings
+from ci_jax import config, defenses, experiment, metrics, parallel, settings
 from ci_jax.defenses import scan, spectre, strip, variants
 from ci_jax.defenses.base import Reserve, Truth, View
 from ci_jax.errors import UserError
@@ -312,10 +312,10 @@ def test_strip_n_check_subsample_and_operating_points():
     # poisons 0.9, 0.8, 0.3; clean 0.85, 0.5, 0.2, 0.1: (FPR, TPR) = (0, 1/3), (1/4, 2/3), (1/2, 1), ...
     truth = np.array([1, 1, 1, 0, 0, 0, 0], bool)
     score = np.array([0.9, 0.8, 0.3, 0.85, 0.5, 0.2, 0.1])
-    assert check.tpr_at_fpr(truth, score, 0.0) == pytest.approx(1 / 3)
-    assert check.tpr_at_fpr(truth, score, 0.25) == pytest.approx(2 / 3)
-    assert check.tpr_at_fpr(truth, score, 0.5) == 1.0
-    assert check.tpr_at_fpr(np.ones(3, bool), score[:3], 0.1) is None
+    assert metrics.tpr_at_fpr(truth, score, 0.0) == pytest.approx(1 / 3)
+    assert metrics.tpr_at_fpr(truth, score, 0.25) == pytest.approx(2 / 3)
+    assert metrics.tpr_at_fpr(truth, score, 0.5) == 1.0
+    assert metrics.tpr_at_fpr(np.ones(3, bool), score[:3], 0.1) is None
     at = check.scores_at(truth, -score)  # lower entropy is more suspicious
     assert at["auc"] == pytest.approx(9 / 12) and at["tpr_at_1pct_fpr"] == pytest.approx(1 / 3)
     diff = check.differences({"auc": 0.9, "tpr_at_1pct_fpr": None}, {"auc": 0.88, "tpr_at_1pct_fpr": 0.5})
