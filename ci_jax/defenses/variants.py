@@ -44,6 +44,15 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
        "ART's silhouette-scores analysis: PCA to 10, silhouette > 0.1"),
     _v("ac/ica", {"defense.ac.rule": "size", "defense.ac.reduce": "ica"},
        "Chen et al. 2018 (the paper): FastICA to 10 dimensions, relative size"),
+    _v("scale_up/paper", {"defense.scale_up.min_scale": 1, "defense.scale_up.max_scale": 11,
+                          "defense.scale_up.scale_step": 1, "defense.scale_up.normalise": "global",
+                          "defense.scale_up.cut": "threshold", "defense.scale_up.threshold": 0.5},
+       "Guo et al., ICLR 2023: scales 1..11 (the authors' release, JunfengGo/SCALE-UP), the SPC standardised by "
+       "the clean images' mean and sd, T = 0.5 (BackdoorBox, core/defenses/SCALE_UP.py)", "a clean reserve"),
+    _v("ibd_psc/paper", {"defense.ibd_psc.n": 5, "defense.ibd_psc.factor": 1.5, "defense.ibd_psc.xi": 0.6,
+                         "defense.ibd_psc.cut": "threshold", "defense.ibd_psc.threshold": 0.9},
+       "Hou et al., ICML 2024 (BackdoorBox core/defenses/IBD_PSC.py, backdoor-toolbox other_defenses_tool_box/"
+       "IBD_PSC.py): n = 5 models, omega = 1.5, xi = 0.6, T = 0.9", "a clean reserve (layer selection)"),
 )}
 NAMES: tuple[str, ...] = tuple(VARIANTS)
 
