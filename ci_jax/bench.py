@@ -349,9 +349,11 @@ def _baseline_view(args, ds: data.Dataset, n: int, eval_batch: int):
         r = np.arange(min(1000, len(ds.y_test) // 10))
         tp, tf = t.predict(ds.x_test[r])
         from ci_jax.defenses.base import Reserve, View
+        from ci_jax.perturbations import bn_scale
 
         view = View(x_NHWC=x, y_N=y, feats_ND=feats, pred_N=pred, num_classes=ds.num_classes, predict=t.predict,
-                    seed=0, reserve=Reserve(ds.x_test[r], ds.y_test[r], tf, tp, r, key="bench"))
+                    seed=0, reserve=Reserve(ds.x_test[r], ds.y_test[r], tf, tp, r, key="bench"),
+                    bn_layers=bn_scale.count_layers(t.eval_def, t.model_state))
         return view, f"random-init {model}"
     run = experiment.open_run(args.run, dataset=ds, overrides={
         "eval.batch_size": eval_batch, "eval.reserve": min(1000, len(ds.y_test) // 10)})
@@ -415,7 +417,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for b in (*s["batch_sizes"], *s["eval_batch_sizes"]):
         if b < 1 or b % jax.device_count():
             raise UserError(f"batch size {b} does not split over {jax.device_count()} devices")
-    from ci_jax import filters, models
+    from ci_jax import models
     from ci_jax.errors import unknown_name
 
     model_names = args.models or list(models.MODELS)
@@ -423,7 +425,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         models.get_model(m)  # an unknown name fails here, before anything is timed
     ds = bench_data(args.dataset, args.data_dir)
     s["gmm_images"] = s["gmm_images"] or data.get_dataset(args.dataset).train_size or len(ds.y_train)
-    blur = filters.make(config.preset("default").defense.ci.filters[0])
+    blur = config.preset("default").defense.ci.passes(seed=0)[0].transform
     peak = matmul_peak_gflops(s["peak_n"])
     x_dev = jnp.asarray(ds.x_train)
     y_dev = jnp.asarray(ds.y_train, jnp.int32)

@@ -244,8 +244,15 @@ def model_identity(cfg: Config) -> dict[str, Any]:
 def run_identity(cfg: Config) -> dict[str, Any]:
     """Everything that decides a run's result: the config without the subsections of the attacks
     and defenses it does not use (a grid over a defense's field leaves the other defenses' runs alone)."""
-    d = to_dict(cfg)
-    for holder, chosen in (("attack", cfg.attack.name), ("defense", cfg.defense.name)):
+    return identity_of(to_dict(cfg))
+
+
+def identity_of(d: dict[str, Any]) -> dict[str, Any]:
+    """`run_identity` of a config in config.json's nested form (a report's `config`): a defense
+    or attack added since leaves the runs of the others alone."""
+    d = {k: dict(v) if isinstance(v, dict) else v for k, v in d.items()}
+    for holder in ("attack", "defense"):
+        chosen = d[holder]["name"]
         for name in list(d[holder]):
             if isinstance(d[holder][name], dict) and name != chosen:
                 del d[holder][name]

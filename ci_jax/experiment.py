@@ -30,6 +30,7 @@ from ci_jax import attacks, cache, checkpoint, config as config_lib, data, defen
 from ci_jax.config import Config
 from ci_jax.defenses.base import Reserve, Truth, View
 from ci_jax.errors import UserError
+from ci_jax.perturbations import bn_scale
 from ci_jax.report import DefenseReport, Detection, Report, Scores
 
 _RESERVE_STREAM = 7  # of the run's seed: which test images are held out
@@ -146,7 +147,8 @@ def defense_view(cfg: Config, dataset: data.Dataset, p: Prepared, baseline: trai
     return View(x_NHWC=p.poisoned.x_NHWC, y_N=p.poisoned.y_N, feats_ND=passes["feats"], pred_N=passes["pred"],
                 num_classes=dataset.num_classes, predict=baseline.predict, seed=cfg.seed, reserve=reserve,
                 cache_dir=cache_dirs[0], read_dirs=tuple(cache_dirs[1:]), key=passes_key(p, cfg),
-                is_poison_N=p.poisoned.is_poison_N, truth=truth(p))
+                is_poison_N=p.poisoned.is_poison_N, truth=truth(p),
+                bn_layers=bn_scale.count_layers(baseline.eval_def, baseline.model_state))
 
 
 def truth(p: Prepared) -> Truth:

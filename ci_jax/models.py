@@ -196,8 +196,29 @@ class SmallCNN(nnx.Module):
 def create(name: str, in_channels: int, num_classes: int, seed: int, image_size: int = 28,
            conv: ConvFn | None = None) -> nnx.Module:
     """The model `name`, initialised from `seed`; conv: the convolution to run (default: the one
-    `kernels` chooses for the current backend)."""
-    return get_model(name)(in_channels, num_classes, seed, image_size, conv=conv or kernels.conv())
+    `kernels` chooses for the current backend). It carries `layer_order` (see `assignment_order`)."""
+    model = get_model(name)(in_channels, num_classes, seed, image_size, conv=conv or kernels.conv())
+    model.layer_order = assignment_order(model)
+    return model
+
+
+def assignment_order(model: nnx.Module) -> tuple[str, ...]:
+    """The paths of the model's submodules ('blocks.0.bn1'), depth first, in the order their
+    constructors assigned them: for the project's models the order the forward pass runs them (as
+    PyTorch's model.modules()). nnx.split and merge rebuild a module with its attributes sorted by
+    name, so `create` keeps this order on the model as `layer_order`, a static attribute (in the
+    graph, not in the state: checkpoints do not change)."""
+    out: list[str] = []
+
+    def walk(node: nnx.Module, prefix: str) -> None:
+        children = enumerate(node) if isinstance(node, nnx.List) else \
+            ((k, v) for k, v in vars(node).items() if not k.startswith("_"))  # NNX's bookkeeping starts with _
+        for key, child in children:
+            if isinstance(child, nnx.Module):
+                out.append(f"{prefix}{key}")
+                walk(child, f"{prefix}{key}.")
+    walk(model, "")
+    return tuple(out)
 
 
 def _resnet20(in_channels: int, num_classes: int, seed: int, image_size: int, *, conv: ConvFn) -> nnx.Module:

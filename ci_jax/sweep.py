@@ -458,11 +458,12 @@ def row_of(run: Run, report: Report) -> dict[str, Any]:
 
 def report_row(out: Path, run: Run) -> dict[str, Any] | None:
     """The run's row from its finished report (OUT/runs/RUN_ID/report.json), or None when there is
-    none, or it is unreadable, of another config, or of another shape: a run without a sound
-    report is not done, and runs again."""
+    none, or it is unreadable, of another run (config.identity_of: settings of defenses and attacks
+    the run does not use do not count), or of another shape: a run without a sound report is not
+    done, and runs again."""
     try:
         report = Report.from_json(files.read_json(out / "runs" / run.run_id / "report.json"))
-        if report.config != config_lib.to_dict(run.cfg):
+        if config_lib.identity_of(report.config) != config_lib.run_identity(run.cfg):
             return None
         row = row_of(run, report)
     except Exception:  # noqa: BLE001 - OSError, bad UTF-8 or JSON, a missing key, a list for a dict: not done

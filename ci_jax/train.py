@@ -246,11 +246,14 @@ class Trainer:
 
     # -- inference ------------------------------------------------------------------------------
     def predict(self, x_NHWC: np.ndarray | jax.Array, transform: Callable | None = None,
-                desc: str | None = None, logits: bool = False) -> tuple[np.ndarray, ...]:
+                desc: str | None = None, logits: bool = False, model: Callable | None = None) -> tuple[np.ndarray, ...]:
         """(pred_N, feats_ND) for every image, in fixed-size batches (the last one padded), and
         logits_NK as well when `logits`.
 
         transform: an image filter applied first, image by image (no reduction over the batch).
+        model: (graphdef, state) -> state, the model to run instead of this one (a model
+        perturbation: a transformed copy of its state, of the same structure, so the forward pass
+        is compiled once for every such model).
         """
         b = self.cfg.eval.batch_size
         check_batch(b, "--eval.batch_size")
@@ -266,9 +269,12 @@ class Trainer:
                 # the median filter into the grayscale stem's taps and computed it again for each
                 # of their reads.
                 x = jax.jit(transform)(x)
+            state = self.model_state
+            if model is not None:
+                state = jax.device_put(jax.jit(model, static_argnums=0)(self.eval_def, state), self.replicated)
             outs = []
             for i in tqdm(range(steps), desc=desc, leave=False, disable=desc is None):
-                outs.append(self.eval_step(self.model_state, x, i * b, b))
+                outs.append(self.eval_step(state, x, i * b, b))
                 throttle(outs)
             parts = range(3 if logits else 2)
             return tuple(_to_host(jnp.concatenate([o[k] for o in outs])[:n]) for k in parts)

@@ -20,13 +20,13 @@ os.environ["XLA_FLAGS"] = kernels.xla_flags()
 
 import numpy as np  # noqa: E402
 
-from ci_jax import experiment, files, filters, metrics  # noqa: E402
+from ci_jax import experiment, files, metrics  # noqa: E402
 from ci_jax.defenses import ci, gmm, gmm_jax  # noqa: E402
 
 
 def _ci(view, defense: ci.CI, comp_N: np.ndarray, classes: list[dict]) -> tuple[np.ndarray, np.ndarray]:
     """(score per image, removed): CI's decision, with the run's filters and rule, on these mixtures."""
-    names = [filters.describe(f, defense.s.filter_params()) for f in defense.s.filters]
+    names = [a.name for a in defense.s.passes(view.seed)]
     pred_filt_FN = np.stack([view.train_pass(n, None) for n in names])
     flagged_K, score_K, _ = defense.decide(view, comp_N, [dict(c) for c in classes], pred_filt_FN, names)
     return score_K[comp_N], flagged_K[comp_N]

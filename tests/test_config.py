@@ -7,7 +7,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ci_jax import attacks, config, data, defenses, filters, models
+from ci_jax import attacks, config, data, defenses, models, perturbations
 from ci_jax import settings as settings_lib
 from ci_jax.config import Config
 from ci_jax.defenses import ci, gmm
@@ -198,7 +198,7 @@ def test_range_boundaries_that_are_allowed(field, value):
 @pytest.mark.parametrize("field, value, choices", [
     ("train.model", "vgg16", models.MODELS),
     ("data.dataset", "svhn", data.DATASETS),
-    ("defense.ci.filters", ["blur"], filters.FILTERS),
+    ("defense.ci.filters", ["blur"], perturbations.NAMES),
     ("defense.ci.rule", "top2", ci.RULES),
     ("defense.ci.bic_search", "grid", gmm.BIC_SEARCHES),
     ("defense.ci.covariance", "banded", gmm.COVARIANCES),
@@ -226,7 +226,7 @@ def test_unknown_name_suggests_the_nearest():
         config.replace(Config(), {"train.model": "resnet02"})
 
 
-@pytest.mark.parametrize("name", filters.FILTERS)
+@pytest.mark.parametrize("name", perturbations.NAMES)
 def test_every_filter_is_accepted(name):
     assert config.replace(Config(), {"defense.ci.filters": [name]}).defense.ci.filters == (name,)
 
@@ -561,8 +561,8 @@ FIELDS = list(config.PATHS)
 SECTIONS = sorted({p.rsplit(".", 1)[0] for p in FIELDS if "." in p})
 _SCALARS = (st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20)
             | st.sampled_from([-(10**400), 2**31, 2**63, float("nan"), "", "1e-3", "0",
-                               *filters.FILTERS, *attacks.NAMES, "cnn", "sgd"])
-            | st.lists(st.sampled_from([*filters.FILTERS, "blur"]), max_size=3)
+                               *perturbations.NAMES, *attacks.NAMES, "cnn", "sgd"])
+            | st.lists(st.sampled_from([*perturbations.NAMES, "blur"]), max_size=3)
             # Too many digits for repr(): built lazily, as hypothesis reprs its strategies.
             | st.integers(4301, 4400).map(lambda n: 10**n))
 _KEYS = st.sampled_from(FIELDS + SECTIONS) | st.text(max_size=12) | st.integers() | st.none()

@@ -1,4 +1,4 @@
-"""The CI defense's image filters (ci_jax.filters), hand-computed on tiny images."""
+"""The CI defense's image filters (ci_jax.perturbations), hand-computed on tiny images."""
 
 import math
 
@@ -7,9 +7,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ci_jax import filters
+from ci_jax import perturbations
+from ci_jax.defenses.ci import Settings as Params  # the filters' parameters are CI's fields
 from ci_jax.errors import UserError
-from ci_jax.filters import Params
+from ci_jax.perturbations import gaussian
+
+FILTERS = ("mean2", "mean3", "median3", "gaussian", "noise", "quant")  # CI's filters before the perturbations
+
+
+def _make(name, params=Params(), seed=0):
+    return perturbations.make(name, params, seed).transform
 
 
 def _img(h, w, c=1, pixels=()):
@@ -20,7 +27,7 @@ def _img(h, w, c=1, pixels=()):
 
 
 def _apply(name, x, params=Params(), seed=0):
-    return np.asarray(filters.make(name, params, seed)(jnp.asarray(x)))
+    return np.asarray(_make(name, params, seed)(jnp.asarray(x)))
 
 
 def test_mean2_single_bright_pixel():
@@ -74,7 +81,7 @@ def test_gaussian_preserves_a_constant_interior_and_sums_to_one():
     for sigma in (0.5, 1.0, 1.5):
         out = _apply("gaussian", x, Params(gaussian_sigma=sigma))
         r = max(1, math.ceil(2 * sigma))
-        assert filters.gaussian_radius(sigma) == r
+        assert gaussian.radius(sigma) == r
         np.testing.assert_allclose(out[0, r:-r, r:-r, 0], 0.7, rtol=1e-5)
         assert out[0, 0, 0, 0] < 0.7  # zero padding darkens the border
     # Its kernel, the response to a unit impulse: 5x5 for sigma 1, sums to 1, symmetric, peaked.
@@ -89,20 +96,20 @@ def test_gaussian_preserves_a_constant_interior_and_sums_to_one():
 
 
 def test_gaussian_wider_than_the_image_is_a_user_error():
-    filters.check("gaussian", Params(gaussian_sigma=6.5), (28, 28, 1))  # radius 13: 27 pixels wide
+    perturbations.check("gaussian", Params(gaussian_sigma=6.5), (28, 28, 1))  # radius 13: 27 pixels wide
     with pytest.raises(UserError, match=r"gaussian_sigma 6.51: its kernel \(29 pixels wide\) is wider than the "
                                         r"28-pixel image: choose a sigma of at most 6.5$"):
-        filters.check("gaussian", Params(gaussian_sigma=6.51), (28, 28, 1))
+        perturbations.check("gaussian", Params(gaussian_sigma=6.51), (28, 28, 1))
     with pytest.raises(UserError, match="at most 7.5$"):  # the largest it suggests is accepted
-        filters.check("gaussian", Params(gaussian_sigma=7.6), (32, 32, 3))
-    filters.check("gaussian", Params(gaussian_sigma=7.5), (32, 32, 3))
-    filters.check("median3", Params(gaussian_sigma=100.0), (28, 28, 1))  # only the gaussian has a sigma
+        perturbations.check("gaussian", Params(gaussian_sigma=7.6), (32, 32, 3))
+    perturbations.check("gaussian", Params(gaussian_sigma=7.5), (32, 32, 3))
+    perturbations.check("median3", Params(gaussian_sigma=100.0), (28, 28, 1))  # only the gaussian has a sigma
 
 
 def test_noise_is_deterministic_and_bounded():
     x = jnp.asarray(np.random.default_rng(0).random((2, 8, 8, 3)), jnp.float32)
     for half_width in (0.1, 0.05):
-        f = filters.make("noise", Params(noise_width=half_width), seed=3)
+        f = _make("noise", Params(noise_width=half_width), seed=3)
         a, b = np.asarray(f(x)), np.asarray(f(x))
         np.testing.assert_array_equal(a, b)
         d = a - np.asarray(x)
@@ -116,7 +123,7 @@ def test_noise_is_deterministic_and_bounded():
 
 def test_noise_does_not_depend_on_the_batch():
     x = jnp.asarray(np.random.default_rng(1).random((4, 8, 8, 1)), jnp.float32)
-    f = filters.make("noise", Params(), seed=0)
+    f = _make("noise", Params(), seed=0)
     np.testing.assert_array_equal(np.asarray(f(x))[2:], np.asarray(f(x[2:])))
 
 
@@ -128,20 +135,20 @@ def test_quant_rounds_to_evenly_spaced_levels():
     assert len(np.unique(_apply("quant", x8, Params(quant_levels=8)))) <= 8
 
 
-@pytest.mark.parametrize("name", filters.FILTERS)
+@pytest.mark.parametrize("name", FILTERS)
 @pytest.mark.parametrize("shape", [(2, 28, 28, 1), (2, 32, 32, 3)])
 def test_every_filter_keeps_the_shape_and_dtype(name, shape):
     x = jnp.asarray(np.random.default_rng(0).random(shape), jnp.float32)
-    out = filters.make(name)(x)
+    out = _make(name)(x)
     assert out.shape == shape
     assert out.dtype == x.dtype
     assert np.isfinite(np.asarray(out)).all()
 
 
-@pytest.mark.parametrize("name", filters.FILTERS)
+@pytest.mark.parametrize("name", FILTERS)
 def test_every_filter_runs_under_jit_as_predict_applies_it(name):
     x = jnp.asarray(np.random.default_rng(0).random((3, 8, 8, 1)), jnp.float32)
-    f = filters.make(name, Params(), seed=1)
+    f = _make(name, Params(), seed=1)
     np.testing.assert_allclose(np.asarray(jax.jit(f)(x)), np.asarray(f(x)), rtol=1e-6, atol=1e-6)
 
 
@@ -150,7 +157,7 @@ def test_channels_are_filtered_independently(name):
     rng = np.random.default_rng(1)
     x = _img(6, 6, c=3)
     x[0, :, :, 1] = rng.random((6, 6))
-    f = filters.make(name)
+    f = _make(name)
     out = np.asarray(f(jnp.asarray(x)))
     assert (out[..., 0] == 0).all() and (out[..., 2] == 0).all()
     alone = np.asarray(f(jnp.asarray(x[..., 1:2])))
@@ -159,10 +166,10 @@ def test_channels_are_filtered_independently(name):
 
 def test_describe_names_the_parameter_each_filter_uses():
     p = Params(gaussian_sigma=0.5, noise_width=0.3, quant_levels=4)
-    assert [filters.describe(f, p) for f in filters.FILTERS] == [
+    assert [perturbations.describe(f, p) for f in FILTERS] == [
         "mean2", "mean3", "median3", "gaussian(sigma=0.5)", "noise(width=0.3)", "quant(levels=4)"]
 
 
 def test_unknown_filter_raises():
     with pytest.raises(ValueError, match="blur"):
-        filters.make("blur")
+        _make("blur")

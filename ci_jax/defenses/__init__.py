@@ -11,9 +11,10 @@ from typing import Any
 
 import numpy as np
 
-from ci_jax.defenses import ac, ci, scan, spectre, ss, strip
+from ci_jax.defenses import ac, ci, ibd_psc, scale_up, scan, spectre, ss, strip
 from ci_jax.defenses.base import Defense, Reserve, Result, Truth, View
 from ci_jax.errors import UserError, unknown_name
+from ci_jax.perturbations import bn_scale
 
 REGISTRY: dict[str, type[Defense]] = {
     "ci": ci.CI,
@@ -22,6 +23,8 @@ REGISTRY: dict[str, type[Defense]] = {
     "spectre": spectre.SPECTRE,
     "scan": scan.SCAn,
     "strip": strip.STRIP,
+    "scale_up": scale_up.ScaleUp,
+    "ibd_psc": ibd_psc.IBDPSC,
 }
 NAMES: tuple[str, ...] = tuple(REGISTRY)
 
@@ -45,7 +48,9 @@ def detect_poison(trainer, x_NHWC: np.ndarray, y_N: np.ndarray, num_classes: int
     pred_N, feats_ND = trainer.predict(x_NHWC)
     view = View(x_NHWC=x_NHWC, y_N=np.asarray(y_N), feats_ND=feats_ND, pred_N=pred_N,
                 num_classes=num_classes, predict=trainer.predict, seed=cfg.seed, reserve=reserve,
-                truth=truth)
+                truth=truth,
+                bn_layers=bn_scale.count_layers(trainer.eval_def, trainer.model_state) if hasattr(trainer, "eval_def")
+                else None)  # a stand-in trainer without a model: unknown
     result = defense.run(view)
     return result.report, result.is_clean_N
 

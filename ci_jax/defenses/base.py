@@ -62,6 +62,7 @@ class View:
     is_poison_N: np.ndarray | None = None  # ground truth, only to count poisons in reports
     truth: Truth | None = None  # the attack's poison count and target, only for oracle modes
     timings_s: dict[str, float] = dataclasses.field(default_factory=dict)
+    bn_layers: int | None = None  # the baseline's BatchNorm layers (IBD-PSC scales the last ones); None: unknown
 
     def cache_paths(self, name: str) -> list[Path]:
         """Where the cache `name` is looked for, the first where it is kept (see `cache.npz`)."""
@@ -75,20 +76,41 @@ class View:
         say everything they depend on), kept in NAME.npz."""
         return cache.npz(self.cache_paths(f"{_slug(name)}.npz"), f"{self.key}/{name}", compute, fits)
 
-    def train_pass(self, name: str, transform: Callable) -> np.ndarray:
-        """The baseline's decisions on every training image through `transform`, computed once
-        per baseline and `name` (which must say everything that defines the transform), kept in
-        pass-NAME.npz and timed as timings_s["pass NAME"] when computed."""
-        n = len(self.y_N)
+    def train_pass(self, name: str, transform: Callable | None = None, model: Callable | None = None,
+                   logits: bool = False) -> np.ndarray:
+        """The baseline's decisions on every training image through `transform` (an input
+        perturbation) and/or by the model that `model` makes of it ((graphdef, state) -> state, a
+        model perturbation), computed once per baseline and `name` (which must say everything that
+        defines the pass), kept in pass-NAME.npz and timed as timings_s["pass NAME"] when computed.
+        logits: the logits_NK instead, kept in logits-NAME.npz."""
+        return self._pass(name, name, self.x_NHWC, transform, model, logits)
+
+    def reserve_pass(self, name: str, transform: Callable | None = None, model: Callable | None = None,
+                     logits: bool = False) -> np.ndarray:
+        """`train_pass` on the reserve's images, kept in pass-RESERVE-NAME.npz (logits-...)."""
+        if self.reserve is None:
+            raise ValueError("reserve_pass needs a reserve: check need_reserve first")
+        return self._pass(f"{self.reserve.key or 'reserve'}-{name}", f"reserve {name}", self.reserve.x_NHWC,
+                          transform, model, logits)
+
+    def _pass(self, cache_name: str, desc: str, x_NHWC: np.ndarray, transform: Callable | None,
+              model: Callable | None, logits: bool) -> np.ndarray:
+        n, what = len(x_NHWC), "logits" if logits else "pred"
+        # Only what is asked for is passed on: a predict that knows no model perturbation still runs the others.
+        kwargs = {"model": model} if model is not None else {}
+        kwargs |= {"logits": True} if logits else {}
 
         def compute() -> dict[str, np.ndarray]:
             t0 = time.perf_counter()
-            pred_N, _ = self.predict(self.x_NHWC, transform, desc=name)
-            self.timings_s[f"pass {name}"] = time.perf_counter() - t0
-            return {"pred": pred_N}
+            out = self.predict(x_NHWC, transform, desc=desc, **kwargs)
+            self.timings_s[f"pass {desc}"] = time.perf_counter() - t0
+            return {what: out[2] if logits else out[0]}
 
-        fits = lambda a: a["pred"].shape == (n,) and _in_classes(a["pred"], self.num_classes)
-        return self.cached(f"pass-{name}", compute, fits)["pred"]
+        if logits:
+            fits = lambda a: a[what].shape == (n, self.num_classes) and bool(np.isfinite(a[what]).all())
+        else:
+            fits = lambda a: a[what].shape == (n,) and _in_classes(a[what], self.num_classes)
+        return self.cached(f"{'logits' if logits else 'pass'}-{cache_name}", compute, fits)[what]
 
     def need_reserve(self, defense: str) -> Reserve:
         """The reserve, or a UserError saying how to get one."""
@@ -154,6 +176,19 @@ class Defense:
 
     def plot(self, result: Result, plots_dir: Path) -> None:
         """The defense's own figures (the run's ROC curve is drawn for every defense)."""
+
+
+CUTS: tuple[str, ...] = ("threshold", "frr")
+
+
+def cut_off(clean_N: np.ndarray, rule: str, threshold: float, frr: float) -> float:
+    """The score from which an image is flagged (score >= cut): the threshold itself, or (frr) just
+    above the largest score that more than a `frr` share of the clean images reach, so that at most
+    that share of them is flagged, ties included."""
+    if rule == "threshold":
+        return float(threshold)
+    s = np.sort(np.asarray(clean_N, np.float64))[::-1]
+    return float(np.nextafter(s[min(len(s) - 1, int(np.floor(frr * len(s))))], np.inf))
 
 
 def timed(fn: Callable[[], Any]) -> tuple[Any, float]:

@@ -13,7 +13,8 @@ trigger but not the content of clean images. A global trigger (blend, chessboard
 
 Beyond the paper:
 - a filter bank: several filters, each its own cached pass; a component's impurity is its largest
-  over the bank;
+  over the bank. A filter is any perturbation of `ci_jax.perturbations` (input or model), at its
+  settings or at a strength (NAME@S);
 - the `test` rule, which controls false alarms whatever the filter's strength and the data. Per
   filter, every component's flip share r is put on the binomial's variance-stabilising scale
   a = asin(sqrt(r)); the clean components' location and spread are estimated robustly from all
@@ -40,10 +41,10 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import stats
 
-from ci_jax import cache, faults, filters, plots
+from ci_jax import cache, faults, perturbations, plots
 from ci_jax.defenses import gmm, gmm_jax
 from ci_jax.defenses.base import Defense, Result, View, timed
-from ci_jax.errors import UserError
+from ci_jax.errors import UserError, one_line
 from ci_jax.settings import section, setting
 
 RULES: tuple[str, ...] = ("threshold", "top1", "test")
@@ -55,12 +56,12 @@ MAX_IMPURITY = -math.log(P_FLOOR)
 @section
 class Settings:
     filters: tuple[str, ...] = setting(
-        ("median3",), "filters whose effect on decisions measures impurity (the authors': mean2); several "
-        "make a bank, each its own cached pass", choices=filters.FILTERS)
-    gaussian_sigma: float = setting(1.0, "gaussian filter: its sigma in pixels", low=0.0, low_open=True)
-    noise_width: float = setting(0.1, "noise filter: half-width of the uniform noise added", low=0.0,
-                                 high=1.0, low_open=True)
-    quant_levels: int = setting(8, "quant filter: grey levels kept (colour-depth reduction)", low=2, high=256)
+        ("median3",), "perturbations whose effect on decisions measures impurity (the authors': mean2); several "
+        "make a bank, each its own cached pass; NAME@S is NAME at strength S (a severity ladder: quant@2 quant@4)",
+        choices=perturbations.ENTRIES)
+    gaussian_sigma: float = perturbations.field("gaussian", "sigma")
+    noise_width: float = perturbations.field("noise", "width")
+    quant_levels: int = perturbations.field("quant", "levels")
     rule: str = setting("threshold", "which components to remove: impurity above tau (the authors'), "
                         "the single most impure one (top1), or a calibrated binomial test", choices=RULES)
     tau: float = setting(0.5, "threshold rule: remove components whose impurity exceeds tau", low=0.0)
@@ -80,9 +81,18 @@ class Settings:
         if self.gmm_backend == "jax" and self.covariance != "full":
             raise UserError(f"defense.ci.gmm_backend jax fits full covariances only, not {self.covariance}: "
                             "use --defense.ci.gmm_backend sklearn")
+        first: dict[str, str] = {}
+        for entry in self.filters:
+            p, s = perturbations.resolve(entry, self, "defense.ci.filters entry ")
+            name = p.describe(s)
+            if name in first:
+                raise UserError(f"defense.ci.filters: {one_line(repr(first[name]), 60)} and {one_line(repr(entry), 60)} "
+                                f"are the same pass, {one_line(name, 80)}")
+            first[name] = entry
 
-    def filter_params(self) -> filters.Params:
-        return filters.Params(self.gaussian_sigma, self.noise_width, self.quant_levels)
+    def passes(self, seed: int) -> list[perturbations.Applied]:
+        """The bank: each entry of `filters` at its settings, in order."""
+        return [perturbations.make(entry, self, seed) for entry in self.filters]
 
 
 # -- impurity -----------------------------------------------------------------------------------
@@ -146,8 +156,8 @@ class CI(Defense):
     Settings = Settings
 
     def check(self, image_shape, num_classes):
-        for name in self.s.filters:
-            filters.check(name, self.s.filter_params(), image_shape)
+        for entry in self.s.filters:
+            perturbations.check(entry, self.s, image_shape, "defense.ci.")
 
     def search(self, seed: int) -> gmm.Search:
         return gmm.Search(self.s.bic_search, self.s.k_max, self.s.covariance, self.s.reg_covar, seed)
@@ -170,10 +180,9 @@ class CI(Defense):
 
     def run(self, view: View) -> Result:
         (comp_N, classes), t_gmm = timed(lambda: self.clusters(view))
-        names = [filters.describe(f, self.s.filter_params()) for f in self.s.filters]
-        pred_filt_FN, t_pass = timed(lambda: np.stack([
-            view.train_pass(name, filters.make(f, self.s.filter_params(), view.seed))
-            for f, name in zip(self.s.filters, names)]))
+        bank = self.s.passes(view.seed)
+        names = [a.name for a in bank]
+        pred_filt_FN, t_pass = timed(lambda: np.stack([view.train_pass(a.name, a.transform, a.model) for a in bank]))
         (flagged_K, score_K, report), t_imp = timed(lambda: self.decide(view, comp_N, classes, pred_filt_FN, names))
         removed_N = flagged_K[comp_N]
         return Result(score_N=score_K[comp_N], is_clean_N=~removed_N, report=report,

@@ -92,6 +92,19 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
     _v("ac/ica", {**_AC, "defense.ac.rule": "size", "defense.ac.reduce": "ica"},
        "Chen et al. 2018 (FastICA); BackdoorBench, detection_pretrain/ac.py",
        "FastICA to 10, 2-means; the smaller cluster when under 35 % of its class"),
+    _v("scale_up/paper", {"defense.scale_up.min_scale": 1, "defense.scale_up.max_scale": 11,
+                          "defense.scale_up.scale_step": 1, "defense.scale_up.normalise": "global",
+                          "defense.scale_up.cut": "threshold", "defense.scale_up.threshold": 0.5},
+       "Guo et al., ICLR 2023: scales 1..11 (the authors' release, JunfengGo/SCALE-UP); BackdoorBox, "
+       "core/defenses/SCALE_UP.py",
+       "amplify by 1..11; the scaled prediction consistency, standardised by the reserve's mean and sd, at or above 0.5",
+       _RESERVE),
+    _v("ibd_psc/paper", {"defense.ibd_psc.n": 5, "defense.ibd_psc.factor": 1.5, "defense.ibd_psc.xi": 0.6,
+                         "defense.ibd_psc.cut": "threshold", "defense.ibd_psc.threshold": 0.9},
+       "Hou et al., ICML 2024; BackdoorBox core/defenses/IBD_PSC.py, backdoor-toolbox "
+       "other_defenses_tool_box/IBD_PSC.py",
+       "5 models with the last BatchNorm layers' gamma and beta x 1.5 (layers chosen on the reserve, xi 0.6); "
+       "mean confidence in the decision at or above 0.9", _RESERVE + ", a model with BatchNorm"),
 )}
 NAMES: tuple[str, ...] = tuple(VARIANTS)
 
