@@ -83,6 +83,10 @@ class Train:
                            "zero padding) or dataset (that crop, plus a horizontal flip where the dataset allows "
                            "one: CIFAR, not digits or GTSRB); poisons are augmented like every training image, the "
                            "defenses' passes never", choices=augment.CHOICES)
+    dtype: str = setting("float32", "compute dtype of training and of the defenses' passes over the model: "
+                         "bfloat16 runs the convolutions and matmuls (forward and backward) in bf16, for "
+                         "accelerators; the parameters, BatchNorm statistics and optimizer state stay float32",
+                         choices=models.COMPUTE_DTYPES)
 
 
 @section
@@ -204,7 +208,7 @@ def from_dict(d: Mapping[str, Any], where: str = "config") -> Config:
 # Train fields added after models had been trained without them, and the value that trains as before:
 # at that value a field is left out of a model's identity, so those models keep their keys and are
 # reused; any other value is part of the key like every field.
-ADDED_LATER: dict[str, Any] = {"augment": "none"}
+ADDED_LATER: dict[str, Any] = {"augment": "none", "dtype": "float32"}
 
 
 def model_identity(cfg: Config) -> dict[str, Any]:
