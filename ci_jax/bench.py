@@ -2,8 +2,13 @@
 
 Stages: the train step, the features+predictions pass, the filtered (blurred) pass, the per-class
 GMM/BIC fits of the CI defense, and an end-to-end estimate: the sum of the stages for the
-default experiment on the full training set (train baseline + features pass + filtered pass +
-GMM + retrain, plus the two test-set passes); it runs no whole experiment.
+experiment of a preset (`--preset`, default: the default experiment) on the full training set
+(train baseline + features pass + filtered pass + GMM + retrain, each training its epochs, plus
+the two test-set passes); it runs no whole experiment. The stages train and run the model as that
+preset does (optimizer, augmentation, compute dtype; `--dtypes` times others too).
+
+With --out the JSON is rewritten after every stage ("partial": true until the last), so a bench
+stopped by a time limit leaves what it measured.
 
 Each jitted stage is compiled once, timed apart from the steady state, and its FLOPs are read
 from XLA's cost analysis of the compiled program, so achieved GFLOP/s can be set against the fp32
@@ -39,11 +44,21 @@ SYNTHETIC_SIZES = dict(n_train=2000, n_test=500)  # the stand-in images without 
 
 
 def add_arguments(p: argparse.ArgumentParser, positive: Callable[[str], int]) -> None:
-    p.add_argument("--models", nargs="+", metavar="MODEL", help="models to time (default: every registered one)")
+    from ci_jax import models
+
+    p.add_argument("--preset", choices=sorted(config.PRESETS), metavar="NAME",
+                   help="the experiment whose training settings the stages use and whose whole run the "
+                        "end-to-end row estimates (its epochs, model, dataset and batch size are the "
+                        f"defaults here; one of {', '.join(sorted(config.PRESETS))}; default: default)")
+    p.add_argument("--models", nargs="+", metavar="MODEL",
+                   help="models to time (default: every registered one; with --preset, its model)")
     default = config.Config().data.dataset  # the default experiment's
-    p.add_argument("--dataset", default=default, metavar="NAME",
-                   help=f"dataset whose shape and classes the stages use (default: {default}); its images with "
-                        "--data-dir, else synthetic ones of its shape")
+    p.add_argument("--dataset", metavar="NAME",
+                   help=f"dataset whose shape and classes the stages use (default: the preset's, {default} for "
+                        "the default); its images with --data-dir, else synthetic ones of its shape")
+    p.add_argument("--dtypes", nargs="+", choices=models.COMPUTE_DTYPES, metavar="DTYPE",
+                   help="compute dtypes (train.dtype) whose train and pass stages are timed "
+                        f"({', '.join(models.COMPUTE_DTYPES)}; default: the preset's)")
     p.add_argument("--batch-sizes", nargs="+", type=positive, metavar="B", help="train batch sizes")
     p.add_argument("--eval-batch-sizes", nargs="+", type=positive, metavar="B", help="batch sizes of the passes")
     p.add_argument("--steps", type=positive, help="timed train steps per repeat")
@@ -116,19 +131,31 @@ def _rates(images: int, seconds: float, flops_per_image: float | None, peak: flo
 
 
 # -- stages -------------------------------------------------------------------------------------
-def _trainer(model: str, batch: int, eval_batch: int, image_shape, num_classes: int):
+def stage_config(base: config.Config | None, model: str, batch: int, eval_batch: int,
+                 dtype: str | None = None, seed: int | None = None) -> config.Config:
+    """`base` (default: the default experiment) with the model, batch sizes, compute dtype and seed
+    that a stage times."""
+    base = base or config.Config()
+    fields = {"train.model": model, "train.batch_size": batch, "eval.batch_size": eval_batch,
+              "train.dtype": dtype or base.train.dtype}
+    return config.replace(base, fields if seed is None else {**fields, "seed": seed})
+
+
+def _trainer(model: str, batch: int, eval_batch: int, image_shape, num_classes: int,
+             base: config.Config | None = None, dtype: str | None = None):
     from ci_jax import train
 
-    cfg = config.preset("default", {"train.model": model, "train.batch_size": batch, "eval.batch_size": eval_batch})
-    return train.Trainer(cfg, image_shape, num_classes, steps_per_epoch=1000)
+    return train.Trainer(stage_config(base, model, batch, eval_batch, dtype), image_shape, num_classes,
+                         steps_per_epoch=1000)
 
 
 def bench_train(model: str, batch: int, x_NHWC: jax.Array, y_N: jax.Array, num_classes: int,
-                steps: int, repeats: int, peak: float) -> dict[str, Any]:
+                steps: int, repeats: int, peak: float, base: config.Config | None = None,
+                dtype: str | None = None) -> dict[str, Any]:
     """The jitted train step as `Trainer.fit_epoch` runs it, `steps` steps per timed repeat."""
     from ci_jax import train
 
-    t = _trainer(model, batch, batch, x_NHWC.shape[1:], num_classes)
+    t = _trainer(model, batch, batch, x_NHWC.shape[1:], num_classes, base, dtype)
     x_NHWC, y_N = jax.device_put((x_NHWC, y_N), t.replicated)
     idx_SB = t.epoch_indices(x_NHWC.shape[0], 0)
     step_fn, compile_s, flops = _compile(t.train_step, t.state, x_NHWC, y_N, idx_SB, 0, t.lr_S, 0)
@@ -143,25 +170,26 @@ def bench_train(model: str, batch: int, x_NHWC: jax.Array, y_N: jax.Array, num_c
 
     jax.block_until_ready(run())  # warm-up: first-call allocations
     seconds = _best_time(run, repeats)
-    return {"stage": "train", "model": model, "batch": batch, "compile_s": compile_s,
+    return {"stage": "train", "model": model, "batch": batch, "dtype": t.cfg.train.dtype, "compile_s": compile_s,
             "flops_per_image": flops / batch if flops else None,
             **_rates(steps * batch, seconds, flops / batch if flops else None, peak)}
 
 
 def bench_pass(model: str, eval_batch: int, x_NHWC: np.ndarray, num_classes: int, repeats: int,
-               peak: float, transform: Callable | None = None) -> dict[str, Any]:
+               peak: float, transform: Callable | None = None, base: config.Config | None = None,
+               dtype: str | None = None) -> dict[str, Any]:
     """`Trainer.predict` over x_NHWC (features + predictions), optionally through a filter.
 
     FLOPs are the forward pass's: the filter runs as a program of its own and adds next to none.
     """
-    t = _trainer(model, 32, eval_batch, x_NHWC.shape[1:], num_classes)
+    t = _trainer(model, 32, eval_batch, x_NHWC.shape[1:], num_classes, base, dtype)
     x_dev = jax.device_put(jnp.asarray(x_NHWC[:eval_batch]), t.replicated)
     _, compile_s, flops = _compile(t.eval_step, t.model_state, x_dev, 0, eval_batch)
     t.predict(x_NHWC[:eval_batch], transform)  # warm-up through predict's own jit cache
     seconds = _best_time(lambda: t.predict(x_NHWC, transform), repeats)
     per_image = flops / eval_batch if flops else None
     return {"stage": "filtered" if transform else "features", "model": model, "batch": eval_batch,
-            "compile_s": compile_s, "flops_per_image": per_image,
+            "dtype": t.cfg.train.dtype, "compile_s": compile_s, "flops_per_image": per_image,
             **_rates(len(x_NHWC), seconds, per_image, peak)}
 
 
@@ -254,12 +282,13 @@ def bench_convs(model: str, batch: int, image_shape, num_classes: int, repeats: 
             "train_convs_ms": 1e3 * train_s, "pass_convs_ms": 1e3 * pass_s, "peak_gflops": peak}
 
 
-def bench_gmm(view, source: str, backend: str) -> dict[str, Any]:
+def bench_gmm(view, source: str, backend: str, base: config.Config | None = None) -> dict[str, Any]:
     """The CI defense's mixtures as it fits them (scikit-learn: per class in parallel processes;
-    jax: every class at once on the device), BIC ascent, default settings."""
+    jax: every class at once on the device), with the settings of `base` (default: the default
+    experiment's)."""
     from ci_jax.defenses import ci, gmm, gmm_jax
 
-    cfg = config.preset("default", {"defense.ci.gmm_backend": backend})
+    cfg = config.replace(base or config.Config(), {"defense.ci.gmm_backend": backend})
     search = ci.CI(cfg.defense.ci).search(cfg.seed)
     fit = gmm_jax.cluster if backend == "jax" else gmm.cluster
     t0 = time.perf_counter()
@@ -277,14 +306,14 @@ def bench_gmm(view, source: str, backend: str) -> dict[str, Any]:
             "k_per_class": [c["k"] for c in classes]}
 
 
-def bench_defense(view, name: str, source: str) -> dict[str, Any]:
+def bench_defense(view, name: str, source: str, base: config.Config | None = None) -> dict[str, Any]:
     """One defense's `run` on the baseline's cached features, with its own caches off: what a
     first run of it costs (CI: mixtures, filtered pass and impurity; STRIP: its blended passes)."""
     import dataclasses as dc
 
     from ci_jax import defenses
 
-    cfg = config.preset("default", {"defense.name": name, "eval.reserve": 1000})
+    cfg = config.replace(base or config.Config(), {"defense.name": name, "eval.reserve": 1000})
     defense = defenses.build(name, cfg.defense_settings())
     t0 = time.perf_counter()
     result = defense.run(dc.replace(view, cache_dir=None, timings_s={}))
@@ -297,13 +326,13 @@ def bench_defense(view, name: str, source: str) -> dict[str, Any]:
 
 
 def bench_stack(model: str, batch: int, k: int, x_NHWC: np.ndarray, y_N: np.ndarray, num_classes: int,
-                steps: int, repeats: int, eval_batch: int) -> dict[str, Any]:
+                steps: int, repeats: int, eval_batch: int, base: config.Config | None = None,
+                dtype: str | None = None) -> dict[str, Any]:
     """A stack of k models (seeds 0..k-1) on one data set: the stacked train step and the stacked
     features pass, images/s per model and for the stack."""
     from ci_jax import stack
 
-    cfgs = [config.preset("default", {"train.model": model, "train.batch_size": batch, "eval.batch_size": eval_batch,
-                                      "seed": s}) for s in range(k)]
+    cfgs = [stage_config(base, model, batch, eval_batch, dtype, seed=s) for s in range(k)]
     members = [stack.Member(c, np.arange(len(y_N)), None, f"m{j}") for j, c in enumerate(cfgs)]
     st = stack.Stack(members, x_NHWC.shape[1:], num_classes)
     x, y = jax.device_put((jnp.asarray(x_NHWC), jnp.asarray(y_N, jnp.int32)), st.replicated)
@@ -330,21 +359,22 @@ def bench_stack(model: str, batch: int, k: int, x_NHWC: np.ndarray, y_N: np.ndar
     stack.predict(st.trainers, x_NHWC, [np.arange(n_pass)] * k)  # compile
     pass_s = _best_time(lambda: stack.predict(st.trainers, x_NHWC, [np.arange(n_pass)] * k), repeats)
     per_model = steps * batch / train_s
-    return {"stage": "stack", "model": model, "batch": batch, "k": k, "compile_s": compile_s,
+    return {"stage": "stack", "model": model, "batch": batch, "k": k, "dtype": cfgs[0].train.dtype,
+            "compile_s": compile_s,
             "train_images_per_s_per_model": per_model, "train_images_per_s": per_model * k,
             "pass_images_per_s_per_model": n_pass / pass_s, "pass_images_per_s": n_pass * k / pass_s}
 
 
-def _baseline_view(args, ds: data.Dataset, n: int, eval_batch: int):
+def _baseline_view(args, ds: data.Dataset, n: int, eval_batch: int, base: config.Config | None = None):
     """(View, source): a finished run's baseline (its cached passes, a reserve of 1,000 test
-    images), else a freshly initialised model of the default config on the data."""
+    images), else a freshly initialised model of `base` (default: the default experiment) on the data."""
     from ci_jax import experiment
 
     if not args.run:
         reps = math.ceil(n / len(ds.y_train))
         x, y = np.concatenate([ds.x_train] * reps)[:n], np.concatenate([ds.y_train] * reps)[:n]
-        model = config.Config().train.model  # the features the default experiment clusters
-        t = _trainer(model, 32, eval_batch, x.shape[1:], ds.num_classes)
+        model = (base or config.Config()).train.model  # the features its experiment clusters
+        t = _trainer(model, 32, eval_batch, x.shape[1:], ds.num_classes, base)
         pred, feats = t.predict(x)
         r = np.arange(min(1000, len(ds.y_test) // 10))
         tp, tf = t.predict(ds.x_test[r])
@@ -367,11 +397,16 @@ def _baseline_view(args, ds: data.Dataset, n: int, eval_batch: int):
 
 
 def end_to_end(results: list[dict[str, Any]], n_train: int, n_test: int, gmm_s: float | None,
-               model: str, epochs: int = 1) -> dict[str, Any] | None:
-    """Seconds of the default experiment on this data, from each stage's best throughput; ci_stage_s:
-    the CI defense alone (features pass, GMM, filtered pass) on the whole training set."""
+               model: str, epochs: int = 1, dtype: str | None = None,
+               train_batch: int | None = None) -> dict[str, Any] | None:
+    """Seconds of an experiment that trains `epochs` epochs on n_train images, from each stage's best
+    throughput (of `dtype`, and for training of `train_batch`, when given: the pass batch changes no
+    result, the training batch does); ci_stage_s: the CI defense alone (features pass, GMM,
+    filtered pass) on the whole training set."""
     def best(stage):
-        rates = [r["images_per_s"] for r in results if r["stage"] == stage and r["model"] == model]
+        rates = [r["images_per_s"] for r in results if r["stage"] == stage and r["model"] == model
+                 and (dtype is None or r.get("dtype") == dtype)
+                 and (train_batch is None or stage != "train" or r["batch"] == train_batch)]
         return max(rates) if rates else None
 
     tr, fe, fi = best("train"), best("features"), best("filtered")
@@ -379,8 +414,8 @@ def end_to_end(results: list[dict[str, Any]], n_train: int, n_test: int, gmm_s: 
         return None
     parts = {"train_baseline": epochs * n_train / tr, "features": n_train / fe, "filtered": n_train / fi,
              "gmm": gmm_s, "retrain": epochs * n_train / tr, "test_passes": 2 * n_test / fe}
-    return {"stage": "end_to_end", "model": model, "kind": "sum of stages (estimate)",
-            "images": n_train, "seconds": sum(parts.values()), "parts_s": parts,
+    return {"stage": "end_to_end", "model": model, "kind": "sum of stages (estimate)", "epochs": epochs,
+            "dtype": dtype, "images": n_train, "test_images": n_test, "seconds": sum(parts.values()), "parts_s": parts,
             "ci_stage_s": parts["features"] + parts["gmm"] + parts["filtered"]}
 
 
@@ -408,9 +443,25 @@ def bench_data(name: str, data_dir: str | None) -> data.Dataset:
                           channels=spec.channels)
 
 
+def full_size(name: str, ds: data.Dataset) -> tuple[int, int]:
+    """(training, test) images of the whole experiment the end-to-end row estimates: the data's own,
+    or for synthetic stand-ins the real dataset's split sizes where its spec knows them."""
+    spec = data.get_dataset(name)
+    if ds.name == "synthetic":
+        return spec.train_size or len(ds.y_train), spec.test_size or len(ds.y_test)
+    return len(ds.y_train), len(ds.y_test)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """All stages for args.models x batch sizes; prints a table, writes args.out if given."""
+    """All stages for args.models x batch sizes; prints a table, writes args.out if given (after
+    every stage, so that a bench cut short leaves what it measured)."""
+    base = config.preset(getattr(args, "preset", None) or "default")
+    dataset = getattr(args, "dataset", None) or base.data.dataset
+    data.get_dataset(dataset)  # an unknown name fails as a dataset, with the nearest one
+    base = config.replace(base, {"data.dataset": dataset})  # the augmentation policy of the data timed
     s = {**(QUICK if args.quick else FULL)}
+    if getattr(args, "preset", None):
+        s["batch_sizes"] = (base.train.batch_size,)  # the preset's own step, which its run takes
     for k in ("batch_sizes", "eval_batch_sizes", "steps", "pass_images", "gmm_images"):
         if getattr(args, k, None):
             s[k] = getattr(args, k)
@@ -420,60 +471,67 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from ci_jax import models
     from ci_jax.errors import unknown_name
 
-    model_names = args.models or list(models.MODELS)
+    model_names = args.models or ([base.train.model] if getattr(args, "preset", None) else list(models.MODELS))
     for m in model_names:
         models.get_model(m)  # an unknown name fails here, before anything is timed
-    ds = bench_data(args.dataset, args.data_dir)
-    s["gmm_images"] = s["gmm_images"] or data.get_dataset(args.dataset).train_size or len(ds.y_train)
-    blur = config.preset("default").defense.ci.passes(seed=0)[0].transform
+    dtypes = list(dict.fromkeys(getattr(args, "dtypes", None) or [base.train.dtype]))
+    ds = bench_data(dataset, args.data_dir)
+    s["gmm_images"] = s["gmm_images"] or data.get_dataset(dataset).train_size or len(ds.y_train)
+    blur = base.defense.ci.passes(seed=0)[0].transform
     peak = matmul_peak_gflops(s["peak_n"])
     x_dev = jnp.asarray(ds.x_train)
     y_dev = jnp.asarray(ds.y_train, jnp.int32)
     reps = math.ceil(s["pass_images"] / len(ds.y_train))
     x_pass = np.concatenate([ds.x_train] * reps)[: s["pass_images"]]
     results: list[dict[str, Any]] = []
+    gmms: list[dict[str, Any]] = []
+    report = {"device": device_info(), "fp32_matmul_peak_gflops": peak, "quick": bool(args.quick),
+              "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in s.items()},
+              "repeats": args.repeats, "data": ds.name, "preset": getattr(args, "preset", None) or "default",
+              "dtypes": dtypes, "partial": True, "stages": []}
+
+    def emit(row: dict[str, Any], into: list[dict[str, Any]]) -> None:
+        into.append(row)
+        _print_row(row)
+        if args.out:
+            files.write_json(args.out, {**report, "stages": results + gmms})
+
     for model in model_names:
-        for b in s["batch_sizes"]:
-            results.append(bench_train(model, b, x_dev, y_dev, ds.num_classes, s["steps"], args.repeats, peak))
-            _print_row(results[-1])
-            if args.convs:
-                results.append(bench_convs(model, b, ds.x_train.shape[1:], ds.num_classes, args.repeats, peak))
-                _print_row(results[-1])
-        for b in s["eval_batch_sizes"]:
-            for transform in (None, blur):
-                results.append(bench_pass(model, b, x_pass, ds.num_classes, args.repeats, peak, transform))
-                _print_row(results[-1])
+        for dtype in dtypes:
+            for b in s["batch_sizes"]:
+                emit(bench_train(model, b, x_dev, y_dev, ds.num_classes, s["steps"], args.repeats, peak, base, dtype),
+                     results)
+                if args.convs and dtype == dtypes[0]:
+                    emit(bench_convs(model, b, ds.x_train.shape[1:], ds.num_classes, args.repeats, peak), results)
+            for b in s["eval_batch_sizes"]:
+                for transform in (None, blur):
+                    emit(bench_pass(model, b, x_pass, ds.num_classes, args.repeats, peak, transform, base, dtype),
+                         results)
     for k in args.stack or ():
         for model in model_names:
-            results.append(bench_stack(model, s["batch_sizes"][0], k, ds.x_train, ds.y_train, ds.num_classes,
-                                       s["steps"], args.repeats, s["eval_batch_sizes"][0]))
-            _print_row(results[-1])
-    view, source = _baseline_view(args, ds, s["gmm_images"], max(s["eval_batch_sizes"]))
-    gmms = []
+            emit(bench_stack(model, s["batch_sizes"][0], k, ds.x_train, ds.y_train, ds.num_classes,
+                             s["steps"], args.repeats, s["eval_batch_sizes"][0], base, dtypes[0]), results)
+    view, source = _baseline_view(args, ds, s["gmm_images"], max(s["eval_batch_sizes"]), base)
     for backend in args.gmm_backends:
         if backend not in ("sklearn", "jax"):
             raise unknown_name("GMM backend", backend, ("sklearn", "jax"))
-        gmms.append(bench_gmm(view, source, backend))
-        _print_row(gmms[-1])
+        emit(bench_gmm(view, source, backend, base), gmms)
     gmm = gmms[0]
     from ci_jax import defenses
 
     for name in (args.defenses if args.defenses else defenses.NAMES) if args.defenses is not None else ():
         if name not in defenses.NAMES:
             raise unknown_name("defense", name, defenses.NAMES)
-        results.append(bench_defense(view, name, source))
-        _print_row(results[-1])
-    n_train, n_test = len(ds.y_train), len(ds.y_test)
+        emit(bench_defense(view, name, source, base), results)
+    n_train, n_test = full_size(dataset, ds)
+    gmm_s = gmm["seconds"] * n_train / gmm["features"] if gmm["features"] != n_train else gmm["seconds"]
     for model in model_names:
-        e2e = end_to_end(results, n_train, n_test, gmm["seconds"] * n_train / gmm["features"]
-                         if gmm["features"] != n_train else gmm["seconds"], model)
-        if e2e:
-            results.append(e2e)
-            _print_row(e2e)
-    report = {"device": device_info(), "fp32_matmul_peak_gflops": peak, "quick": bool(args.quick),
-              "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in s.items()},
-              "repeats": args.repeats, "data": ds.name,
-              "stages": results + gmms}
+        for dtype in dtypes:
+            e2e = end_to_end(results, n_train, n_test, gmm_s, model, base.train.epochs, dtype,
+                             base.train.batch_size if getattr(args, "preset", None) else None)
+            if e2e:
+                emit({**e2e, "preset": report["preset"]}, results)
+    report = {**report, "partial": False, "stages": results + gmms}
     if args.out:
         files.write_json(args.out, report)
     print(f"device {report['device']['kind']} x{jax.device_count()} ({jax.default_backend()}), "
@@ -495,7 +553,7 @@ def _print_row(r: dict[str, Any]) -> None:
         print(f"{'defense':10s} {r['defense']:9s} {r['features']:>6d} images {r['seconds']:8.1f} s  "
               f"removed {r['removed']}{extra}", flush=True)
     elif r["stage"] == "stack":
-        print(f"{'stack':10s} {r['model']:9s} B={r['batch']:<5d} K={r['k']:<3d} train {r['train_images_per_s']:8.0f} img/s "
+        print(f"{'stack':10s} {r['model']:9s} B={r['batch']:<5d} K={r['k']:<3d} {r['dtype']:8s} train {r['train_images_per_s']:8.0f} img/s "
               f"({r['train_images_per_s_per_model']:.0f} per model)  pass {r['pass_images_per_s']:8.0f} img/s "
               f"({r['pass_images_per_s_per_model']:.0f} per model)", flush=True)
     elif r["stage"] == "convs":
@@ -507,9 +565,10 @@ def _print_row(r: dict[str, Any]) -> None:
               f"{r['train_ceiling_images_per_s']:.0f} img/s, pass <= {r['pass_ceiling_images_per_s']:.0f} img/s",
               flush=True)
     elif r["stage"] == "end_to_end":
-        print(f"{'end2end':10s} {r['model']:9s} {r['seconds']:8.0f} s  ({r['kind']}, {r['images']} images; "
-              f"CI stage {r['ci_stage_s']:.0f} s)", flush=True)
+        print(f"{'end2end':10s} {r['model']:9s} {r['seconds']:8.0f} s  ({r['kind']}, preset {r.get('preset')}, "
+              f"{r['epochs']} epoch(s) of {r['images']} images, {r['dtype']}; CI stage {r['ci_stage_s']:.0f} s)",
+              flush=True)
     else:
-        print(f"{r['stage']:10s} {r['model']:9s} B={r['batch']:<5d} {r['images_per_s']:9.0f} img/s  "
+        print(f"{r['stage']:10s} {r['model']:9s} B={r['batch']:<5d} {r['dtype']:8s} {r['images_per_s']:9.0f} img/s  "
               f"compile {r['compile_s']:5.1f} s  {_fmt(r['gflops'], '6.1f')} GFLOP/s "
               f"({_fmt(r['pct_of_peak'], '.2g')} % of peak)", flush=True)

@@ -83,6 +83,10 @@ class Train:
                            "zero padding) or dataset (that crop, plus a horizontal flip where the dataset allows "
                            "one: CIFAR, not digits or GTSRB); poisons are augmented like every training image, the "
                            "defenses' passes never", choices=augment.CHOICES)
+    dtype: str = setting("float32", "compute dtype of training and of the defenses' passes over the model: "
+                         "bfloat16 runs the convolutions and matmuls (forward and backward) in bf16, for "
+                         "accelerators; the parameters, BatchNorm statistics and optimizer state stay float32",
+                         choices=models.COMPUTE_DTYPES)
 
 
 @section
@@ -138,6 +142,23 @@ PRESETS: dict[str, dict[str, Any]] = {
     "fashion": {"data.dataset": "fashion_mnist", "train.epochs": 6},
     # For smoke tests and quick looks: a small CNN, minutes instead of a quarter hour on a CPU.
     "fast": {"train.model": "cnn", "train.epochs": 2, "train.batch_size": 64, "train.lr": 3e-3},
+    # The CI authors' CIFAR-10 setting: the attack and training of their code (zhenxianglance/RE-paper:
+    # attacks_crafting.py, train_models_contam.py), the defense as the paper describes it. Each
+    # number's source: README.md, "The paper preset".
+    "paper": {"data.dataset": "cifar10", "attack.name": "static", "attack.source": 1, "attack.target": 7,
+              "attack.n_poison": 500, "attack.selection": "random", "attack.static.amplitude": 3 / 255,
+              "attack.static.quantise": True,
+              "train.model": "resnet18", "train.epochs": 100, "train.batch_size": 32, "train.optimizer": "adam",
+              "train.lr": 1e-3, "train.weight_decay": 0.0, "train.schedule": "constant", "train.augment": "none",
+              "defense.name": "ci", "defense.ci.filters": ("mean2",), "defense.ci.rule": "threshold",
+              "defense.ci.tau": 0.5, "defense.ci.bic_search": "ascent", "defense.ci.k_max": 10,
+              "defense.ci.covariance": "full"},
+    # A standard strong CIFAR-10 recipe (kuangliu/pytorch-cifar main.py, 93.02 % for ResNet18 in its
+    # README): SGD 0.1, momentum 0.9, weight decay 5e-4, cosine over 200 epochs, batch 128, random
+    # crop (4-pixel padding) and horizontal flip. The attack and defense stay the defaults.
+    "cifar": {"data.dataset": "cifar10", "train.model": "resnet18", "train.epochs": 200, "train.batch_size": 128,
+              "train.optimizer": "sgd", "train.lr": 0.1, "train.momentum": 0.9, "train.nesterov": False,
+              "train.weight_decay": 5e-4, "train.schedule": "cosine", "train.augment": "dataset"},
 }
 
 
@@ -227,7 +248,7 @@ def from_dict(d: Mapping[str, Any], where: str = "config") -> Config:
 # Train fields added after models had been trained without them, and the value that trains as before:
 # at that value a field is left out of a model's identity, so those models keep their keys and are
 # reused; any other value is part of the key like every field.
-ADDED_LATER: dict[str, Any] = {"augment": "none"}
+ADDED_LATER: dict[str, Any] = {"augment": "none", "dtype": "float32"}
 
 
 def model_identity(cfg: Config) -> dict[str, Any]:

@@ -105,8 +105,10 @@ class DatasetSpec:
     tfds_name: str | None = None
     files: str = "its files"  # what a data dir holds, for messages
     where_to_get: str = ""  # where the files are to be had offline, appended to messages
-    # Images in the full training split, where fixed: what bench's end-to-end estimate clusters.
+    # Images in the full training and test splits, where fixed: what bench's end-to-end estimate
+    # counts when it times synthetic stand-ins.
     train_size: int | None = None
+    test_size: int | None = None
     # Normalisation: floats = raw / pixel_max, in [0, 1]. No mean/std standardisation: every
     # trigger (amplitudes, clipping, blends) is defined on [0, 1] images.
     pixel_max: float = 255.0
@@ -930,7 +932,8 @@ def _linear_upsample_matrix(n_in: int, n_out: int) -> np.ndarray:
 
 # ---------------------------------------------------------------- the built-in datasets
 
-_MNIST_SHAPE = dict(num_classes=10, channels=1, image_size=28, files=_IDX_WHAT, train_size=60_000)
+_MNIST_SHAPE = dict(num_classes=10, channels=1, image_size=28, files=_IDX_WHAT, train_size=60_000,
+                    test_size=10_000)
 register_dataset(DatasetSpec("mnist", read_dir=_read_idx_dir, tfds_name="mnist", **_MNIST_SHAPE))
 register_dataset(DatasetSpec(
     "fashion_mnist", read_dir=_read_idx_dir, tfds_name="fashion_mnist", **_MNIST_SHAPE,
@@ -938,10 +941,11 @@ register_dataset(DatasetSpec(
                  "/usr/share/datasets/fashion-mnist)"))
 register_dataset(DatasetSpec("cifar10", num_classes=10, channels=3, image_size=32, read_dir=_read_cifar10_dir,
                              tfds_name="cifar10", files=_CIFAR_WHAT, where_to_get=_CIFAR_GET, train_size=50_000,
-                             flips=True))
+                             test_size=10_000, flips=True))
 register_dataset(DatasetSpec("cifar100", num_classes=100, channels=3, image_size=32, read_dir=_read_cifar100_dir,
                              tfds_name="cifar100", files=_CIFAR100_WHAT, where_to_get=_CIFAR100_GET,
-                             train_size=50_000, flips=True))
+                             train_size=50_000, test_size=10_000, flips=True))
 # 32x32 as the toolkits train on it; no tfds_name: GTSRB is not in tensorflow-datasets' catalogue.
 register_dataset(DatasetSpec("gtsrb", num_classes=GTSRB_CLASSES, channels=3, image_size=32, read_dir=_read_gtsrb_dir,
-                             files=_GTSRB_WHAT, where_to_get=_GTSRB_GET, train_size=39_209))
+                             files=_GTSRB_WHAT, where_to_get=_GTSRB_GET, train_size=39_209,
+                             test_size=12_630))

@@ -221,6 +221,32 @@ def assignment_order(model: nnx.Module) -> tuple[str, ...]:
     return tuple(out)
 
 
+# train.dtype's choices: the dtype the layers compute in. Parameters are stored in float32 either way.
+COMPUTE_DTYPES: tuple[str, ...] = ("float32", "bfloat16")
+
+
+def set_compute_dtype(model: nnx.Module, dtype: str) -> nnx.Module:
+    """Makes every flax layer of `model` compute in `dtype`: flax casts a layer's input and its
+    parameters to its `dtype` at use, so the parameters stay float32 (the optimizer updates them
+    there) while the convolutions and matmuls, forward and backward, run in `dtype`. BatchNorm
+    computes its batch statistics in float32 whatever its `dtype` (flax's `_compute_stats`) and
+    keeps its running averages in float32.
+
+    A layer is a module with both `dtype` and `param_dtype` (every flax layer); a model's own
+    jnp arithmetic follows the dtype of what it is given. float32 leaves the model untouched, so
+    its programs are exactly those built before this setting existed.
+    """
+    if dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"compute dtype {dtype!r} is not one of {COMPUTE_DTYPES}")  # the config checks choices
+    if dtype == "float32":
+        return model
+    target = jnp.dtype(dtype)
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, nnx.Module) and hasattr(node, "dtype") and hasattr(node, "param_dtype"):
+            node.dtype = target
+    return model
+
+
 def _resnet20(in_channels: int, num_classes: int, seed: int, image_size: int, *, conv: ConvFn) -> nnx.Module:
     # Global average pooling: any image size works, so image_size is not needed.
     return ResNet20(in_channels, num_classes, rngs=nnx.Rngs(seed), conv=conv)

@@ -136,7 +136,8 @@ def update(train_def, state, x_BHWC: jax.Array, y_B: jax.Array, lr: jax.Array):
 
     def loss_fn(m):
         logits_BK, _ = m(x_BHWC)
-        return optax.softmax_cross_entropy_with_integer_labels(logits_BK, y_B).mean()
+        # The loss in float32 whatever the compute dtype (a no-op at float32).
+        return optax.softmax_cross_entropy_with_integer_labels(logits_BK.astype(jnp.float32), y_B).mean()
 
     loss, grads = nnx.value_and_grad(loss_fn)(model)
     opt.opt_state.hyperparams["learning_rate"][...] = lr
@@ -148,6 +149,8 @@ def forward(eval_def, model_state, x_BHWC: jax.Array):
     """(decisions, penultimate features, logits) of one model on a batch."""
     model = nnx.merge(eval_def, model_state)
     logits_BK, feats_BD = model(x_BHWC)
+    # The defenses get float32 whatever the compute dtype (no-ops at float32).
+    logits_BK, feats_BD = logits_BK.astype(jnp.float32), feats_BD.astype(jnp.float32)
     return jnp.argmax(logits_BK, -1).astype(jnp.int32), feats_BD, logits_BK
 
 
@@ -182,6 +185,9 @@ class Trainer:
         self.sharded = NamedSharding(self.mesh, P("data"))
         self.total_steps = steps_per_epoch * cfg.train.epochs
         model = models.create(cfg.train.model, image_shape[-1], num_classes, cfg.seed, image_size=image_shape[0])
+        # Set before the split: train_def and eval_def both carry it, so the defenses' passes
+        # compute in the dtype the model was trained in.
+        models.set_compute_dtype(model, cfg.train.dtype)
         tx, self.schedule = make_optimizer(cfg, self.total_steps)
         opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
         model.train()

@@ -303,7 +303,7 @@ def test_run_help_lists_field_flags(capsys):
     flat = " ".join(out.split())  # argparse wraps the help text
     assert "(choices: threshold, top1, test; default: threshold (preset seed: top1))" in flat
     assert "--train.lr NUMBER" in flat and "--attack.pixel.clip true|false" in flat
-    assert "--defense.ci.filters NAME [NAME ...]" in flat and "default: median3 (preset seed: mean2))" in flat
+    assert "--defense.ci.filters NAME [NAME ...]" in flat and "default: median3 (preset paper: mean2, seed: mean2))" in flat
     assert "config section defense.ci" in flat
 
 

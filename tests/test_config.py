@@ -640,9 +640,9 @@ def test_fuzz_load_file_gives_a_dict_or_one_user_error(fuzz_dir, suffix, raw):
 def test_help_names_each_preset_that_changes_a_default():
     paths = config.PATHS
     assert settings_lib.help_text(paths["train.epochs"], config.PRESETS).endswith(
-        "(from 1 to 100000; default: 1 (preset fashion: 6, fast: 2, seed: 10))")
+        "(from 1 to 100000; default: 1 (preset cifar: 200, fashion: 6, fast: 2, paper: 100, seed: 10))")
     assert settings_lib.help_text(paths["defense.ci.filters"], config.PRESETS).endswith(
-        "default: median3 (preset seed: mean2))")
+        "default: median3 (preset paper: mean2, seed: mean2))")
     assert settings_lib.help_text(paths["train.nesterov"], config.PRESETS).endswith("(default: false)")
     # "seed" sets momentum to its default: no preset differs, none is named.
     assert settings_lib.help_text(paths["train.momentum"], config.PRESETS).endswith(
