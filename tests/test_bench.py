@@ -71,6 +71,13 @@ def test_counts_that_are_not_positive_are_argparse_errors(bad, expected, capsys)
     assert capsys.readouterr().err.strip() == f"ci-jax: error: {expected} (see `ci-jax bench --help`)"
 
 
+@pytest.mark.parametrize("args", [["--repeats", "-1"], ["--pass-images", "-5"], ["--steps", "0"]])
+def test_bench_rejects_non_positive_counts(capsys, args):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "--quick", *args])
+    assert e.value.code == 2 and "must be >= 1" in capsys.readouterr().err
+
+
 def test_gmm_stage_clusters_a_finished_runs_baseline_features(mnist_like_dir, tmp_path):
     from ci_jax import config, experiment
 

@@ -9,6 +9,8 @@ from ci_jax import bench, cli, config, data, experiment, models, settings
 from ci_jax.errors import UserError
 from ci_jax.registry import Names, Registry
 
+pytestmark = pytest.mark.slow  # a whole experiment runs on the registered toys
+
 TOY_DATA, TOY_MODEL = "toy3", "toynet"
 TOY_SPLITS = dict(n_train=600, n_test=300)
 # Each class has its own dominant colour channel (the background) and its own bright row band.
