@@ -8,10 +8,11 @@ os.environ["XLA_FLAGS"] = kernels.xla_flags()
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-from helpers import train_cfg, trainer  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
 from ci_jax import data, train  # noqa: E402
+
+from helpers import train_cfg, trainer  # noqa: E402
 
 # The same examples on every run, no deadline: a fuzz test fails on its input, never on the
 # machine's load or on what an earlier run happened to find.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ import jax
 import numpy as np
 import pytest
 
-from ci_jax import attacks, config, defenses, parallel, train
+from ci_jax import attacks, cli, config, defenses, parallel, train, version
 from ci_jax.config import Config
 from ci_jax.errors import UserError
 
@@ -65,6 +66,25 @@ def trainer(cfg: Config, ds) -> train.Trainer:
 def weights(t: train.Trainer) -> list:
     """The leaves of a trainer's named state (model and optimizer)."""
     return jax.tree.leaves(t.named_state())
+
+
+# -- the CLI in process ------------------------------------------------------------------------------
+# The start-up line that `run`, `sweep` and `bench` print before they load anything (so an error found
+# in the data follows it). The commit part is not compared: the tree may change between this import
+# and a subprocess.
+STARTUP = re.compile(rf"ci-jax {re.escape(version.version())}( \(git [0-9a-f]{{12}}(, dirty)?\))?: backend ")
+
+
+def after_startup(err: str) -> list[str]:
+    """stderr's lines without the start-up line."""
+    lines = err.splitlines()
+    return lines[1:] if lines and STARTUP.match(lines[0]) else lines
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str]:
+    """Runs the CLI in-process: its exit code and its stderr after the start-up line."""
+    code = cli.main(args)
+    return code, "\n".join(after_startup(capsys.readouterr().err.strip()))
 
 
 # -- damaging files --------------------------------------------------------------------------------

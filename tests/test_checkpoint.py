@@ -14,10 +14,11 @@ import sys
 import jax
 import numpy as np
 import pytest
-from helpers import flip_a_bit, train_cfg, trainer, truncate, weights
 
 from ci_jax import checkpoint, train
 from ci_jax.errors import UserError
+
+from helpers import flip_a_bit, train_cfg, trainer, truncate, weights
 
 
 # --- damaged checkpoint directories, in process (trained_dir: conftest.py) -------------------------
@@ -67,7 +68,8 @@ def test_damaged_checkpoint_is_one_user_error_saying_to_delete_it(small_ds, trai
     assert "\n" not in msg and len(msg) < 500
 
 
-def test_a_checkpoint_from_before_sums_without_its_tree_metadata_restores_the_same_weights(small_ds, trained_dir, tmp_path):
+def test_a_checkpoint_from_before_sums_without_its_tree_metadata_restores_the_same_weights(small_ds, trained_dir,
+                                                                                             tmp_path):
     # A directory written by ci-jax 0.2 has no sums/: the model's own parameter tree is the restore
     # target, Orbax reads the arrays by name without the saved tree's _METADATA, and they are the
     # trained ones (no error is better than a rerun). Once restored, the step gets its sums.

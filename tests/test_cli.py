@@ -1,11 +1,9 @@
 """The CLI: every bad input is exit code 2 and one `ci-jax: error:` line, before any training,
 and no report is written."""
 
-import errno
 import importlib.metadata
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -15,7 +13,9 @@ import time
 import numpy as np
 import pytest
 
-from ci_jax import cli, data, files, version
+from ci_jax import cli, data, version
+
+from helpers import STARTUP, after_startup, run_cli
 
 @pytest.fixture(autouse=True)
 def _no_training(monkeypatch):
@@ -48,17 +48,6 @@ def idx_dir(tmp_path_factory):
     return _write_idx_dir(tmp_path_factory.mktemp("idx") / "mnist")
 
 
-def _after_startup(err: str) -> list[str]:
-    """stderr's lines without the start-up line that `run`, `sweep` and `bench` print before they
-    load anything (so an error found in the data follows it)."""
-    lines = err.splitlines()
-    return lines[1:] if lines and STARTUP.match(lines[0]) else lines
-
-
-# The commit part is not compared: the tree may change between this import and a subprocess.
-STARTUP = re.compile(rf"ci-jax {re.escape(version.version())}( \(git [0-9a-f]{{12}}(, dirty)?\))?: backend ")
-
-
 def _fail(capsys, tmp_path, *args, data_dir=None):
     """Runs `ci-jax run ARGS` in-process; checks the one-line error contract; returns the message."""
     out = tmp_path / "run"
@@ -69,7 +58,7 @@ def _fail(capsys, tmp_path, *args, data_dir=None):
     rc = cli.main(argv)
     captured = capsys.readouterr()
     assert rc == 2, captured
-    lines = _after_startup(captured.err)
+    lines = after_startup(captured.err)
     assert len(lines) == 1, captured.err
     assert lines[0].startswith("ci-jax: error: "), lines[0]
     assert captured.out == ""
@@ -560,7 +549,7 @@ def test_subprocess_bad_input_is_one_error_line_and_exit_2(tmp_path, idx_dir):
         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
     assert proc.returncode == 2, proc.stderr
     assert STARTUP.match(proc.stderr)  # found in the data: after the start-up line
-    lines = _after_startup(proc.stderr)
+    lines = after_startup(proc.stderr)
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("ci-jax: error: trigger pixel at (40, 24)")
     assert proc.stdout == ""
@@ -589,47 +578,32 @@ def test_an_unknown_name_on_the_command_line_suggests_the_nearest(capsys, tmp_pa
 
 # -- --out, a full disk, signals: one line each, nothing left behind ----------------------------
 
-def _run_cli(args, capsys):
-    """Runs the CLI in-process: its exit code and stderr after the start-up line."""
-    code = cli.main(args)
-    return code, "\n".join(_after_startup(capsys.readouterr().err.strip()))
-
-
 def test_out_that_is_a_file_or_under_a_file(capsys, tmp_path, mnist_like_dir):
     f = tmp_path / "file"
     f.write_text("x")
     for out in (f, f / "sub"):
-        code, err = _run_cli(["run", "--preset", "fast", "--data-dir", str(mnist_like_dir), "--out", str(out),
-                              "--attack.n_poison", "10"], capsys)
+        code, err = run_cli(["run", "--preset", "fast", "--data-dir", str(mnist_like_dir), "--out", str(out),
+                             "--attack.n_poison", "10"], capsys)
         assert code == 2 and err.startswith("ci-jax: error: --out") and "\n" not in err
 
 
 def test_empty_out_is_refused(capsys, mnist_like_dir):
-    code, err = _run_cli(["run", "--preset", "fast", "--data-dir", str(mnist_like_dir), "--out", "",
-                          "--attack.n_poison", "10"], capsys)
+    code, err = run_cli(["run", "--preset", "fast", "--data-dir", str(mnist_like_dir), "--out", "",
+                         "--attack.n_poison", "10"], capsys)
     assert code == 2 and "--out is empty" in err
 
 
 def test_batch_larger_than_the_training_set_leaves_nothing_behind(capsys, tmp_path, mnist_like_dir):
     out = tmp_path / "b"
-    code, err = _run_cli(["run", "--preset", "fast", "--data-dir", str(mnist_like_dir), "--out", str(out),
-                          "--attack.n_poison", "10", "--train.batch_size", "1000"], capsys)
+    code, err = run_cli(["run", "--preset", "fast", "--data-dir", str(mnist_like_dir), "--out", str(out),
+                         "--attack.n_poison", "10", "--train.batch_size", "1000"], capsys)
     assert code == 2 and "train.batch_size = 1000 is larger than the 400 images" in err
     assert not out.exists()
 
 
-def test_a_full_disk_is_one_line(capsys, tmp_path, mnist_like_dir, monkeypatch):
-    def full(*a, **k):
-        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x"))
-    monkeypatch.setattr(files, "write_text", full)
-    code, err = _run_cli(["run", "--preset", "fast", "--data-dir", str(mnist_like_dir), "--out", str(tmp_path / "d"),
-                          "--attack.n_poison", "10", "--train.epochs", "1", "--no-plots"], capsys)
-    assert code == 2 and "No space left on device" in err and "rerun the same command" in err and "\n" not in err
-
-
 def test_negative_numbers_after_a_flag_are_values(capsys, mnist_like_dir, tmp_path):
-    code, err = _run_cli(["run", "--preset", "fast", "--data-dir", str(mnist_like_dir), "--out", str(tmp_path / "n"),
-                          "--train.lr", "-1e-3"], capsys)
+    code, err = run_cli(["run", "--preset", "fast", "--data-dir", str(mnist_like_dir), "--out", str(tmp_path / "n"),
+                         "--train.lr", "-1e-3"], capsys)
     assert code == 2 and "train.lr = -0.001: must be > 0.0" in err
 
 

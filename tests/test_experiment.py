@@ -16,6 +16,8 @@ from ci_jax import cli, config, data, experiment, files, train
 from ci_jax.errors import UserError
 from ci_jax.report import Report
 
+from helpers import make_cfg, run_cli, without_timings
+
 pytestmark = pytest.mark.slow  # every test here trains models or reruns a trained one
 
 # diag: with ~200 images a class, full 128-D covariances cost BIC too much to ever split a class.
@@ -24,13 +26,14 @@ CFG = {"train.epochs": 3, "train.batch_size": 32, "eval.batch_size": 128, "attac
 
 
 def _cfg(**overrides):
-    """The fast preset with CFG and {dotted path: value} overrides (keywords: `__` for the dots)."""
-    return config.preset("fast", {**CFG, **{k.replace("__", "."): v for k, v in overrides.items()}})
+    """The fast preset with CFG and overrides (keywords: `__` for the dots)."""
+    return make_cfg(CFG, **overrides)
 
 
 @pytest.fixture(scope="module")
-def ds():
-    return data.synthetic(n_train=1500, n_test=500, seed=0)
+def other_ds(synthetic_data):
+    """Another task of ds's size (ds: conftest.py)."""
+    return synthetic_data(1500, 500, seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -106,18 +109,11 @@ def test_run_directory(first_run):
         assert set(z["poison_idx"]) <= set(z["removed_idx"]) or report["defense"]["tpr"] < 1
 
 
-def _without_timings(report):
-    """The report but its timings (the run's and the defense's own)."""
-    out = {k: v for k, v in report.items() if k != "timings_s"}
-    out["defense"] = {k: v for k, v in report["defense"].items() if k != "timings_s"}
-    return out
-
-
 def test_rerun_reuses_checkpoints_and_is_identical(first_run, ds):
     out, report = first_run
     again = experiment.run(_cfg(), out, dataset=ds).to_json()
     assert again["timings_s"]["train_baseline"] == 0.0 and again["timings_s"]["retrain"] == 0.0
-    assert _without_timings(again) == _without_timings(report)
+    assert without_timings(again) == without_timings(report)
 
 
 def test_defense_change_reuses_baseline(first_run, ds, tmp_path):
@@ -161,7 +157,7 @@ def test_a_reserve_is_held_out_of_accuracy_and_asr(first_run, ds, tmp_path):
 def test_same_seed_same_report_in_a_fresh_directory(first_run, ds, tmp_path):
     _, report = first_run
     fresh = experiment.run(_cfg(), tmp_path / "fresh", dataset=ds, make_plots=False).to_json()
-    assert _without_timings(fresh) == _without_timings(report)
+    assert without_timings(fresh) == without_timings(report)
 
 
 def test_baseline_from_another_run(first_run, ds, tmp_path):
@@ -190,13 +186,12 @@ def test_baseline_from_writes_nothing_into_the_other_run(first_run, ds, tmp_path
     assert again["defense"]["timings_s"] == {}  # the result cached in caches/ is reused
 
 
-def test_baseline_from_a_run_with_other_training_is_refused(first_run, ds, tmp_path):
+def test_baseline_from_a_run_with_other_training_is_refused(first_run, ds, other_ds, tmp_path):
     out, _ = first_run
     with pytest.raises(UserError, match=r"its baseline was trained otherwise \(train.lr differ\)"):
         experiment.run(_cfg(train__lr=0.01), tmp_path / "x", dataset=ds, baseline_from=out).to_json()
-    other_data = data.synthetic(n_train=1500, n_test=500, seed=1)
     with pytest.raises(UserError, match="trained on other data"):
-        experiment.run(_cfg(), tmp_path / "y", dataset=other_data, baseline_from=out).to_json()
+        experiment.run(_cfg(), tmp_path / "y", dataset=other_ds, baseline_from=out).to_json()
     with pytest.raises(UserError, match="no finished baseline there"):
         experiment.run(_cfg(), tmp_path / "z", dataset=ds, baseline_from=tmp_path / "nowhere").to_json()
 
@@ -285,7 +280,7 @@ def test_killed_run_resumes_to_the_same_report(kill_at, uninterrupted, mnist_lik
     resumed = _cli(tmp_path, mnist_like_dir)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     report = json.loads((tmp_path / "report.json").read_text())
-    assert _without_timings(report) == _without_timings(uninterrupted)
+    assert without_timings(report) == without_timings(uninterrupted)
     if kill_at == "gmm":  # the finished baseline is reused, not retrained
         assert report["timings_s"]["train_baseline"] == 0.0
     assert not list(tmp_path.rglob("*.tmp"))
@@ -332,12 +327,7 @@ RERUN_CFG = {"train.epochs": 2, "train.batch_size": 32, "eval.batch_size": 128, 
 
 
 def _rerun_cfg(**kw):
-    return config.preset("fast", {**RERUN_CFG, **kw})
-
-
-@pytest.fixture(scope="module")
-def other_ds():
-    return data.synthetic(n_train=1500, n_test=500, seed=1)
+    return make_cfg(RERUN_CFG, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -353,7 +343,8 @@ def test_rerun_on_other_data_trains_anew_and_reports_the_new_data(finished, ds, 
     again = experiment.run(_rerun_cfg(), out, dataset=other_ds, make_plots=False).to_json()
     assert again["timings_s"]["train_baseline"] > 0
     fresh = experiment.run(_rerun_cfg(), tmp_path / "fresh", dataset=other_ds, make_plots=False).to_json()
-    assert _without_timings(again) | {"baseline": None, "retrained": None} == _without_timings(fresh) | {"baseline": None, "retrained": None}
+    models = {"baseline": None, "retrained": None}
+    assert without_timings(again) | models == without_timings(fresh) | models
     assert again["baseline"]["clean_acc"] == fresh["baseline"]["clean_acc"]
     assert again["data"]["sha256"] == other_ds.sha256 != ds.sha256
 
@@ -392,7 +383,7 @@ def test_fuzz_damaged_cache_then_rerun_gives_the_same_report_or_one_error(finish
     except UserError as e:
         assert "\n" not in str(e)
         return
-    assert _without_timings(again) == _without_timings(finished[1])
+    assert without_timings(again) == without_timings(finished[1])
 
 
 @pytest.mark.parametrize("how", ["truncate", "flip", "bad_utf8", "random"])
@@ -410,7 +401,7 @@ def test_fuzz_damaged_training_log_then_rerun_gives_the_same_report(finished, ds
     else:
         _damage(path, how, 0)
     again = experiment.run(_rerun_cfg(), out, dataset=ds, make_plots=True).to_json()
-    assert _without_timings(again) == _without_timings(finished[1])
+    assert without_timings(again) == without_timings(finished[1])
     assert (out / "report.json").is_file() and (out / "plots" / "loss.png").is_file()
 
 
@@ -421,7 +412,8 @@ def test_gmm_cache_that_does_not_fit_is_refitted(finished, ds, tmp_path, value):
     shutil.copytree(finished[0], out)
     saved = json.loads((out / "baseline" / "gmm.json").read_text())
     (out / "baseline" / "gmm.json").write_text(json.dumps({"key": saved["key"], "value": value}))
-    assert _without_timings(experiment.run(_rerun_cfg(), out, dataset=ds, make_plots=False).to_json()) == _without_timings(finished[1])
+    again = experiment.run(_rerun_cfg(), out, dataset=ds, make_plots=False).to_json()
+    assert without_timings(again) == without_timings(finished[1])
 
 
 # -- config.json and report.json describe the same run; one run at a time in a directory ------------
@@ -482,6 +474,17 @@ def test_a_read_only_baseline_is_used_without_its_caches(finished, ds, tmp_path,
     report = experiment.run(_rerun_cfg(**{"defense.ci.tau": 0.31}), out, dataset=ds, make_plots=False).to_json()
     assert report["baseline"] == finished[1]["baseline"]
     assert "not cached" in capsys.readouterr().out
+
+
+# A full disk while the run writes its files (it trains first): one line, exit 2 (through the CLI,
+# which test_cli.py's tests never let get as far as training).
+def test_a_full_disk_is_one_line(capsys, tmp_path, mnist_like_dir, monkeypatch):
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x"))
+    monkeypatch.setattr(files, "write_text", full)
+    code, err = run_cli(["run", "--preset", "fast", "--data-dir", str(mnist_like_dir), "--out", str(tmp_path / "d"),
+                         "--attack.n_poison", "10", "--train.epochs", "1", "--no-plots"], capsys)
+    assert code == 2 and "No space left on device" in err and "rerun the same command" in err and "\n" not in err
 
 
 # -- inputs refused before any work -----------------------------------------------------------------

@@ -7,9 +7,10 @@ import sys
 import time
 
 import pytest
-from helpers import fail_on_three, square_and_pid, thread_vars
 
 from ci_jax import parallel
+
+from helpers import fail_on_three, square_and_pid, thread_vars
 
 
 def test_map_processes_keeps_the_order_and_runs_in_workers():

@@ -10,7 +10,9 @@ import jax
 import numpy as np
 import pytest
 
-from ci_jax import config, data, stack, sweep, train
+from ci_jax import config, stack, sweep, train
+
+from helpers import ONE_EPOCH, make_cfg
 
 pytestmark = pytest.mark.slow  # stacks train models
 
@@ -22,12 +24,12 @@ ADAM_ATOL = 0.05
 
 
 @pytest.fixture(scope="module")
-def ds():
-    return data.synthetic(n_train=600, n_test=200, seed=0)
+def ds(synthetic_data):
+    return synthetic_data(600, 200)  # as KILL_SCRIPT makes it
 
 
 def _cfg(seed, **kw):
-    return config.preset("fast", {"train.epochs": 2, "train.batch_size": 32, "eval.batch_size": 64, "seed": seed, **kw})
+    return make_cfg(ONE_EPOCH, {"train.epochs": 2, "seed": seed}, kw)
 
 
 KEEP = [np.arange(600), np.arange(600)[::2], np.arange(600)[100:]]  # three different training sets

@@ -9,10 +9,11 @@ import sys
 import jax
 import numpy as np
 import pytest
-from helpers import train_cfg, trainer, weights
 
 from ci_jax import train
 from ci_jax.errors import UserError
+
+from helpers import train_cfg, trainer, weights
 
 
 def test_one_epoch_learns(small_ds, tmp_path):

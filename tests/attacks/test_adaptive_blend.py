@@ -2,10 +2,11 @@
 
 import numpy as np
 import pytest
-from helpers import build_attack
 
 from ci_jax import config
 from ci_jax.errors import UserError
+
+from helpers import build_attack
 
 
 # -- Adaptive-Blend ---------------------------------------------------------------------------------

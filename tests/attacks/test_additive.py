@@ -2,6 +2,7 @@
 fourpixel, placed by hand."""
 
 import numpy as np
+
 from helpers import build_attack
 
 

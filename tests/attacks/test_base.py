@@ -4,14 +4,15 @@ checks before any work, and every plug-in's bookkeeping, determinism and bounds.
 
 import numpy as np
 import pytest
-from helpers import (RNG, build_attack, config_error, four_class_images, pixel_attack, target,
-                     ten_class_images)
 
 from ci_jax import attacks, config
 from ci_jax.attacks import blend, none, patch, pixel
 from ci_jax.attacks.base import Attack
 from ci_jax.config import Config
 from ci_jax.errors import UserError
+
+from helpers import (RNG, build_attack, config_error, four_class_images, pixel_attack, target,
+                     ten_class_images)
 
 N_CLASSES = 10  # of ten_class_images
 H, W, C = 28, 28, 1  # of four_class_images
@@ -56,7 +57,8 @@ def test_bookkeeping_determinism_and_bounds(name):
 
 def test_random_selection_depends_on_the_seed_only():
     x, y = ten_class_images()
-    pick = lambda seed: attacks.poison_training_set(build_attack("patch", selection="random", seed=seed), x, y, N_CLASSES).poison_idx
+    pick = lambda seed: attacks.poison_training_set(build_attack("patch", selection="random", seed=seed), x, y,
+                                                    N_CLASSES).poison_idx
     assert np.array_equal(pick(1), pick(1)) and not np.array_equal(pick(1), pick(2))
 
 

@@ -1,9 +1,10 @@
 """Blended injection (ci_jax.attacks.blend)."""
 
 import numpy as np
-from helpers import RNG, config_error, four_class_images, target
 
 from ci_jax.attacks import blend
+
+from helpers import RNG, config_error, four_class_images, target
 
 H, W, C = 28, 28, 1
 

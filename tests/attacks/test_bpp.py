@@ -1,9 +1,10 @@
 """BppAttack's colour-depth squeezing (ci_jax.attacks.bpp)."""
 
 import numpy as np
-from helpers import build_attack
 
 from ci_jax.attacks import bpp
+
+from helpers import build_attack
 
 
 # -- BppAttack --------------------------------------------------------------------------------------

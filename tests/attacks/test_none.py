@@ -1,10 +1,11 @@
 """No attack (ci_jax.attacks.none): the clean training set."""
 
 import numpy as np
-from helpers import build_attack, four_class_images, target, ten_class_images
 
 from ci_jax import attacks
 from ci_jax.attacks import none
+
+from helpers import build_attack, four_class_images, target, ten_class_images
 
 N_CLASSES = 10
 H, W, C = 28, 28, 1

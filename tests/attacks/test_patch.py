@@ -2,10 +2,11 @@
 
 import numpy as np
 import pytest
-from helpers import N, RNG, build_attack, config_error, four_class_images, target
 
 from ci_jax.attacks import patch
 from ci_jax.errors import UserError
+
+from helpers import N, RNG, build_attack, config_error, four_class_images, target
 
 H, W, C = 28, 28, 1
 

@@ -2,11 +2,12 @@
 
 import numpy as np
 import pytest
-from helpers import RNG, config_error, four_class_images, pixel_attack
 
 from ci_jax.attacks import pixel
 from ci_jax.config import Config
 from ci_jax.errors import UserError
+
+from helpers import RNG, config_error, four_class_images, pixel_attack
 
 H, W, C = 28, 28, 1
 

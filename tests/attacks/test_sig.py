@@ -1,9 +1,10 @@
 """SIG's clean-label sinusoid (ci_jax.attacks.sig)."""
 
 import numpy as np
-from helpers import build_attack
 
 from ci_jax.attacks import sig
+
+from helpers import build_attack
 
 
 # -- SIG --------------------------------------------------------------------------------------------

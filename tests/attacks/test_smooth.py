@@ -1,9 +1,10 @@
 """The smooth low-frequency trigger aimed at CI (ci_jax.attacks.smooth)."""
 
 import numpy as np
-from helpers import build_attack
 
 from ci_jax.attacks import smooth
+
+from helpers import build_attack
 
 
 # -- smooth -----------------------------------------------------------------------------------------

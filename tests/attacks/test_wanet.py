@@ -4,10 +4,11 @@ import math
 
 import numpy as np
 import pytest
-from helpers import build_attack, ten_class_images
 
 from ci_jax.attacks import wanet
 from ci_jax.errors import UserError
+
+from helpers import build_attack, ten_class_images
 
 
 # -- WaNet ------------------------------------------------------------------------------------------

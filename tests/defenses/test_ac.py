@@ -1,9 +1,10 @@
 """Activation Clustering (ci_jax.defenses.ac)."""
 
 import numpy as np
-from helpers import N_PLANT, PLANT_TARGET, clean_features, planted_features, run_defense
 
 from ci_jax.defenses import ac
+
+from helpers import N_PLANT, PLANT_TARGET, clean_features, planted_features, run_defense
 
 PER_CLASS = 400  # clean_features' images per class
 
@@ -18,7 +19,8 @@ def test_ac_on_clean_features_keeps_everything():
 
 def test_ac_report_counts_poisons_per_cluster():
     feats_ND, y_N, is_poison_N = planted_features()
-    target = next(c for c in run_defense("ac", feats_ND, y_N, is_poison_N).report["classes"] if c["label"] == PLANT_TARGET)
+    classes = run_defense("ac", feats_ND, y_N, is_poison_N).report["classes"]
+    target = next(c for c in classes if c["label"] == PLANT_TARGET)
     flagged = next(k for k in target["clusters"] if k["flagged"])
     assert flagged == {"size": N_PLANT, "flagged": True, "poisons": N_PLANT}
     assert target["silhouette"] > 0.5

@@ -3,11 +3,12 @@ detect_poison's one call, and planted clusters found by the feature-space defens
 
 import numpy as np
 import pytest
-from helpers import D, clean_features, make_cfg, planted_features, run_defense
 
-from ci_jax import config, data, defenses, metrics, train
+from ci_jax import config, defenses, metrics
 from ci_jax.defenses import ac
 from ci_jax.errors import UserError
+
+from helpers import D, clean_features, make_cfg, planted_features, run_defense, train_cfg, trainer
 
 PER_CLASS = 400  # clean_features' images per class
 
@@ -82,12 +83,10 @@ def test_detect_poison_gives_the_report_and_the_mask_of_what_it_keeps():
 
 
 # -- ART's shape ------------------------------------------------------------------------------------
-@pytest.mark.slow  # trains a model
-def test_detect_poison_is_one_call_with_arts_shape():
-    ds = data.synthetic(n_train=600, n_test=100, seed=0)
-    cfg = config.preset("fast", {"train.epochs": 1, "train.batch_size": 32, "eval.batch_size": 64,
-                                 "defense.name": "ss"})
-    t = train.Trainer(cfg, ds.x_train.shape[1:], ds.num_classes, train.steps_per_epoch(600, 32))
+def test_detect_poison_is_one_call_with_arts_shape(synthetic_data):
+    ds = synthetic_data(600, 100)
+    cfg = train_cfg({"defense.name": "ss"})
+    t = trainer(cfg, ds)  # untrained: the call's shape is what counts
     report, is_clean = defenses.detect_poison(t, ds.x_train, ds.y_train, ds.num_classes, cfg)
     assert is_clean.shape == (600,) and is_clean.dtype == bool
     assert (~is_clean).sum() == sum(c["removed"] for c in report["classes"])

@@ -7,11 +7,12 @@ import math
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import clean_features, decisions_view, defense_settings, run_ci, run_defense
 
 from ci_jax.defenses import ci
 from ci_jax.defenses import gmm as mixtures
 from ci_jax.defenses.gmm import cluster
+
+from helpers import clean_features, decisions_view, defense_settings, run_ci, run_defense
 
 D = 5
 N_CLEAN, N_POISON = 300, 60
@@ -330,7 +331,7 @@ def test_run_on_clean_data_flags_nothing_under_threshold(poisoned_arrays):
     feats, pred, _, y, is_poison = poisoned_arrays
     feats, pred, y = feats[~is_poison], pred[~is_poison], y[~is_poison]
     res = run_ci(feats, pred, pred.copy(), y, 3, defense_settings("ci", rule="threshold", tau=0.5, k_max=4),
-               np.zeros(len(y), bool))
+                 np.zeros(len(y), bool))
     assert res.is_clean_N.all()
     np.testing.assert_array_equal(res.score_N, 0.0)
     for c in res.report["classes"]:
@@ -358,7 +359,8 @@ def test_run_report_is_json_serializable(poisoned_arrays):
 def test_a_filter_bank_scores_each_component_by_its_most_impure_filter(poisoned_arrays):
     feats, pred, pred_blur, y, is_poison = poisoned_arrays
     settings = defense_settings("ci", filters=["mean2", "median3", "gaussian"], gaussian_sigma=0.5, k_max=4)
-    view = decisions_view(feats, pred, {"mean2": pred, "median3": pred_blur, "gaussian(sigma=0.5)": pred}, y, 3, is_poison)
+    view = decisions_view(feats, pred, {"mean2": pred, "median3": pred_blur, "gaussian(sigma=0.5)": pred}, y, 3,
+                          is_poison)
     res = ci.CI(settings).run(view)
     assert sorted(view.calls) == ["gaussian(sigma=0.5)", "mean2", "median3"]  # one pass per filter
     assert res.report["filters"] == ["mean2", "median3", "gaussian(sigma=0.5)"]
@@ -393,7 +395,8 @@ def many_classes():
 
 def test_run_with_the_test_rule_removes_the_poisons_and_reports_its_estimates(many_classes):
     feats, pred, filtered, y, is_poison = many_classes
-    res = run_ci(feats, pred, filtered, y, 8, defense_settings("ci", rule="test", alpha=0.01, k_max=3, covariance="diag"), is_poison)
+    res = run_ci(feats, pred, filtered, y, 8,
+                 defense_settings("ci", rule="test", alpha=0.01, k_max=3, covariance="diag"), is_poison)
     np.testing.assert_array_equal(res.is_clean_N, ~is_poison)
     est = res.report["clean_estimates"]["median3"]
     assert 0.01 < est["clean_flip_rate"] < 0.05 and est["z_critical"] > 2
@@ -408,7 +411,7 @@ def test_run_with_the_test_rule_on_clean_data_removes_nothing(many_classes):
     feats, pred, filtered, y, is_poison = many_classes
     keep = ~is_poison
     res = run_ci(feats[keep], pred[keep], filtered[keep], y[keep], 8,
-               defense_settings("ci", rule="test", k_max=3, covariance="diag"))
+                 defense_settings("ci", rule="test", k_max=3, covariance="diag"))
     assert res.is_clean_N.all()
 
 

@@ -5,11 +5,12 @@ import math
 
 import numpy as np
 import pytest
-from helpers import defense_settings, run_ci
 
 from ci_jax.defenses import ci
 from ci_jax.defenses import gmm as mixtures
 from ci_jax.defenses.gmm import choose_k, cluster
+
+from helpers import defense_settings, run_ci
 
 D = 5
 

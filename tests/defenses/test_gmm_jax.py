@@ -15,6 +15,7 @@ def _planted_mixture(seed=0, k=3, n=600, d=6):
     return (centres[labels] + rng.normal(0, 1, (n, d))).astype(np.float32)
 
 
+@pytest.mark.slow  # EM compiled for every k: tens of seconds
 def test_jax_mixtures_agree_with_scikit_learn():
     x = np.concatenate([_planted_mixture(0, 3), _planted_mixture(1, 2)])
     y = np.repeat([0, 1], 600)
@@ -35,6 +36,7 @@ def test_jax_mixtures_agree_with_scikit_learn():
         assert len(pairs) == len(set(a.tolist()))
 
 
+@pytest.mark.slow  # EM compiled for every k: tens of seconds
 def test_jax_mixtures_ascent_stops_like_scikit_learn():
     x = _planted_mixture(3, 2, n=800)
     y = np.zeros(800, int)

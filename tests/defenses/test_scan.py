@@ -2,12 +2,13 @@
 
 import numpy as np
 import pytest
-from helpers import PLANT_TARGET, defense_settings, planted_with_reserve, reserve_view
 
 from ci_jax import config, defenses
 from ci_jax.defenses import scan
 from ci_jax.defenses.base import Reserve
 from ci_jax.errors import UserError
+
+from helpers import PLANT_TARGET, defense_settings, planted_with_reserve, reserve_view
 
 
 # -- SCAn -------------------------------------------------------------------------------------------

@@ -2,10 +2,11 @@
 
 import numpy as np
 import pytest
-from helpers import PLANT_TARGET, defense_settings, planted_with_reserve, reserve_view
 
 from ci_jax import defenses
 from ci_jax.defenses import spectre
+
+from helpers import PLANT_TARGET, defense_settings, planted_with_reserve, reserve_view
 
 K = 10  # planted_with_reserve's classes
 
@@ -24,7 +25,8 @@ def test_spectre_finds_the_planted_poisons_and_removes_one_and_a_half_eps_per_cl
 
 def test_spectre_only_top_class_removes_from_the_target_alone():
     feats, y, is_poison, _, _ = planted_with_reserve()
-    res = defenses.build("spectre", defense_settings("spectre", eps=0.1, only_top_class=True)).run(reserve_view(feats, y, is_poison))
+    settings = defense_settings("spectre", eps=0.1, only_top_class=True)
+    res = defenses.build("spectre", settings).run(reserve_view(feats, y, is_poison))
     removed = ~res.is_clean_N
     assert removed[is_poison].all() and not removed[y != PLANT_TARGET].any()
 
@@ -34,7 +36,8 @@ def test_spectre_small_classes_give_finite_scores_and_lose_no_more_than_their_sh
     feats, y, is_poison, _, _ = planted_with_reserve(n_poison=0)
     keep = np.concatenate([np.flatnonzero(y != 4), np.flatnonzero(y == 4)[:n]])
     feats, y = feats[keep], y[keep]
-    res = defenses.build("spectre", defense_settings("spectre", eps=0.1)).run(reserve_view(feats, y, np.zeros(len(y), bool)))
+    settings = defense_settings("spectre", eps=0.1)
+    res = defenses.build("spectre", settings).run(reserve_view(feats, y, np.zeros(len(y), bool)))
     assert np.isfinite(res.score_N).all()
     expected = round(1.5 * round(0.1 * n)) if n >= 3 else 0
     assert (~res.is_clean_N[y == 4]).sum() == expected

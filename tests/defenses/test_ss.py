@@ -1,11 +1,12 @@
 """Spectral Signatures (ci_jax.defenses.ss)."""
 
 import numpy as np
-from helpers import (N_PLANT, PLANT_TARGET, clean_features, defense_settings, planted_features,
-                     planted_with_reserve, reserve_view, run_defense)
 
 from ci_jax import defenses
 from ci_jax.defenses import ss
+
+from helpers import (N_PLANT, PLANT_TARGET, clean_features, defense_settings, planted_features,
+                     planted_with_reserve, reserve_view, run_defense)
 
 PER_CLASS = 400  # clean_features' images per class
 
@@ -32,7 +33,8 @@ def test_ss_report_counts_removed_poisons_per_class():
     feats_ND, y_N, is_poison_N = planted_features()
     res = run_defense("ss", feats_ND, y_N, is_poison_N)
     target = next(c for c in res.report["classes"] if c["label"] == PLANT_TARGET)
-    assert target == {"label": PLANT_TARGET, "size": PER_CLASS + N_PLANT, "removed": int(1.5 * 0.1 * (PER_CLASS + N_PLANT)),
+    assert target == {"label": PLANT_TARGET, "size": PER_CLASS + N_PLANT,
+                      "removed": int(1.5 * 0.1 * (PER_CLASS + N_PLANT)),
                       "poisons": N_PLANT, "removed_poisons": N_PLANT}
 
 

@@ -3,10 +3,11 @@
 import math
 
 import numpy as np
-from helpers import PLANT_TARGET, defense_settings, reserve_view
 
 from ci_jax import defenses
 from ci_jax.defenses.base import Reserve
+
+from helpers import PLANT_TARGET, defense_settings, reserve_view
 
 K = 10  # reserve_view's classes
 
@@ -50,7 +51,7 @@ def test_strip_with_clean_entropies_all_alike_uses_their_quantile():
     x, rx = rng.uniform(0, 1, (50, 2, 2, 1)).astype(np.float32), rng.uniform(0, 1, (40, 2, 2, 1)).astype(np.float32)
     y, ry = (np.arange(50) % K).astype(np.int32), (np.arange(40) % K).astype(np.int32)
     view = reserve_view(np.zeros((50, 4), np.float32), y, np.zeros(50, bool),
-                 Reserve(rx, ry, np.zeros((40, 4)), ry.copy(), np.arange(40)), predict=flat, x=x)
+                        Reserve(rx, ry, np.zeros((40, 4)), ry.copy(), np.arange(40)), predict=flat, x=x)
     res = defenses.build("strip", defense_settings("strip", blends=4)).run(view)
     assert np.isclose(res.report["cut_off_entropy"], math.log(K)) and res.is_clean_N.all()
     assert np.isfinite(res.score_N).all()
@@ -66,7 +67,7 @@ def test_strip_says_when_its_normal_cut_off_falls_below_zero():
     x, rx = rng.uniform(0, 1, (50, 2, 2, 1)).astype(np.float32), rng.uniform(0, 1, (104, 2, 2, 1)).astype(np.float32)
     y, ry = (np.arange(50) % K).astype(np.int32), (np.arange(104) % K).astype(np.int32)
     view = lambda: reserve_view(np.zeros((50, 4), np.float32), y, np.zeros(50, bool),
-                         Reserve(rx, ry, np.zeros((104, 4)), ry.copy(), np.arange(104)), predict=model, x=x)
+                                Reserve(rx, ry, np.zeros((104, 4)), ry.copy(), np.arange(104)), predict=model, x=x)
     res = defenses.build("strip", defense_settings("strip", blends=4)).run(view())
     assert res.report["cut_off_entropy"] < 0 and res.is_clean_N.all()
     assert "nothing can be removed" in res.report["note"] and "threshold: empirical" in res.report["note"]
