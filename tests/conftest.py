@@ -10,9 +10,9 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
-from ci_jax import data, train  # noqa: E402
+from ci_jax import cli, data, train  # noqa: E402
 
-from helpers import train_cfg, trainer  # noqa: E402
+from helpers import finished_run_args, train_cfg, trainer  # noqa: E402
 
 # The same examples on every run, no deadline: a fuzz test fails on its input, never on the
 # machine's load or on what an earlier run happened to find.
@@ -70,6 +70,15 @@ def mnist_like_dir(synthetic_data, tmp_path_factory):
                                            to_u8(ds.x_test), ds.y_test.astype(np.uint8))):
         data.write_idx(d / f"{stem}.gz", arr)
     return d
+
+
+@pytest.fixture(scope="session")
+def finished_run(mnist_like_dir, tmp_path_factory):
+    """A finished `ci-jax run` over mnist_like_dir (helpers.finished_run_args), in this process; copy it
+    before changing it."""
+    out = tmp_path_factory.mktemp("finished") / "r"
+    assert cli.main(finished_run_args(mnist_like_dir, out)) == 0
+    return out
 
 
 def pytest_addoption(parser):

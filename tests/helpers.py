@@ -81,6 +81,13 @@ def after_startup(err: str) -> list[str]:
     return lines[1:] if lines and STARTUP.match(lines[0]) else lines
 
 
+def finished_run_args(data_dir, out) -> list[str]:
+    """The `ci-jax run` arguments of conftest's finished_run (one epoch, ten poisons, no plots): a rerun
+    with them over a copy of it finds its models."""
+    return ["run", "--preset", "fast", "--data-dir", str(data_dir), "--out", str(out), "--train.epochs", "1",
+            "--attack.n_poison", "10", "--no-plots"]
+
+
 def run_cli(args: list[str], capsys) -> tuple[int, str]:
     """Runs the CLI in-process: its exit code and its stderr after the start-up line."""
     code = cli.main(args)

@@ -1,6 +1,7 @@
-"""Checkpoints (ci_jax.checkpoint): a damaged directory is one error line that says to delete it, in
-process and through the CLI as a real process; a directory of another key or model, an unfinished
-save and a step without its sums are handled without losing a finished model.
+"""Checkpoints (ci_jax.checkpoint): a damaged directory is one error line that says to delete it, from
+train.train and through the CLI (as a real process where the timing could matter); a directory of
+another key or model, an unfinished save and a step without its sums are handled without losing a
+finished model.
 
 Through the CLI, whatever was damaged and whatever the timing: a restore that failed half-way used
 to leave Orbax's and TensorStore's reads running, which printed tracebacks at exit around the error
@@ -15,10 +16,10 @@ import jax
 import numpy as np
 import pytest
 
-from ci_jax import checkpoint, train
+from ci_jax import checkpoint, cli, train
 from ci_jax.errors import UserError
 
-from helpers import flip_a_bit, train_cfg, trainer, truncate, weights
+from helpers import finished_run_args, flip_a_bit, train_cfg, trainer, truncate, weights
 
 
 # --- damaged checkpoint directories, in process (trained_dir: conftest.py) -------------------------
@@ -185,28 +186,18 @@ def test_a_checkpoint_of_another_model_says_what_differs(small_ds, trained_dir, 
 def test_restoring_into_another_architecture_names_what_differs(small_ds, trained_dir, tmp_path):
     ckpt = tmp_path / "ckpt"
     shutil.copytree(trained_dir, ckpt)
-    other = train.Trainer(train_cfg({"train.model": "resnet20"}), small_ds.x_train.shape[1:], small_ds.num_classes,
-                          train.steps_per_epoch(len(small_ds.y_train), 32))
+    other = trainer(train_cfg({"train.model": "resnet20"}), small_ds)
     with pytest.raises(UserError, match=r"does not match resnet20's parameters \(missing: .*extra: .*saved by other model code"):
         train.train(other, small_ds.x_train, small_ds.y_train, ckpt, key="k")
 
 
-# --- through the CLI, as a real process ---------------------------------------------------------
+# --- through the CLI, over a copy of finished_run (conftest.py) ---------------------------------------
 def _cmd(data_dir, out):
-    return [sys.executable, "-m", "ci_jax.cli", "run", "--preset", "fast", "--data-dir", str(data_dir),
-            "--out", str(out), "--train.epochs", "1", "--attack.n_poison", "10", "--no-plots"]
+    return [sys.executable, "-m", "ci_jax.cli", *finished_run_args(data_dir, out)]
 
 
 def _env():
     return {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
-
-
-@pytest.fixture(scope="module")
-def finished_run(mnist_like_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("finished") / "r"
-    proc = subprocess.run(_cmd(mnist_like_dir, out), env=_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return out
 
 
 def _step(run):
@@ -227,19 +218,42 @@ CLI_DAMAGE = {  # each kind of file Orbax writes for a step, and the step direct
     "step_directory_deleted": lambda r: shutil.rmtree(_step(r)),
     "step_directory_emptied": lambda r: [shutil.rmtree(p) if p.is_dir() else p.unlink() for p in list(_step(r).iterdir())],
 }
+# As a real process where the damage is in the files Orbax and TensorStore read (a restore that
+# failed there is what left reads running at exit); in this process, which is quicker, where the
+# step's own metadata or directory is damaged and nothing is read.
+AS_A_PROCESS = ["array_data_truncated", "array_data_one_bit", "tree_metadata", "array_metadatas", "ocdbt_manifest"]
+IN_PROCESS = ["checkpoint_metadata", "step_directory_deleted", "step_directory_emptied"]
 
 
-@pytest.mark.timing
-@pytest.mark.parametrize("damage", CLI_DAMAGE.values(), ids=CLI_DAMAGE.keys())
-def test_a_damaged_checkpoint_through_the_cli_is_one_line_and_exit_2(finished_run, mnist_like_dir, tmp_path, damage):
+def _damaged_copy(finished_run, tmp_path, damage):
     run = tmp_path / "r"
     shutil.copytree(finished_run, run)
     damage(run)
-    proc = subprocess.run(_cmd(mnist_like_dir, run), env=_env(), capture_output=True, text=True, timeout=600)
-    lines = [line for line in proc.stderr.splitlines() if line.strip() and "it/s" not in line]
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert len(lines) == 2 and ": backend cpu, 1 device" in lines[0], proc.stderr[-2000:]  # the start-up line
+    return run
+
+
+def _one_line_and_exit_2(code, stderr, run, finished_run):
+    lines = [line for line in stderr.splitlines() if line.strip() and "it/s" not in line]
+    assert code == 2, stderr[-2000:]
+    assert len(lines) == 2 and ": backend cpu, 1 device" in lines[0], stderr[-2000:]  # the start-up line
     lines = lines[1:]
     assert lines[0].startswith(f"ci-jax: error: checkpoint directory {run / 'baseline'} is damaged ("), lines[0]
     assert lines[0].endswith("delete that directory to train this model again from scratch"), lines[0]
     assert (run / "report.json").read_text() == (finished_run / "report.json").read_text()  # nothing lost
+
+
+@pytest.mark.timing
+@pytest.mark.parametrize("damage", [CLI_DAMAGE[k] for k in AS_A_PROCESS], ids=AS_A_PROCESS)
+def test_a_damaged_checkpoint_through_the_cli_is_one_line_and_exit_2(finished_run, mnist_like_dir, tmp_path, damage):
+    run = _damaged_copy(finished_run, tmp_path, damage)
+    proc = subprocess.run(_cmd(mnist_like_dir, run), env=_env(), capture_output=True, text=True, timeout=600)
+    _one_line_and_exit_2(proc.returncode, proc.stderr, run, finished_run)
+
+
+@pytest.mark.parametrize("damage", [CLI_DAMAGE[k] for k in IN_PROCESS], ids=IN_PROCESS)
+def test_a_damaged_checkpoint_through_the_cli_in_process_is_one_line_and_exit_2(finished_run, mnist_like_dir,
+                                                                               tmp_path, damage, capsys):
+    run = _damaged_copy(finished_run, tmp_path, damage)
+    capsys.readouterr()
+    code = cli.main(finished_run_args(mnist_like_dir, run))
+    _one_line_and_exit_2(code, capsys.readouterr().err, run, finished_run)
