@@ -421,6 +421,7 @@ BACKEND_ERRORS = {
     "nonsense": "JAX_PLATFORMS=nonsense: 'nonsense' is not a JAX backend (choose from cpu, cuda, rocm, tpu"}
 
 
+@pytest.mark.slow  # the CLI as four processes, each importing JAX
 def test_a_backend_that_is_not_installed_is_one_line_before_the_data_loads(tmp_path):
     # jax 0.10 failed at the first array, after the data loaded: a bare AssertionError for cuda,
     # "Unable to initialize backend 'rocm'" for gpu.
