@@ -11,11 +11,10 @@ from ci_jax.attacks.base import Attack
 from ci_jax.config import Config
 from ci_jax.errors import UserError
 
-from helpers import (RNG, build_attack, config_error, four_class_images, pixel_attack, target,
+from helpers import (C, H, RNG, W, build_attack, config_error, four_class_images, pixel_attack, target,
                      ten_class_images)
 
 N_CLASSES = 10  # of ten_class_images
-H, W, C = 28, 28, 1  # of four_class_images
 
 
 # --- the registry: every plug-in -------------------------------------------------------------------

@@ -4,9 +4,7 @@ import numpy as np
 
 from ci_jax.attacks import blend
 
-from helpers import RNG, config_error, four_class_images, target
-
-H, W, C = 28, 28, 1
+from helpers import C, H, RNG, W, config_error, four_class_images, target
 
 
 def test_blend_mixes_a_fixed_seeded_pattern_everywhere():

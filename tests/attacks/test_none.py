@@ -5,10 +5,9 @@ import numpy as np
 from ci_jax import attacks
 from ci_jax.attacks import none
 
-from helpers import build_attack, four_class_images, target, ten_class_images
+from helpers import C, H, W, build_attack, four_class_images, target, ten_class_images
 
 N_CLASSES = 10
-H, W, C = 28, 28, 1
 
 
 def test_no_attack_plants_nothing_and_has_no_triggered_test_set():

@@ -6,9 +6,7 @@ import pytest
 from ci_jax.attacks import patch
 from ci_jax.errors import UserError
 
-from helpers import N, RNG, build_attack, config_error, four_class_images, target
-
-H, W, C = 28, 28, 1
+from helpers import C, H, N, RNG, W, build_attack, config_error, four_class_images, target
 
 
 @pytest.mark.parametrize("row,col", [(0, 0), (0, 25), (25, 0), (25, 25), (10, 13)])

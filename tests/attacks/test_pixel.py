@@ -7,9 +7,7 @@ from ci_jax.attacks import pixel
 from ci_jax.config import Config
 from ci_jax.errors import UserError
 
-from helpers import RNG, config_error, four_class_images, pixel_attack
-
-H, W, C = 28, 28, 1
+from helpers import C, H, RNG, W, config_error, four_class_images, pixel_attack
 
 
 @pytest.mark.parametrize("channels", [1, 3])

@@ -174,7 +174,7 @@ def test_test_rule_ignores_empty_components():
     assert est["z_critical"] == pytest.approx(ci.stats.norm.isf(0.01 / 13))
 
 
-# -- CI's test rule and bank ------------------------------------------------------------------------
+# --- the flip test by hand, and on the clean components of real baselines ----------------------
 def test_flip_test_by_hand():
     # Thirty clean components flipping 0.4 % to 2 % of their images, and one flipping 90 %.
     size = np.array([1000.0] * 30 + [500])
