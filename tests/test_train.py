@@ -200,6 +200,7 @@ def _sharded_run(devices: int, out) -> dict:
         return dict(z)
 
 
+@pytest.mark.slow  # trains in two fresh processes
 def test_four_devices_match_one(tmp_path):
     """Data-parallel training (BatchNorm statistics and gradients all-reduced), the features pass
     and predictions give the one-device results, up to float summation order."""
