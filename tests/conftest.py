@@ -10,7 +10,9 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
-from ci_jax import data  # noqa: E402
+from ci_jax import cli, data, train  # noqa: E402
+
+from helpers import finished_run_args, train_cfg, trainer  # noqa: E402
 
 # The same examples on every run, no deadline: a fuzz test fails on its input, never on the
 # machine's load or on what an earlier run happened to find.
@@ -19,15 +21,64 @@ settings.load_profile("ci-jax")
 
 
 @pytest.fixture(scope="session")
-def mnist_like_dir(tmp_path_factory):
-    """A small synthetic task written as the four MNIST IDX files, for runs through the CLI."""
-    ds = data.synthetic(n_train=400, n_test=100, seed=0)
+def synthetic_data():
+    """data.synthetic(n_train, n_test, seed=0, ...), each task made once per session. Its arrays are
+    read-only: a test that changes images works on a copy."""
+    made = {}
+
+    def make(n_train: int, n_test: int, seed: int = 0, **kw) -> data.Dataset:
+        key = (n_train, n_test, seed, tuple(sorted(kw.items())))
+        if key not in made:
+            ds = data.synthetic(n_train=n_train, n_test=n_test, seed=seed, **kw)
+            for a in (ds.x_train, ds.y_train, ds.x_test, ds.y_test):
+                a.setflags(write=False)
+            made[key] = ds
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def ds(synthetic_data):
+    """The task of the end-to-end runs: 1,500 training images (150 a class), 500 test images."""
+    return synthetic_data(1500, 500)
+
+
+@pytest.fixture(scope="session")
+def small_ds(synthetic_data):
+    """The task of single trainings (train, checkpoint): 512 training images, 256 test images."""
+    return synthetic_data(512, 256)
+
+
+@pytest.fixture(scope="session")
+def trained_dir(small_ds, tmp_path_factory):
+    """A finished checkpoint directory of helpers.train_cfg() on small_ds (one epoch), key "k"; copy it
+    before changing it."""
+    path = tmp_path_factory.mktemp("trained") / "ckpt"
+    train.train(trainer(train_cfg(), small_ds), small_ds.x_train, small_ds.y_train, path, key="k")
+    return path
+
+
+@pytest.fixture(scope="session")
+def mnist_like_dir(synthetic_data, tmp_path_factory):
+    """A small synthetic task (400 training and 100 test images) written as the four MNIST IDX files,
+    for runs through the CLI."""
+    ds = synthetic_data(400, 100)
     d = tmp_path_factory.mktemp("mnist")
     to_u8 = lambda x: np.round(x[..., 0] * 255).astype(np.uint8)
     for stem, arr in zip(data.IDX_FILES, (to_u8(ds.x_train), ds.y_train.astype(np.uint8),
                                            to_u8(ds.x_test), ds.y_test.astype(np.uint8))):
         data.write_idx(d / f"{stem}.gz", arr)
     return d
+
+
+@pytest.fixture(scope="session")
+def finished_run(mnist_like_dir, tmp_path_factory):
+    """A finished `ci-jax run` over mnist_like_dir (helpers.finished_run_args), in this process; copy it
+    before changing it."""
+    out = tmp_path_factory.mktemp("finished") / "r"
+    assert cli.main(finished_run_args(mnist_like_dir, out)) == 0
+    return out
 
 
 def pytest_addoption(parser):
@@ -43,17 +94,16 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("_repetition", range(n), ids=lambda i: f"rep{i}")
 
 
-# End to end: these train models or run the CLI as a process. `pytest -m "not slow"` leaves them out
-# for a quick loop; the README's test command runs everything.
-SLOW_MODULES = {"test_experiment.py", "test_hardening.py", "test_sweep.py", "test_stack.py", "test_checkpoint.py",
-                "test_registry.py"}
+# End to end: tests that train models or run the CLI as a process are marked slow, and `pytest -m
+# "not slow"` leaves them out for a quick loop (the README's test command runs everything). A module
+# whose tests are all end to end says so itself (`pytestmark = pytest.mark.slow`, which moves with
+# the file); so does a single test elsewhere; and a test that uses one of these fixtures, or is
+# marked timing, is slow wherever it lives.
 SLOW_FIXTURES = {"finished", "first_run", "trained_dir", "full_sweep", "finished_run", "uninterrupted",
                  "mnist_like_dir"}
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if (item.path.name in SLOW_MODULES or SLOW_FIXTURES & set(getattr(item, "fixturenames", ()))
-                or item.get_closest_marker("timing")):
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or item.get_closest_marker("timing"):
             item.add_marker(pytest.mark.slow)
-

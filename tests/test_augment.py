@@ -8,6 +8,8 @@ import pytest
 
 from ci_jax import augment, config, stack, train
 
+from helpers import make_cfg
+
 
 def _shifts(x_HWC: np.ndarray, pad: int, flip: bool) -> list[np.ndarray]:
     """Every image a crop of the zero-padded x (and its mirror, when flips are allowed) can give."""
@@ -69,8 +71,8 @@ def test_augment_is_in_the_model_key_only_when_on():
 
 
 def _cfg(aug: str, seed: int = 0):
-    return config.preset("fast", {"data.dataset": "cifar10", "train.augment": aug, "train.batch_size": 8,
-                                  "eval.batch_size": 8, "seed": seed})
+    return make_cfg({"data.dataset": "cifar10", "train.batch_size": 8, "eval.batch_size": 8}, train__augment=aug,
+                    seed=seed)
 
 
 @pytest.fixture(scope="module")

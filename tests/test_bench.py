@@ -1,6 +1,7 @@
 """`ci-jax bench` on tiny settings: every stage is measured and reported, nothing is trained for long."""
 
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -71,13 +72,16 @@ def test_counts_that_are_not_positive_are_argparse_errors(bad, expected, capsys)
     assert capsys.readouterr().err.strip() == f"ci-jax: error: {expected} (see `ci-jax bench --help`)"
 
 
-def test_gmm_stage_clusters_a_finished_runs_baseline_features(mnist_like_dir, tmp_path):
-    from ci_jax import config, experiment
+@pytest.mark.parametrize("args", [["--repeats", "-1"], ["--pass-images", "-5"], ["--steps", "0"]])
+def test_bench_rejects_non_positive_counts(capsys, args):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "--quick", *args])
+    assert e.value.code == 2 and "must be >= 1" in capsys.readouterr().err
 
+
+def test_gmm_stage_clusters_a_finished_runs_baseline_features(finished_run, mnist_like_dir, tmp_path):
     run = tmp_path / "run"
-    cfg = config.preset("fast", {"train.epochs": 1, "attack.n_poison": 20, "eval.batch_size": 64,
-                                 "defense.ci.k_max": 3, "defense.ci.covariance": "diag"})
-    experiment.run(cfg, run, data_dir=mnist_like_dir, make_plots=False).to_json()
+    shutil.copytree(finished_run, run)  # a finished run (conftest.py), copied: the bench may keep what it computes
     out = tmp_path / "bench.json"
     assert cli.main(TINY + ["--data-dir", str(mnist_like_dir), "--run", str(run), "--out", str(out)]) == 0
     gmm = next(s for s in json.loads(out.read_text())["stages"] if s["stage"] == "gmm")

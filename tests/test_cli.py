@@ -5,14 +5,17 @@ import importlib.metadata
 import json
 import os
 import shutil
-import re
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 
 from ci_jax import cli, data, version
+
+from helpers import STARTUP, after_startup, run_cli
 
 @pytest.fixture(autouse=True)
 def _no_training(monkeypatch):
@@ -45,17 +48,6 @@ def idx_dir(tmp_path_factory):
     return _write_idx_dir(tmp_path_factory.mktemp("idx") / "mnist")
 
 
-def _after_startup(err: str) -> list[str]:
-    """stderr's lines without the start-up line that `run`, `sweep` and `bench` print before they
-    load anything (so an error found in the data follows it)."""
-    lines = err.splitlines()
-    return lines[1:] if lines and STARTUP.match(lines[0]) else lines
-
-
-# The commit part is not compared: the tree may change between this import and a subprocess.
-STARTUP = re.compile(rf"ci-jax {re.escape(version.version())}( \(git [0-9a-f]{{12}}(, dirty)?\))?: backend ")
-
-
 def _fail(capsys, tmp_path, *args, data_dir=None):
     """Runs `ci-jax run ARGS` in-process; checks the one-line error contract; returns the message."""
     out = tmp_path / "run"
@@ -66,7 +58,7 @@ def _fail(capsys, tmp_path, *args, data_dir=None):
     rc = cli.main(argv)
     captured = capsys.readouterr()
     assert rc == 2, captured
-    lines = _after_startup(captured.err)
+    lines = after_startup(captured.err)
     assert len(lines) == 1, captured.err
     assert lines[0].startswith("ci-jax: error: "), lines[0]
     assert captured.out == ""
@@ -429,6 +421,7 @@ BACKEND_ERRORS = {
     "nonsense": "JAX_PLATFORMS=nonsense: 'nonsense' is not a JAX backend (choose from cpu, cuda, rocm, tpu"}
 
 
+@pytest.mark.slow  # the CLI as four processes, each importing JAX
 def test_a_backend_that_is_not_installed_is_one_line_before_the_data_loads(tmp_path):
     # jax 0.10 failed at the first array, after the data loaded: a bare AssertionError for cuda,
     # "Unable to initialize backend 'rocm'" for gpu.
@@ -557,7 +550,7 @@ def test_subprocess_bad_input_is_one_error_line_and_exit_2(tmp_path, idx_dir):
         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
     assert proc.returncode == 2, proc.stderr
     assert STARTUP.match(proc.stderr)  # found in the data: after the start-up line
-    lines = _after_startup(proc.stderr)
+    lines = after_startup(proc.stderr)
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("ci-jax: error: trigger pixel at (40, 24)")
     assert proc.stdout == ""
@@ -582,3 +575,60 @@ def test_an_unknown_name_on_the_command_line_suggests_the_nearest(capsys, tmp_pa
     code = cli.main(["run", "--data-dir", str(mnist_like_dir), "--out", str(tmp_path / "o"),
                      "--defense.ci.rule", "treshold"])
     assert code == 2 and "did you mean 'threshold'?" in capsys.readouterr().err
+
+
+# -- --out, a full disk, signals: one line each, nothing left behind ----------------------------
+
+def test_out_that_is_a_file_or_under_a_file(capsys, tmp_path, mnist_like_dir):
+    f = tmp_path / "file"
+    f.write_text("x")
+    for out in (f, f / "sub"):
+        code, err = run_cli(["run", "--preset", "fast", "--data-dir", str(mnist_like_dir), "--out", str(out),
+                             "--attack.n_poison", "10"], capsys)
+        assert code == 2 and err.startswith("ci-jax: error: --out") and "\n" not in err
+
+
+def test_empty_out_is_refused(capsys, mnist_like_dir):
+    code, err = run_cli(["run", "--preset", "fast", "--data-dir", str(mnist_like_dir), "--out", "",
+                         "--attack.n_poison", "10"], capsys)
+    assert code == 2 and "--out is empty" in err
+
+
+def test_batch_larger_than_the_training_set_leaves_nothing_behind(capsys, tmp_path, mnist_like_dir):
+    out = tmp_path / "b"
+    code, err = run_cli(["run", "--preset", "fast", "--data-dir", str(mnist_like_dir), "--out", str(out),
+                         "--attack.n_poison", "10", "--train.batch_size", "1000"], capsys)
+    assert code == 2 and "train.batch_size = 1000 is larger than the 400 images" in err
+    assert not out.exists()
+
+
+def test_negative_numbers_after_a_flag_are_values(capsys, mnist_like_dir, tmp_path):
+    code, err = run_cli(["run", "--preset", "fast", "--data-dir", str(mnist_like_dir), "--out", str(tmp_path / "n"),
+                         "--train.lr", "-1e-3"], capsys)
+    assert code == 2 and "train.lr = -0.001: must be > 0.0" in err
+
+
+def _default_sigint() -> None:
+    # A suite started in the background by a shell without job control (`cmd &` in a script)
+    # inherits SIGINT ignored, and so would the CLI under test: give it the default back.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.mark.timing
+@pytest.mark.parametrize("sig,code,word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "interrupted")])
+def test_sigint_and_sigterm_end_with_one_line(mnist_like_dir, tmp_path, sig, code, word):
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    proc = subprocess.Popen([sys.executable, "-m", "ci_jax.cli", "run", "--preset", "fast", "--data-dir",
+                             str(mnist_like_dir), "--out", str(tmp_path / "r"), "--train.epochs", "50",
+                             "--attack.n_poison", "10", "--no-plots"], env=env, stderr=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, text=True, preexec_fn=_default_sigint)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (tmp_path / "r" / "baseline" / "key.json").exists():
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    lines = [line for line in err.splitlines() if line.strip() and "step/s" not in line and "it/s" not in line]
+    assert proc.returncode == code, err[-2000:]
+    assert lines[-1].startswith(f"ci-jax: {word}") and "Traceback" not in err
+    assert not list((tmp_path / "r").rglob("*.tmp"))

@@ -1,13 +1,14 @@
 """Config: presets, validation of every field (types, ranges, names), round trip, model keys."""
 
 import dataclasses
+import os
 import re
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ci_jax import attacks, config, data, defenses, models, perturbations
+from ci_jax import attacks, config, data, defenses, files, models, perturbations
 from ci_jax import settings as settings_lib
 from ci_jax.config import Config
 from ci_jax.defenses import ci, gmm
@@ -402,6 +403,44 @@ def test_model_key_same_for_int_and_float_spelling_of_a_float_field():
     assert config.to_dict(a) == config.to_dict(b)
 
 
+def test_model_key_covers_every_field_that_trains_the_model():
+    """Every field of seed, data, train and the chosen attack changes the key; eval and defense
+    fields do not. A new training field is covered without listing it anywhere."""
+    base = config.preset("default")
+    key = config.model_key(base, "data")
+    for path, leaf in config.PATHS.items():
+        head = path.split(".")[0]
+        value = config.settings.get(base, path) if hasattr(config, "settings") else None
+        other = _another_value(leaf, value)
+        if other is None:
+            continue
+        try:
+            changed = config.replace(base, {path: other})
+        except UserError:
+            continue  # e.g. source equal to target
+        moves = config.model_key(changed, "data") != key
+        chosen_attack = not path.startswith("attack.") or path.count(".") == 1 or path.startswith("attack.pixel.")
+        if head in ("seed", "data", "train") or (head == "attack" and chosen_attack):
+            assert moves, path
+        else:
+            assert not moves, path
+    assert config.model_key(base, "other data") != key
+
+
+def _another_value(leaf, value):
+    if leaf.kind is bool:
+        return not value
+    if leaf.kind is tuple:
+        return None if leaf.meta["choices"] is None else (next(c for c in leaf.meta["choices"] if c not in value),)
+    if leaf.meta["choices"] is not None:
+        return next((c for c in leaf.meta["choices"] if c != value), None)
+    if leaf.kind is int:
+        return value + 1 if leaf.meta["high"] is None or value < leaf.meta["high"] else value - 1
+    if leaf.kind is float:
+        return value * 0.5 if value else 0.5
+    return None
+
+
 # --- wrong types and ranges, exhaustively: only UserError, naming the field ----------------------
 
 
@@ -553,6 +592,35 @@ def test_non_utf8_non_string_key_and_huge_int(tmp_path):
     _load_error(tmp_path / "d.yaml")
     (tmp_path / "e.json").write_text("[" * 100_000)
     _load_error(tmp_path / "e.json")
+
+
+def test_yaml_aliases_are_refused(tmp_path):
+    bomb = tmp_path / "spec.yaml"
+    lines = ['a: &a ["x","x","x","x","x","x","x","x","x"]'] + [
+        f'{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)},*{chr(97 + i)},*{chr(97 + i)},*{chr(97 + i)}]' for i in range(8)]
+    bomb.write_text("\n".join(lines) + "\nname: *i\n")
+    with pytest.raises(UserError, match="aliases"):
+        config.load_file(bomb)
+
+
+def test_a_config_that_is_not_a_regular_file_is_refused():
+    with pytest.raises(UserError, match="not a regular file"):
+        config.load_file("/dev/zero.json") if os.path.exists("/dev/zero.json") else \
+            files.read_small_text("/dev/zero", "config file")
+
+
+@pytest.mark.parametrize("name,text", [("c.json", '{"seed": 1, "seed": 2}'), ("c.yaml", "seed: 1\nseed: 2\n"),
+                                       ("n.yaml", "train:\n  lr: 0.1\ntrain.lr: 0.2\n")])
+def test_keys_given_twice_are_refused(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(UserError, match="given twice"):
+        config.flatten(config.load_file(path), str(path))
+
+
+def test_an_old_flat_field_name_gets_its_new_path():
+    with pytest.raises(UserError, match="'tau' is now defense.ci.tau"):
+        config.from_dict({"tau": 0.3})
 
 
 # --- fuzzing: whatever comes in, only a Config or one UserError comes out ------------------------

@@ -1,15 +1,24 @@
-"""End to end on a small synthetic task: the planted trigger must be learned, found and removed."""
+"""End to end on a small synthetic task: the planted trigger must be learned, found and removed;
+reruns over a finished run (other data, damaged caches, interruptions) give the same report or one
+error line."""
 
 import dataclasses
+import errno
 import json
 import os
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from ci_jax import cli, config, data, experiment, train
+from ci_jax import cli, config, data, experiment, files, train
 from ci_jax.errors import UserError
 from ci_jax.report import Report
+
+from helpers import make_cfg, run_cli, without_timings
+
+pytestmark = pytest.mark.slow  # every test here trains models or reruns a trained one
 
 # diag: with ~200 images a class, full 128-D covariances cost BIC too much to ever split a class.
 CFG = {"train.epochs": 3, "train.batch_size": 32, "eval.batch_size": 128, "attack.n_poison": 60,
@@ -17,13 +26,14 @@ CFG = {"train.epochs": 3, "train.batch_size": 32, "eval.batch_size": 128, "attac
 
 
 def _cfg(**overrides):
-    """The fast preset with CFG and {dotted path: value} overrides (keywords: `__` for the dots)."""
-    return config.preset("fast", {**CFG, **{k.replace("__", "."): v for k, v in overrides.items()}})
+    """The fast preset with CFG and overrides (keywords: `__` for the dots)."""
+    return make_cfg(CFG, **overrides)
 
 
 @pytest.fixture(scope="module")
-def ds():
-    return data.synthetic(n_train=1500, n_test=500, seed=0)
+def other_ds(synthetic_data):
+    """Another task of ds's size (ds: conftest.py)."""
+    return synthetic_data(1500, 500, seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -99,18 +109,11 @@ def test_run_directory(first_run):
         assert set(z["poison_idx"]) <= set(z["removed_idx"]) or report["defense"]["tpr"] < 1
 
 
-def _without_timings(report):
-    """The report but its timings (the run's and the defense's own)."""
-    out = {k: v for k, v in report.items() if k != "timings_s"}
-    out["defense"] = {k: v for k, v in report["defense"].items() if k != "timings_s"}
-    return out
-
-
 def test_rerun_reuses_checkpoints_and_is_identical(first_run, ds):
     out, report = first_run
     again = experiment.run(_cfg(), out, dataset=ds).to_json()
     assert again["timings_s"]["train_baseline"] == 0.0 and again["timings_s"]["retrain"] == 0.0
-    assert _without_timings(again) == _without_timings(report)
+    assert without_timings(again) == without_timings(report)
 
 
 def test_defense_change_reuses_baseline(first_run, ds, tmp_path):
@@ -154,7 +157,7 @@ def test_a_reserve_is_held_out_of_accuracy_and_asr(first_run, ds, tmp_path):
 def test_same_seed_same_report_in_a_fresh_directory(first_run, ds, tmp_path):
     _, report = first_run
     fresh = experiment.run(_cfg(), tmp_path / "fresh", dataset=ds, make_plots=False).to_json()
-    assert _without_timings(fresh) == _without_timings(report)
+    assert without_timings(fresh) == without_timings(report)
 
 
 def test_baseline_from_another_run(first_run, ds, tmp_path):
@@ -183,13 +186,12 @@ def test_baseline_from_writes_nothing_into_the_other_run(first_run, ds, tmp_path
     assert again["defense"]["timings_s"] == {}  # the result cached in caches/ is reused
 
 
-def test_baseline_from_a_run_with_other_training_is_refused(first_run, ds, tmp_path):
+def test_baseline_from_a_run_with_other_training_is_refused(first_run, ds, other_ds, tmp_path):
     out, _ = first_run
     with pytest.raises(UserError, match=r"its baseline was trained otherwise \(train.lr differ\)"):
         experiment.run(_cfg(train__lr=0.01), tmp_path / "x", dataset=ds, baseline_from=out).to_json()
-    other_data = data.synthetic(n_train=1500, n_test=500, seed=1)
     with pytest.raises(UserError, match="trained on other data"):
-        experiment.run(_cfg(), tmp_path / "y", dataset=other_data, baseline_from=out).to_json()
+        experiment.run(_cfg(), tmp_path / "y", dataset=other_ds, baseline_from=out).to_json()
     with pytest.raises(UserError, match="no finished baseline there"):
         experiment.run(_cfg(), tmp_path / "z", dataset=ds, baseline_from=tmp_path / "nowhere").to_json()
 
@@ -278,7 +280,7 @@ def test_killed_run_resumes_to_the_same_report(kill_at, uninterrupted, mnist_lik
     resumed = _cli(tmp_path, mnist_like_dir)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     report = json.loads((tmp_path / "report.json").read_text())
-    assert _without_timings(report) == _without_timings(uninterrupted)
+    assert without_timings(report) == without_timings(uninterrupted)
     if kill_at == "gmm":  # the finished baseline is reused, not retrained
         assert report["timings_s"]["train_baseline"] == 0.0
     assert not list(tmp_path.rglob("*.tmp"))
@@ -314,3 +316,201 @@ def test_the_report_reads_back_as_written_and_a_defense_cannot_overwrite_a_metri
     # ci-jax 0.2 merged the defense's own keys in flat: such a report reads back in today's layout.
     flat = {**report, "defense": {k: v for k, v in report["defense"].items() if k != "ci"} | report["defense"]["ci"]}
     assert Report.from_json(flat).to_json() == report
+
+
+# -- reruns over a finished run: other data, damaged caches and logs, interruptions, locks ----------
+
+# A second finished run, of two epochs and 40 poisons, that the tests below copy and rerun over.
+RERUN_CFG = {"train.epochs": 2, "train.batch_size": 32, "eval.batch_size": 128, "attack.n_poison": 40,
+             "attack.pixel.amplitude": 1.0, "defense.ci.k_max": 3, "defense.ci.covariance": "diag",
+             "defense.ci.tau": 0.05}
+
+
+def _rerun_cfg(**kw):
+    return make_cfg(RERUN_CFG, **kw)
+
+
+@pytest.fixture(scope="module")
+def finished(ds, tmp_path_factory):
+    out = tmp_path_factory.mktemp("finished")
+    return out, experiment.run(_rerun_cfg(), out, dataset=ds, make_plots=False).to_json()
+
+
+# -- 1: other data never reuses the old model ------------------------------------------------------
+def test_rerun_on_other_data_trains_anew_and_reports_the_new_data(finished, ds, other_ds, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(finished[0], out)
+    again = experiment.run(_rerun_cfg(), out, dataset=other_ds, make_plots=False).to_json()
+    assert again["timings_s"]["train_baseline"] > 0
+    fresh = experiment.run(_rerun_cfg(), tmp_path / "fresh", dataset=other_ds, make_plots=False).to_json()
+    models = {"baseline": None, "retrained": None}
+    assert without_timings(again) | models == without_timings(fresh) | models
+    assert again["baseline"]["clean_acc"] == fresh["baseline"]["clean_acc"]
+    assert again["data"]["sha256"] == other_ds.sha256 != ds.sha256
+
+
+def test_baseline_from_a_run_on_other_data_is_refused(finished, other_ds, tmp_path):
+    with pytest.raises(UserError, match="trained on other data"):
+        experiment.run(_rerun_cfg(), tmp_path / "x", dataset=other_ds, baseline_from=finished[0]).to_json()
+
+
+# -- every damaged cache is recomputed ------------------------------------------------------------
+# -- 2: every damaged cache is recomputed ----------------------------------------------------------
+def _damage(path, how, seed):
+    raw = path.read_bytes()
+    rng = np.random.default_rng(seed)
+    if how == "truncate":
+        path.write_bytes(raw[: int(rng.integers(0, len(raw)))])
+    else:  # flip a few bits
+        b = bytearray(raw)
+        for i in rng.integers(0, len(b), 8):
+            b[i] ^= 1 << int(rng.integers(0, 8))
+        path.write_bytes(bytes(b))
+
+
+CACHES = ["baseline/passes.npz", "baseline/pass-median3.npz", "baseline/gmm.json", "retrained/eval.npz"]
+
+
+@pytest.mark.parametrize("how", ["truncate", "flip"])
+@pytest.mark.parametrize("name", CACHES)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_fuzz_damaged_cache_then_rerun_gives_the_same_report_or_one_error(finished, ds, tmp_path, name, how, seed):
+    out = tmp_path / "run"
+    shutil.copytree(finished[0], out)
+    _damage(out / name, how, seed)
+    try:
+        again = experiment.run(_rerun_cfg(), out, dataset=ds, make_plots=False).to_json()
+    except UserError as e:
+        assert "\n" not in str(e)
+        return
+    assert without_timings(again) == without_timings(finished[1])
+
+
+# Each kind of damage once, on the two logs in turn: train.read_log reads both alike.
+@pytest.mark.parametrize("name,how", [("baseline/metrics.jsonl", "truncate"), ("retrained/metrics.jsonl", "flip"),
+                                      ("baseline/metrics.jsonl", "bad_utf8"), ("retrained/metrics.jsonl", "random")])
+def test_fuzz_damaged_training_log_then_rerun_gives_the_same_report(finished, ds, tmp_path, name, how):
+    # The log describes training; the checkpoint holds the model. One bad byte in it made every
+    # rerun fail with UnicodeDecodeError after the old report was gone (issue 21, finding 3).
+    out = tmp_path / "run"
+    shutil.copytree(finished[0], out)
+    path = out / name
+    if how == "bad_utf8":
+        path.write_bytes(path.read_bytes()[:40] + b"\xff\xfe\x80" + path.read_bytes()[40:])
+    elif how == "random":
+        path.write_bytes(np.random.default_rng(3).integers(0, 256, 2000, dtype=np.uint8).tobytes())
+    else:
+        _damage(path, how, 0)
+    again = experiment.run(_rerun_cfg(), out, dataset=ds, make_plots=True).to_json()
+    assert without_timings(again) == without_timings(finished[1])
+    assert (out / "report.json").is_file() and (out / "plots" / "loss.png").is_file()
+
+
+@pytest.mark.parametrize("value", [{"comp": [99] * 1500, "classes": []}, {"comp": [], "classes": []},
+                                   {"comp": "x", "classes": [{"label": 0}]}])
+def test_gmm_cache_that_does_not_fit_is_refitted(finished, ds, tmp_path, value):
+    out = tmp_path / "run"
+    shutil.copytree(finished[0], out)
+    saved = json.loads((out / "baseline" / "gmm.json").read_text())
+    (out / "baseline" / "gmm.json").write_text(json.dumps({"key": saved["key"], "value": value}))
+    again = experiment.run(_rerun_cfg(), out, dataset=ds, make_plots=False).to_json()
+    assert without_timings(again) == without_timings(finished[1])
+
+
+# -- config.json and report.json describe the same run; one run at a time in a directory ------------
+# -- 3: config.json and report.json describe the same run ------------------------------------------
+def test_an_interrupted_rerun_leaves_no_report_that_contradicts_the_config(finished, ds, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    shutil.copytree(finished[0], out)
+    from ci_jax.defenses import ci
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(ci.CI, "run", boom)
+    with pytest.raises(KeyboardInterrupt):
+        experiment.run(_rerun_cfg(**{"defense.ci.tau": 0.07}), out, dataset=ds, make_plots=False).to_json()
+    assert json.loads((out / "config.json").read_text())["defense"]["ci"]["tau"] == 0.07
+    assert not (out / "report.json").exists()
+
+
+def test_a_second_run_in_the_same_directory_is_refused_while_the_first_holds_it(finished, ds, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(finished[0], out)
+    with files.exclusive(out / ".run.lock"):
+        with pytest.raises(UserError, match="another ci-jax run is using"):
+            experiment.run(_rerun_cfg(), out, dataset=ds, make_plots=False).to_json()
+
+
+def test_a_no_plots_rerun_leaves_no_stale_plots(finished, ds, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(finished[0], out)
+    (out / "plots").mkdir(exist_ok=True)
+    (out / "plots" / "roc.png").write_bytes(b"old")
+    experiment.run(_rerun_cfg(**{"defense.ci.tau": 0.06}), out, dataset=ds, make_plots=False).to_json()
+    assert not (out / "plots").exists()
+
+
+def test_reusing_a_finished_baseline_takes_no_lock_and_writes_nothing_there(finished, ds, tmp_path):
+    """A baseline borrowed with --baseline-from is only read (it may sit on a read-only mount, or be
+    a colleague's run): no lock is taken there, and the new defense setting's caches go to this
+    run's caches/ (issue 21, finding 6: they were written into the other run)."""
+    stamp = lambda: {p: p.stat().st_mtime_ns for p in finished[0].rglob("*")}
+    before = stamp()
+    experiment.run(_rerun_cfg(**{"defense.ci.tau": 0.3}), tmp_path / "ablation", dataset=ds, make_plots=False,
+                   baseline_from=finished[0]).to_json()
+    assert stamp() == before
+    assert any(p.name.startswith("defense-ci-") for p in (tmp_path / "ablation" / "caches").iterdir())
+
+
+def test_a_read_only_baseline_is_used_without_its_caches(finished, ds, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "ro"
+    shutil.copytree(finished[0], out)
+    real = files.atomic_write
+
+    def read_only(path, write):
+        if "baseline" in Path(path).parts:
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real(path, write)
+    monkeypatch.setattr(files, "atomic_write", read_only)
+    report = experiment.run(_rerun_cfg(**{"defense.ci.tau": 0.31}), out, dataset=ds, make_plots=False).to_json()
+    assert report["baseline"] == finished[1]["baseline"]
+    assert "not cached" in capsys.readouterr().out
+
+
+# A full disk while the run writes its files (it trains first): one line, exit 2 (through the CLI,
+# which test_cli.py's tests never let get as far as training).
+def test_a_full_disk_is_one_line(capsys, tmp_path, mnist_like_dir, monkeypatch):
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x"))
+    monkeypatch.setattr(files, "write_text", full)
+    code, err = run_cli(["run", "--preset", "fast", "--data-dir", str(mnist_like_dir), "--out", str(tmp_path / "d"),
+                         "--attack.n_poison", "10", "--train.epochs", "1", "--no-plots"], capsys)
+    assert code == 2 and "No space left on device" in err and "rerun the same command" in err and "\n" not in err
+
+
+# -- inputs refused before any work -----------------------------------------------------------------
+# -- 4: inputs that would hang or exhaust memory ---------------------------------------------------
+def test_huge_gaussian_is_refused_before_any_work(ds, tmp_path):
+    with pytest.raises(UserError, match="wider than the 28-pixel image"):
+        experiment.run(_rerun_cfg(**{"defense.ci.filters": ["gaussian"], "defense.ci.gaussian_sigma": 100.0}),
+                       tmp_path / "g", dataset=ds).to_json()
+    assert not (tmp_path / "g").exists()
+
+
+def test_a_huge_eval_batch_is_refused_before_any_work(ds, tmp_path):
+    with pytest.raises(UserError, match="eval.batch_size = 2147483647 is larger than"):
+        experiment.run(_rerun_cfg(**{"eval.batch_size": 2147483647}), tmp_path / "e", dataset=ds).to_json()
+
+
+# -- 7: the minor ones ------------------------------------------------------------------------------
+def test_weight_decay_divergence_names_the_weight_decay(ds, tmp_path):
+    with pytest.raises(UserError, match="weight decay 1.0.*--train.weight_decay"):
+        experiment.run(_rerun_cfg(**{"train.weight_decay": 1.0, "train.lr": 1e3, "train.optimizer": "sgd"}),
+                       tmp_path / "w", dataset=ds, make_plots=False).to_json()
+
+
+def test_a_test_split_without_the_source_class_is_an_error(ds, tmp_path):
+    keep = ds.y_test != 0
+    no_source = data.Dataset("synthetic", ds.x_train, ds.y_train, ds.x_test[keep], ds.y_test[keep], 10)
+    with pytest.raises(UserError, match="no test images of class 0 left"):
+        experiment.run(_rerun_cfg(), tmp_path / "s", dataset=no_source).to_json()

@@ -1,6 +1,8 @@
-"""ci_jax.files: atomic writes that follow the umask."""
+"""ci_jax.files: atomic writes that follow the umask, and the leftovers of writers that died."""
 
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -29,3 +31,15 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
     with pytest.raises(RuntimeError):
         files.atomic_write(tmp_path / "t.txt", fail)
     assert (tmp_path / "t.txt").read_text() == "old" and os.listdir(tmp_path) == ["t.txt"]
+
+
+def test_shared_directories_lose_only_dead_writers_leftovers(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    mine = tmp_path / f".x.npz.{os.getpid()}-abc.tmp"
+    gone = tmp_path / f".x.npz.{int(dead.stdout)}-abc.tmp"
+    for p in (mine, gone):
+        p.write_text("partial")
+    files.clear_stale_tmp(tmp_path, shared=True)
+    assert mine.exists() and not gone.exists()
+    files.clear_stale_tmp(tmp_path)
+    assert not mine.exists()

@@ -16,8 +16,8 @@ from ci_jax import data, provenance
 
 
 @pytest.fixture(scope="module")
-def synthetic():
-    return data.synthetic(n_train=40, n_test=20, seed=0)
+def synthetic(synthetic_data):
+    return synthetic_data(40, 20)
 
 
 def test_record_has_versions_and_devices_and_is_json(synthetic):
@@ -40,11 +40,11 @@ def test_missing_package_is_none(synthetic, monkeypatch):
                                                         "surely-not-installed-pkg": None}
 
 
-def test_synthetic_data_is_hashed_by_its_arrays(synthetic):
+def test_synthetic_data_is_hashed_by_its_arrays(synthetic, synthetic_data):
     rec = provenance.record(synthetic)["data"]
     assert rec["name"] == "synthetic" and "files" not in rec
-    assert rec == provenance.record(data.synthetic(n_train=40, n_test=20, seed=0))["data"]
-    assert rec != provenance.record(data.synthetic(n_train=40, n_test=20, seed=1))["data"]
+    assert rec == provenance.record(data.synthetic(n_train=40, n_test=20, seed=0))["data"]  # made anew
+    assert rec != provenance.record(synthetic_data(40, 20, seed=1))["data"]
 
 
 def test_array_hash_sees_one_changed_value_dtype_and_shape():

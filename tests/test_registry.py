@@ -9,6 +9,8 @@ from ci_jax import bench, cli, config, data, experiment, models, settings
 from ci_jax.errors import UserError
 from ci_jax.registry import Names, Registry
 
+pytestmark = pytest.mark.slow  # a whole experiment runs on the registered toys
+
 TOY_DATA, TOY_MODEL = "toy3", "toynet"
 TOY_SPLITS = dict(n_train=600, n_test=300)
 # Each class has its own dominant colour channel (the background) and its own bright row band.
@@ -187,12 +189,12 @@ def test_toy_model_maps_images_to_logits_and_features(toys):
     assert logits_BK.shape == (2, 3) and feats_BD.shape == (2, 32)
 
 
-def test_bench_data_is_the_datasets_own_or_synthetic_of_its_shape(toys):
+def test_bench_data_is_the_datasets_own_or_synthetic_of_its_shape(toys, synthetic_data):
     cifar = bench.bench_data("cifar10", None)
     assert cifar.name == "synthetic" and cifar.num_classes == 10
     assert cifar.x_train.shape == (2000, 32, 32, 3) and cifar.x_test.shape == (500, 32, 32, 3)
     mnist = bench.bench_data("mnist", None)  # today's default: 2000 + 500 synthetic MNIST-shaped images
-    reference = data.synthetic(n_train=2000, n_test=500)
+    reference = synthetic_data(2000, 500)
     np.testing.assert_array_equal(mnist.x_train, reference.x_train)
     toy = bench.bench_data(TOY_DATA, None)  # made in memory: its own images
     assert toy.name == TOY_DATA and toy.x_train.shape == (600, 16, 16, 3)

@@ -1,5 +1,5 @@
 """Many models in one program: a stack gives what separate trainings give, resumes after kill -9,
-and sweeps use it; mixtures fitted in JAX agree with scikit-learn's."""
+and sweeps use it."""
 
 import json
 import os
@@ -10,8 +10,11 @@ import jax
 import numpy as np
 import pytest
 
-from ci_jax import config, data, stack, sweep, train
-from ci_jax.defenses import gmm, gmm_jax
+from ci_jax import config, stack, sweep, train
+
+from helpers import ONE_EPOCH, make_cfg
+
+pytestmark = pytest.mark.slow  # stacks train models
 
 # Tolerances. SGD: the stacked step is the unstacked one vmapped, and matches to float rounding.
 # Adam divides by the root of tiny second moments in its first steps, which amplifies rounding
@@ -21,12 +24,12 @@ ADAM_ATOL = 0.05
 
 
 @pytest.fixture(scope="module")
-def ds():
-    return data.synthetic(n_train=600, n_test=200, seed=0)
+def ds(synthetic_data):
+    return synthetic_data(600, 200)  # as KILL_SCRIPT makes it
 
 
 def _cfg(seed, **kw):
-    return config.preset("fast", {"train.epochs": 2, "train.batch_size": 32, "eval.batch_size": 64, "seed": seed, **kw})
+    return make_cfg(ONE_EPOCH, {"train.epochs": 2, "seed": seed}, kw)
 
 
 KEEP = [np.arange(600), np.arange(600)[::2], np.arange(600)[100:]]  # three different training sets
@@ -154,47 +157,6 @@ def test_a_stacked_sweep_gives_the_rows_of_an_unstacked_one(mnist_like_dir, tmp_
     assert rows[1] == rows[4] and len(rows[1]) == 4
     logs = [train.read_log(d) for d in (tmp_path / "k4" / "baselines").iterdir()]
     assert all(e.get("stack") == 2 for log in logs for e in log)  # the two baselines, one stack
-
-
-# -- mixtures on the device -------------------------------------------------------------------------
-def _planted_mixture(seed=0, k=3, n=600, d=6):
-    rng = np.random.default_rng(seed)
-    centres = rng.normal(0, 8, (k, d))
-    labels = rng.integers(0, k, n)
-    return (centres[labels] + rng.normal(0, 1, (n, d))).astype(np.float32)
-
-
-def test_jax_mixtures_agree_with_scikit_learn():
-    x = np.concatenate([_planted_mixture(0, 3), _planted_mixture(1, 2)])
-    y = np.repeat([0, 1], 600)
-    s = gmm.Search("sweep", 5, "full", 1e-3, 0)
-    comp_j, classes_j = gmm_jax.cluster(x, y, s)
-    comp_s, classes_s = gmm.cluster(x, y, s)
-    assert [c["k"] for c in classes_j] == [c["k"] for c in classes_s] == [3, 2]
-    for cj, cs in zip(classes_j, classes_s):
-        # Up to the planted k, BIC (and so the log-likelihood) within 1e-5 of scikit-learn's: float32
-        # EM from another k-means start finds the same optimum. Beyond it, where the extra
-        # components split a cluster at random, other local optima: within 1 %.
-        k = cs["k"]
-        np.testing.assert_allclose(cj["bic"][:k], cs["bic"][:k], rtol=1e-5)
-        np.testing.assert_allclose(cj["bic"][k:], cs["bic"][k:], rtol=1e-2)
-    for c in (0, 1):  # the same partition, up to the components' order
-        a, b = comp_j[y == c], comp_s[y == c]
-        pairs = {(int(i), int(j)) for i, j in zip(a, b)}
-        assert len(pairs) == len(set(a.tolist()))
-
-
-def test_jax_mixtures_ascent_stops_like_scikit_learn():
-    x = _planted_mixture(3, 2, n=800)
-    y = np.zeros(800, int)
-    s = gmm.Search("ascent", 10, "full", 1e-3, 0)
-    _, classes = gmm_jax.cluster(x, y, s)
-    assert classes[0]["k"] == 2 and len(classes[0]["bic"]) == 4  # k = 1..4: two failures after the best
-
-
-def test_jax_backend_needs_full_covariances():
-    with pytest.raises(Exception, match="full covariances only"):
-        config.preset("default", {"defense.ci.gmm_backend": "jax", "defense.ci.covariance": "diag"})
 
 
 def test_stack_key_is_every_train_field_but_the_learning_rate_and_its_schedule():

@@ -15,9 +15,11 @@ import numpy as np
 import pytest
 import yaml
 
-from ci_jax import config, experiment, sweep
+from ci_jax import config, experiment, files, sweep
 from ci_jax.errors import UserError
 from ci_jax.report import Report
+
+pytestmark = pytest.mark.slow  # sweeps train models
 
 BASE = {"data.dataset": "mnist", "train.epochs": 1, "train.batch_size": 32, "eval.batch_size": 128,
         "attack.n_poison": 20, "attack.pixel.amplitude": 1.0, "defense.ci.k_max": 3, "defense.ci.covariance": "diag"}
@@ -90,6 +92,16 @@ def test_retrain_seeds_are_the_only_seeds_that_retrain():
 def test_bad_spec_is_one_user_error(bad, match):
     with pytest.raises(UserError, match=match):
         sweep.expand(bad)
+
+
+def test_a_huge_sweep_grid_is_refused(monkeypatch):
+    from ci_jax import sweep
+
+    monkeypatch.setattr(files, "available_memory", lambda: 1 << 30)
+    spec = {"grid": {"defense.ci.tau": [0.1 * i for i in range(1, 200)], "defense.ci.k_max": list(range(1, 200)),
+                     "defense.ci.reg_covar": [1e-3 * i for i in range(1, 200)]}}
+    with pytest.raises(UserError, match="would not fit"):
+        sweep.expand(spec)
 
 
 def test_shards_partition_runs_by_baseline():

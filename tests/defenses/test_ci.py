@@ -1,6 +1,6 @@
-"""Cluster Impurity on synthetic arrays: BIC model choice, clustering, impurity, flagging, the
-calibrated test rule, and the defense end to end from precomputed features and decisions (no
-training; the filters themselves are test_filters.py's)."""
+"""Cluster Impurity (ci_jax.defenses.ci) on synthetic arrays: impurity, flagging, the calibrated test
+rule, and the defense end to end from precomputed features and decisions (no training; the
+mixtures are test_gmm.py's, the filters test_filters.py's)."""
 
 import math
 
@@ -8,276 +8,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ci_jax import config, defenses
-from ci_jax.config import Config
 from ci_jax.defenses import ci
 from ci_jax.defenses import gmm as mixtures
-from ci_jax.defenses.gmm import choose_k, cluster
+from ci_jax.defenses.gmm import cluster
+
+from helpers import clean_features, decisions_view, defense_settings, run_ci, run_defense
 
 D = 5
-
-
-def _settings(**kw) -> ci.Settings:
-    """The CI settings of a validated config with `defense.ci.KEY = value` for each keyword."""
-    return config.replace(Config(), {f"defense.ci.{k}": v for k, v in kw.items()}).defense.ci
-
-
-def _search(seed=0, **kw) -> mixtures.Search:
-    return ci.CI(_settings(**kw)).search(seed)
-
-
-def _mixture(n_per: int = 300, seed: int = 0) -> np.ndarray:
-    """Three well-separated 5-D unit Gaussians."""
-    rng = np.random.default_rng(seed)
-    means = np.array([[0.0] * D, [20.0] * D, [-20.0, 20.0, -20.0, 20.0, -20.0]])
-    return np.concatenate([rng.normal(m, 1.0, (n_per, D)) for m in means])
-
-
-@pytest.fixture(scope="module")
-def mixture_ND():
-    return _mixture()
-
-
-@pytest.fixture(scope="module")
-def sweep_fit(mixture_ND):
-    return choose_k(mixture_ND, _search(bic_search="sweep", k_max=6))
-
-
-@pytest.fixture(scope="module")
-def ascent_fit(mixture_ND):
-    return choose_k(mixture_ND, _search(bic_search="ascent", k_max=10))
-
-
-# --- choose_k ----------------------------------------------------------------------------------
-
-
-def test_sweep_picks_the_true_k_and_tries_every_k(sweep_fit):
-    gmm, bics, note = sweep_fit
-    assert note is None
-    assert gmm.n_components == 3
-    assert len(bics) == 6
-    assert all(math.isfinite(b) for b in bics)
-    assert int(np.argmin(bics)) + 1 == 3
-
-
-def test_ascent_picks_the_true_k_and_stops_after_two_non_improvements(ascent_fit, sweep_fit):
-    gmm, bics, _ = ascent_fit
-    assert gmm.n_components == 3
-    assert len(bics) < 10
-    # k = 1, 2, 3 improve; k = 4 and 5 do not -> stop there.
-    assert len(bics) == 5
-    assert bics[0] > bics[1] > bics[2]
-    assert bics[3] >= bics[2] and bics[4] >= bics[2]
-    # The same fits as the sweep's, as far as the ascent went.
-    np.testing.assert_allclose(bics, sweep_fit[1][:5])
-
-
-@pytest.mark.parametrize("search", ["sweep", "ascent"])
-def test_one_gaussian_gives_k_1(search):
-    x_ND = np.random.default_rng(1).normal(0.0, 1.0, (150, D))
-    gmm, bics, _ = choose_k(x_ND, _search(bic_search=search, k_max=3 if search == "sweep" else 10))
-    assert gmm.n_components == 1
-    assert int(np.argmin(bics)) == 0
-    assert len(bics) == 3  # ascent: k = 2 and 3 fail to improve; sweep: k_max
-
-
-@pytest.mark.parametrize("search", ["sweep", "ascent"])
-def test_k_never_exceeds_the_number_of_points(search):
-    x_ND = np.random.default_rng(2).normal(0.0, 1.0, (3, D))
-    gmm, bics, note = choose_k(x_ND, _search(bic_search=search, k_max=10, reg_covar=1e-3))
-    assert 1 <= gmm.n_components <= 3
-    assert len(bics) <= 3
-    assert "k capped at 3" in note
-
-
-def test_single_point_class_is_one_component():
-    gmm, bics, note = choose_k(np.ones((1, D)), _search(bic_search="sweep", k_max=10))
-    assert gmm is None and bics == [] and "too few" in note
-    feats = np.concatenate([np.random.default_rng(0).normal(size=(50, D)), np.ones((1, D))])
-    y = np.array([0] * 50 + [1])
-    comp, classes = cluster(feats, y, _search(bic_search="sweep", k_max=3))
-    assert classes[1]["k"] == 1 and "too few" in classes[1]["note"]
-    assert comp[-1] == classes[0]["k"]
-
-
-def test_k_max_1_fits_one_component(mixture_ND):
-    gmm, bics, _ = choose_k(mixture_ND, _search(bic_search="sweep", k_max=1))
-    assert gmm.n_components == 1 and len(bics) == 1
-
-
-@pytest.mark.parametrize("covariance", ["diag", "spherical", "tied"])
-def test_other_covariance_types_also_find_the_mixture(mixture_ND, covariance):
-    gmm, _, _ = choose_k(mixture_ND, _search(bic_search="ascent", k_max=5, covariance=covariance))
-    assert gmm.covariance_type == covariance
-    assert gmm.n_components == 3
-
-
-def test_choose_k_is_deterministic_for_a_seed(mixture_ND):
-    cfg = _search(bic_search="sweep", k_max=3, seed=3)
-    g1, b1, _ = choose_k(mixture_ND, cfg)
-    g2, b2, _ = choose_k(mixture_ND, cfg)
-    assert b1 == b2
-    np.testing.assert_array_equal(g1.predict(mixture_ND), g2.predict(mixture_ND))
-
-
-# --- degenerate classes: no crash, a fallback, and a note that says what happened ----------------
-
-
-def _degenerate(name: str) -> np.ndarray:
-    rng = np.random.default_rng(7)
-    if name == "fewer_than_k":
-        return rng.normal(size=(3, D))
-    if name == "identical_rows":
-        return np.full((40, D), 0.37)
-    if name == "duplicated_rows":  # 3 distinct vectors, each many times
-        return np.repeat(rng.normal(size=(3, D)) * 5, [30, 20, 10], axis=0)
-    if name == "constant_feature":  # one feature identical across the class
-        return np.c_[rng.normal(size=(100, D - 1)), np.full(100, 7.0)]
-    if name == "huge_scale":  # real blobs, but at 1e30: reg_covar no longer keeps covariances sane
-        return _mixture(n_per=30, seed=1) * 1e30
-    if name == "nan":
-        x = rng.normal(size=(50, D))
-        x[3, 1] = np.nan
-        return x
-    if name == "inf":
-        x = rng.normal(size=(50, D))
-        x[7, 0] = np.inf
-        return x
-    raise KeyError(name)
-
-
-DEGENERATE = ["fewer_than_k", "identical_rows", "duplicated_rows", "constant_feature", "huge_scale",
-              "nan", "inf"]
-
-
-@pytest.mark.parametrize("covariance", ["full", "diag"])
-@pytest.mark.parametrize("name", DEGENERATE)
-def test_degenerate_class_does_not_crash(name, covariance):
-    x_ND = _degenerate(name)
-    gmm, bics, _ = choose_k(x_ND, _search(bic_search="sweep", k_max=10, covariance=covariance))
-    assert all(math.isfinite(b) for b in bics)
-    if gmm is not None:
-        assert gmm.n_components <= len(np.unique(x_ND, axis=0))
-        assert gmm.predict(x_ND).shape == (len(x_ND),)
-
-
-@pytest.mark.parametrize("name, k, note", [
-    ("identical_rows", None, "all 40 images have identical features"),
-    ("duplicated_rows", 3, "only 3 distinct feature vectors: k capped at 3"),
-    ("fewer_than_k", None, "k capped at 3"),
-    ("nan", None, "NaN or inf"),
-    ("inf", None, "NaN or inf"),
-])
-def test_degenerate_class_notes(name, k, note):
-    gmm, _, got = choose_k(_degenerate(name), _search(bic_search="sweep", k_max=10))
-    assert note in got
-    if k is not None:
-        assert gmm.n_components == k
-
-
-def test_a_k_that_cannot_be_fitted_ends_the_search_with_the_best_smaller_k():
-    # Full covariances of 1e30-scale blobs: some k > 1 fails in sklearn ("ill-defined empirical
-    # covariance"); the search stops there and keeps the best k before it.
-    gmm, bics, note = choose_k(_degenerate("huge_scale"), _search(bic_search="sweep", k_max=10))
-    assert "could not be fitted" in note and "kept the best smaller fit" in note
-    failed_k = int(note.split("k=")[1].split(" ")[0])
-    assert len(bics) == failed_k - 1 and gmm.n_components == int(np.argmin(bics)) + 1
-
-
-def test_a_class_where_even_k_1_fails_is_one_component(monkeypatch):
-    def fails(feats_ND, k, search):
-        raise ValueError("Fitting the mixture model failed. Try something else.")
-
-    monkeypatch.setattr(mixtures, "_fit", fails)
-    gmm, bics, note = choose_k(_mixture(n_per=20), _search(k_max=4))
-    assert gmm is None and bics == []
-    assert note == "k=1 could not be fitted (Fitting the mixture model failed); kept as one component"
-
-
-def test_cluster_reports_degenerate_classes_and_stays_json():
-    import json
-
-    rng = np.random.default_rng(0)
-    blocks = [rng.normal(size=(60, D)), _degenerate("identical_rows"), _degenerate("nan"),
-              _degenerate("duplicated_rows"), _degenerate("fewer_than_k")]
-    feats = np.concatenate(blocks)
-    y = np.concatenate([np.full(len(b), i) for i, b in enumerate(blocks)])
-    comp, classes = cluster(feats, y, _search(bic_search="ascent", k_max=10))
-    assert (comp >= 0).all()
-    notes = {c["label"]: c.get("note") for c in classes}
-    assert "identical features" in notes[1] and "NaN" in notes[2]
-    assert "k capped at 3" in notes[3] and "k capped at 3" in notes[4]
-    assert classes[1]["k"] == classes[2]["k"] == 1
-    json.dumps(classes, allow_nan=False)
-    # The defense end to end still runs and scores every sample.
-    pred = np.zeros(len(y), np.int32)
-    res = _run(feats, pred, pred, y, 5, _settings(bic_search="ascent", k_max=10))
-    assert res.score_N.shape == y.shape and np.isfinite(res.score_N).all()
-    json.dumps(res.report, allow_nan=False)
-
-
-# --- cluster -----------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def clustered():
-    """Class 0: the 3-blob mixture; class 1 absent; class 2: one blob; class 3: two blobs."""
-    rng = np.random.default_rng(5)
-    x0 = _mixture(n_per=100, seed=6)
-    x2 = rng.normal(0.0, 1.0, (150, D))
-    x3 = np.concatenate([rng.normal(0.0, 1.0, (120, D)), rng.normal(30.0, 1.0, (40, D))])
-    feats = np.concatenate([x0, x2, x3]).astype(np.float32)
-    y = np.concatenate([np.zeros(len(x0)), np.full(len(x2), 2), np.full(len(x3), 3)]).astype(np.int32)
-    perm = rng.permutation(len(y))  # classes interleaved, as in a real training set
-    feats, y = feats[perm], y[perm]
-    cfg = _search(bic_search="sweep", k_max=4)
-    comp, classes = cluster(feats, y, cfg)
-    return feats, y, cfg, comp, classes
-
-
-def test_cluster_reports_each_present_class_with_its_k_and_bics(clustered):
-    _, _, _, _, classes = clustered
-    assert [c["label"] for c in classes] == [0, 2, 3]  # absent classes 1 and 4 are skipped
-    assert [c["k"] for c in classes] == [3, 1, 2]
-    for c in classes:
-        assert len(c["bic"]) == 4
-        assert c["k"] == int(np.argmin(c["bic"])) + 1
-
-
-def test_cluster_ids_are_contiguous_per_class_with_consistent_offsets(clustered):
-    _, y, _, comp, classes = clustered
-    assert comp.shape == y.shape
-    assert (comp >= 0).all()  # every sample assigned
-    offset = 0
-    for c in classes:
-        assert c["offset"] == offset
-        ids = np.unique(comp[y == c["label"]])
-        # Ids of a class lie in its own block [offset, offset + k) and use all of it here.
-        np.testing.assert_array_equal(ids, np.arange(offset, offset + c["k"]))
-        offset += c["k"]
-    assert comp.max() == offset - 1
-
-
-def test_cluster_separates_the_blobs(clustered):
-    feats, y, _, comp, classes = clustered
-    # Class 3: the far blob (mean 30) is one component, the near blob the other.
-    far = (y == 3) & (feats[:, 0] > 15)
-    near = (y == 3) & (feats[:, 0] <= 15)
-    assert len(np.unique(comp[far])) == 1 and len(np.unique(comp[near])) == 1
-    assert np.unique(comp[far])[0] != np.unique(comp[near])[0]
-    assert np.bincount(comp[y == 3]).max() == 120
-
-
-def test_cluster_is_deterministic_for_a_seed(clustered):
-    feats, y, cfg, comp, classes = clustered
-    comp2, classes2 = cluster(feats, y, cfg)
-    np.testing.assert_array_equal(comp, comp2)
-    assert classes == classes2
+N_CLEAN, N_POISON = 300, 60
 
 
 # --- impurity ----------------------------------------------------------------------------------
-
-
 def _impurity(pred, filtered_FN, comp, n_comp):
     out = ci.impurity(jnp.asarray(pred), jnp.asarray(filtered_FN), jnp.asarray(comp), n_comp)
     return tuple(np.asarray(a, np.float64) for a in out)
@@ -341,9 +82,16 @@ def test_pure_component_impurity_is_positive_zero():
     assert not np.signbit(np.asarray(imp)).any()
 
 
+def test_impurity_is_vmapped_over_filters():
+    pred = np.array([0, 0, 1, 1])
+    filt = np.array([[0, 0, 1, 1], [1, 0, 0, 1]])
+    comp = np.array([0, 0, 1, 1])
+    imp, flips, size = (np.asarray(a) for a in ci.impurity(pred, filt, comp, 2))
+    assert flips.tolist() == [[0, 0], [1, 1]] and size.tolist() == [2, 2]
+    assert np.allclose(imp, [[0, 0], [math.log(2), math.log(2)]])
+
+
 # --- flag --------------------------------------------------------------------------------------
-
-
 def test_threshold_flags_impure_components_of_split_classes_only():
     imp = np.array([0.0, 2.0, 0.7, 0.4, 5.0, 0.51])
     k_of_comp = np.array([3, 3, 3, 2, 1, 2])  # comps 0-2: a k=3 class; 3, 5: k=2; 4: a k=1 class
@@ -387,6 +135,8 @@ def test_top1_flags_exactly_the_argmax(imp, expected):
 # 12 components of 100 to 300 images with 0.5 % to 4 % of their decisions flipped by the filter
 # (clean ones differ: overdispersed), and one of 60 with 57 flipped.
 SIZES = np.array([100, 150, 200, 250, 300, 120, 180, 220, 260, 140, 160, 240, 60], float)
+
+
 FLIPS = np.array([1, 3, 2, 10, 6, 4, 7, 2, 5, 1, 6, 9, 57], float)
 
 
@@ -424,34 +174,70 @@ def test_test_rule_ignores_empty_components():
     assert est["z_critical"] == pytest.approx(ci.stats.norm.isf(0.01 / 13))
 
 
+# --- the flip test by hand, and on the clean components of real baselines ----------------------
+def test_flip_test_by_hand():
+    # Thirty clean components flipping 0.4 % to 2 % of their images, and one flipping 90 %.
+    size = np.array([1000.0] * 30 + [500])
+    flips = np.array([list(np.linspace(4, 20, 30)) + [450]])
+    z, flagged, est = ci.flip_test(flips, size, np.ones(31, bool), alpha=0.01)
+    assert flagged.tolist() == [False] * 30 + [True]
+    a = np.arcsin(np.sqrt((flips[0] + 3 / 8) / (size + 3 / 4)))
+    centre = np.median(a)
+    assert np.isclose(est[0]["clean_flip_rate"], np.sin(centre) ** 2)
+    between = max(0.0, (1.4826 * (np.quantile(a, 0.75) - centre)) ** 2 - 1 / (4 * 1000 + 2))
+    assert np.isclose(est[0]["overdispersion_sd"], math.sqrt(between))
+    assert np.isclose(z[0, 30], (a[30] - centre) / math.sqrt(between + 1 / (4 * 500 + 2)))
+    # Bonferroni over 31 components and 1 filter at 1 %: the one-sided normal quantile of 0.01 / 31.
+    assert np.isclose(est[0]["z_critical"], 3.4119, atol=1e-3)
+
+
+def test_flip_test_needs_most_components_clean():
+    # Its robust spread breaks down once a quarter of the components are poisoned: with two of
+    # five, the upper quartile is a poisoned one.
+    size = np.array([1000.0, 1000, 1000, 500, 500])
+    _, flagged, _ = ci.flip_test(np.array([[10.0, 12, 8, 450, 460]]), size, np.ones(5, bool), alpha=0.01)
+    assert not flagged.any()
+
+
+# The clean components of real baselines under a 3x3 median (sizes, flips), from
+# runs of `ci-jax run` (MNIST default; Fashion-MNIST at 6 epochs): their flip shares spread from 0 to
+# 30 %, far beyond binomial noise.
+FASHION_CLEAN = ([3068, 1932, 554, 460, 1763, 3223, 1408, 3138, 1095, 1767, 1970, 1239, 844, 1947, 2541, 3459, 2265,
+                  1914, 1821, 1909, 4091, 2077, 2857, 1066, 1162, 2957, 1881],
+                 [34, 362, 26, 168, 26, 105, 107, 15, 216, 202, 379, 253, 269, 563, 15, 59, 163, 500, 408, 165, 21, 0,
+                  0, 47, 72, 2, 8])
+
+
+MNIST_CLEAN = ([685, 1043, 3195, 782, 2803, 345, 2812, 2749, 2367, 879, 2719, 2533, 2903, 810, 2129, 2852, 850, 1719,
+                2982, 825, 2111, 2503, 1843, 819, 585, 515, 616, 3556, 1679, 969, 2262, 2718],
+               [31, 41, 11, 1, 0, 22, 5, 1, 2, 26, 0, 3, 6, 53, 5, 2, 15, 0, 5, 42, 21, 1, 0, 22, 17, 10, 78, 7, 30, 139,
+                27, 7])
+
+
+@pytest.mark.parametrize("clean", [FASHION_CLEAN, MNIST_CLEAN], ids=["fashion", "mnist"])
+def test_flip_test_tolerates_heterogeneous_clean_components_and_finds_the_poison(clean):
+    sizes, flips = clean
+    # A poison component of 950 images, 99 % of which flip (as on both datasets).
+    size = np.array(sizes + [950], float)
+    _, flagged, _ = ci.flip_test(np.array([flips + [940]], float), size, np.ones(len(size), bool), alpha=0.01)
+    assert flagged.tolist() == [False] * len(sizes) + [True]
+
+
+def test_flip_test_with_clean_components_that_never_flip():
+    # Ties at the median (every clean component keeps all its decisions) leave binomial noise alone.
+    size = np.array([1000.0] * 20 + [400])
+    _, flagged, est = ci.flip_test(np.array([[0.0] * 20 + [300]]), size, np.ones(21, bool), alpha=0.01)
+    assert flagged.tolist() == [False] * 20 + [True] and est[0]["overdispersion_sd"] == 0.0
+
+
+def test_flip_test_only_flags_eligible_components():
+    size = np.array([1000.0, 1000, 1000, 500])
+    flips = np.array([[10.0, 12, 8, 450]])
+    _, flagged, _ = ci.flip_test(flips, size, np.array([True, True, True, False]), alpha=0.01)
+    assert not flagged.any()
+
+
 # --- the defense from precomputed arrays -----------------------------------------------------
-
-
-def _view(feats, pred, filtered, y, num_classes=3, is_poison=None, **kw) -> defenses.View:
-    """A View of a baseline whose decisions are `pred`, and `filtered` through any filter (or
-    filtered[name] through the filter whose pass is `name`)."""
-    calls = []
-
-    def predict(x_NHWC, transform=None, desc=None):
-        assert transform is not None and len(x_NHWC) == len(y)
-        calls.append(desc)
-        out = filtered[desc] if isinstance(filtered, dict) else filtered
-        return np.asarray(out, np.int32), np.zeros((len(y), 1), np.float32)
-
-    view = defenses.View(x_NHWC=np.zeros((len(y), 1, 1, 1), np.float32), y_N=np.asarray(y), feats_ND=feats,
-                         pred_N=np.asarray(pred), num_classes=num_classes, predict=predict, seed=0,
-                         is_poison_N=is_poison, **kw)
-    view.calls = calls
-    return view
-
-
-def _run(feats, pred, filtered, y, num_classes, settings, is_poison=None, **kw) -> defenses.Result:
-    return ci.CI(settings).run(_view(feats, pred, filtered, y, num_classes, is_poison, **kw))
-
-
-N_CLEAN, N_POISON = 300, 60
-
-
 @pytest.fixture(scope="module")
 def poisoned_arrays():
     """Classes 0 and 1: one blob each. Class 2: a clean blob of 300 and a far 'poison' blob of
@@ -476,8 +262,8 @@ def poisoned_arrays():
 @pytest.mark.parametrize("search", ["ascent", "sweep"])
 def test_run_removes_exactly_the_poison_component(poisoned_arrays, search):
     feats, pred, pred_blur, y, is_poison = poisoned_arrays
-    settings = _settings(rule="threshold", tau=0.5, bic_search=search, k_max=4)
-    res = _run(feats, pred, pred_blur, y, 3, settings, is_poison)
+    settings = defense_settings("ci", rule="threshold", tau=0.5, bic_search=search, k_max=4)
+    res = run_ci(feats, pred, pred_blur, y, 3, settings, is_poison)
 
     np.testing.assert_array_equal(res.is_clean_N, ~is_poison)
     assert res.is_clean_N.dtype == bool
@@ -514,8 +300,8 @@ def test_run_score_equals_the_component_impurity_of_each_sample(poisoned_arrays)
     # Some clean decisions of class 0 change too, so class-0 scores are not all 0 or MAX.
     rng = np.random.default_rng(9)
     pred_blur = np.where((y == 0) & (rng.random(len(y)) < 0.2), 9, pred_blur)
-    settings = _settings(rule="threshold", tau=0.5, k_max=4)
-    res = _run(feats, pred, pred_blur, y, 10, settings, is_poison)
+    settings = defense_settings("ci", rule="threshold", tau=0.5, k_max=4)
+    res = run_ci(feats, pred, pred_blur, y, 10, settings, is_poison)
     comp, _ = cluster(feats, y, ci.CI(settings).search(0))  # deterministic: the same components
     imp = np.concatenate([[x["impurity"] for x in c["components"]] for c in res.report["classes"]])
     np.testing.assert_array_equal(res.score_N, imp[comp])
@@ -528,7 +314,7 @@ def test_run_score_equals_the_component_impurity_of_each_sample(poisoned_arrays)
 
 def test_run_without_ground_truth_has_no_poison_counts(poisoned_arrays):
     feats, pred, pred_blur, y, _ = poisoned_arrays
-    res = _run(feats, pred, pred_blur, y, 3, _settings(k_max=4))
+    res = run_ci(feats, pred, pred_blur, y, 3, defense_settings("ci", k_max=4))
     for c in res.report["classes"]:
         for comp in c["components"]:
             assert "poisons" not in comp
@@ -537,15 +323,15 @@ def test_run_without_ground_truth_has_no_poison_counts(poisoned_arrays):
 
 def test_run_top1_removes_the_poison_component(poisoned_arrays):
     feats, pred, pred_blur, y, is_poison = poisoned_arrays
-    res = _run(feats, pred, pred_blur, y, 3, _settings(rule="top1", k_max=4), is_poison)
+    res = run_ci(feats, pred, pred_blur, y, 3, defense_settings("ci", rule="top1", k_max=4), is_poison)
     np.testing.assert_array_equal(res.is_clean_N, ~is_poison)
 
 
 def test_run_on_clean_data_flags_nothing_under_threshold(poisoned_arrays):
     feats, pred, _, y, is_poison = poisoned_arrays
     feats, pred, y = feats[~is_poison], pred[~is_poison], y[~is_poison]
-    res = _run(feats, pred, pred.copy(), y, 3, _settings(rule="threshold", tau=0.5, k_max=4),
-               np.zeros(len(y), bool))
+    res = run_ci(feats, pred, pred.copy(), y, 3, defense_settings("ci", rule="threshold", tau=0.5, k_max=4),
+                 np.zeros(len(y), bool))
     assert res.is_clean_N.all()
     np.testing.assert_array_equal(res.score_N, 0.0)
     for c in res.report["classes"]:
@@ -556,7 +342,7 @@ def test_run_on_clean_data_flags_nothing_under_threshold(poisoned_arrays):
 def test_run_top1_on_clean_data_still_removes_one_component(poisoned_arrays):
     feats, pred, _, y, is_poison = poisoned_arrays
     feats, pred, y = feats[~is_poison], pred[~is_poison], y[~is_poison]
-    res = _run(feats, pred, pred.copy(), y, 3, _settings(rule="top1", k_max=4))
+    res = run_ci(feats, pred, pred.copy(), y, 3, defense_settings("ci", rule="top1", k_max=4))
     flagged = [comp for c in res.report["classes"] for comp in c["components"] if comp["flagged"]]
     assert len(flagged) == 1
     assert int((~res.is_clean_N).sum()) == flagged[0]["size"] > 0
@@ -566,14 +352,15 @@ def test_run_report_is_json_serializable(poisoned_arrays):
     import json
 
     feats, pred, pred_blur, y, is_poison = poisoned_arrays
-    res = _run(feats, pred, pred_blur, y, 3, _settings(k_max=4), is_poison)
+    res = run_ci(feats, pred, pred_blur, y, 3, defense_settings("ci", k_max=4), is_poison)
     json.dumps(res.report, allow_nan=False)
 
 
 def test_a_filter_bank_scores_each_component_by_its_most_impure_filter(poisoned_arrays):
     feats, pred, pred_blur, y, is_poison = poisoned_arrays
-    settings = _settings(filters=["mean2", "median3", "gaussian"], gaussian_sigma=0.5, k_max=4)
-    view = _view(feats, pred, {"mean2": pred, "median3": pred_blur, "gaussian(sigma=0.5)": pred}, y, 3, is_poison)
+    settings = defense_settings("ci", filters=["mean2", "median3", "gaussian"], gaussian_sigma=0.5, k_max=4)
+    view = decisions_view(feats, pred, {"mean2": pred, "median3": pred_blur, "gaussian(sigma=0.5)": pred}, y, 3,
+                          is_poison)
     res = ci.CI(settings).run(view)
     assert sorted(view.calls) == ["gaussian(sigma=0.5)", "mean2", "median3"]  # one pass per filter
     assert res.report["filters"] == ["mean2", "median3", "gaussian(sigma=0.5)"]
@@ -608,7 +395,8 @@ def many_classes():
 
 def test_run_with_the_test_rule_removes_the_poisons_and_reports_its_estimates(many_classes):
     feats, pred, filtered, y, is_poison = many_classes
-    res = _run(feats, pred, filtered, y, 8, _settings(rule="test", alpha=0.01, k_max=3, covariance="diag"), is_poison)
+    res = run_ci(feats, pred, filtered, y, 8,
+                 defense_settings("ci", rule="test", alpha=0.01, k_max=3, covariance="diag"), is_poison)
     np.testing.assert_array_equal(res.is_clean_N, ~is_poison)
     est = res.report["clean_estimates"]["median3"]
     assert 0.01 < est["clean_flip_rate"] < 0.05 and est["z_critical"] > 2
@@ -622,14 +410,18 @@ def test_run_with_the_test_rule_removes_the_poisons_and_reports_its_estimates(ma
 def test_run_with_the_test_rule_on_clean_data_removes_nothing(many_classes):
     feats, pred, filtered, y, is_poison = many_classes
     keep = ~is_poison
-    res = _run(feats[keep], pred[keep], filtered[keep], y[keep], 8,
-               _settings(rule="test", k_max=3, covariance="diag"))
+    res = run_ci(feats[keep], pred[keep], filtered[keep], y[keep], 8,
+                 defense_settings("ci", rule="test", k_max=3, covariance="diag"))
     assert res.is_clean_N.all()
 
 
+def test_ci_flags_nothing_on_clean_features():
+    feats_ND, y_N = clean_features()
+    res = run_defense("ci", feats_ND, y_N, **{"defense.ci.covariance": "diag"})
+    assert res.is_clean_N.all() and all(c["k"] == 1 for c in res.report["classes"])
+
+
 # --- caching beside the baseline ---------------------------------------------------------------
-
-
 def test_passes_and_mixtures_are_computed_once_per_baseline(poisoned_arrays, tmp_path, monkeypatch):
     feats, pred, pred_blur, y, is_poison = poisoned_arrays
     fits = []
@@ -637,8 +429,8 @@ def test_passes_and_mixtures_are_computed_once_per_baseline(poisoned_arrays, tmp
     monkeypatch.setattr(mixtures, "cluster", lambda *a: fits.append(1) or real_cluster(*a))
 
     def run(key, **changes):
-        view = _view(feats, pred, pred_blur, y, 3, is_poison, cache_dir=tmp_path, key=key)
-        return ci.CI(_settings(k_max=4, **changes)).run(view), view
+        view = decisions_view(feats, pred, pred_blur, y, 3, is_poison, cache_dir=tmp_path, key=key)
+        return ci.CI(defense_settings("ci", k_max=4, **changes)).run(view), view
 
     first, v1 = run("baseline-a")
     assert v1.calls == ["median3"] and fits == [1]
