@@ -4,12 +4,11 @@ pixel-wise amplification (Guo et al., ICLR 2023)."""
 from __future__ import annotations
 
 import functools
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from ci_jax.perturbations.base import Applied, Perturbation
+from ci_jax.perturbations.base import Perturbation
 from ci_jax.settings import section, setting
 
 
@@ -23,13 +22,5 @@ def amplify(x_BHWC: jax.Array, factor: float) -> jax.Array:
     return jnp.clip(x_BHWC * jnp.float32(factor), 0.0, 1.0)
 
 
-class Amplify(Perturbation):
-    name = "amplify"
-    Settings = Settings
-    strength = "factor"
-
-    def make(self, s: Any, seed: int) -> Applied:
-        return Applied(self.describe(s), functools.partial(amplify, factor=s.factor))
-
-
-AMPLIFY = Amplify()
+AMPLIFY = Perturbation("amplify", lambda s, seed: functools.partial(amplify, factor=s.factor),
+                       Settings=Settings, strength="factor")

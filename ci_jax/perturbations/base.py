@@ -18,7 +18,7 @@ pass.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -39,16 +39,29 @@ class Applied:
 
 
 class Perturbation:
-    """Base class. name; kind, 'input' or 'model'; Settings, a settings section or None; strength,
-    the field of Settings that a severity ladder varies (None: it has no strength); make."""
+    """A perturbation: name; kind, 'input' or 'model'; Settings, a settings section or None;
+    strength, the field of Settings that a severity ladder varies (None: it has no strength); and
+    build(settings, seed), its transform (an input or a model transform, as `kind` says). Made
+    with those as arguments, or as a subclass that sets them (and may override `problem`)."""
 
-    name: ClassVar[str]
-    kind: ClassVar[str] = "input"
-    Settings: ClassVar[type | None] = None
-    strength: ClassVar[str | None] = None
+    name: str
+    kind: str = "input"
+    Settings: type | None = None
+    strength: str | None = None
+
+    def __init__(self, name: str | None = None, build: Callable[[Any, int], Any] | None = None, *,
+                 Settings: type | None = None, strength: str | None = None, kind: str | None = None) -> None:
+        for attr, value in (("name", name), ("build", build), ("Settings", Settings), ("strength", strength),
+                            ("kind", kind)):
+            if value is not None:
+                setattr(self, attr, value)
+
+    def build(self, s: Any, seed: int) -> Any:
+        raise NotImplementedError
 
     def make(self, s: Any, seed: int) -> Applied:
-        raise NotImplementedError
+        transform = self.build(s, seed)
+        return Applied(self.describe(s), model=transform) if self.kind == "model" else Applied(self.describe(s), transform)
 
     def describe(self, s: Any) -> str:
         """'name' or 'name(field=value,...)': every setting, so that it names the pass."""

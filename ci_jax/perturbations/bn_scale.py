@@ -16,7 +16,7 @@ from flax import nnx
 
 from ci_jax import models
 from ci_jax.errors import UserError
-from ci_jax.perturbations.base import Applied, ModelTransform, Perturbation
+from ci_jax.perturbations.base import ModelTransform, Perturbation
 from ci_jax.settings import section, setting
 
 
@@ -56,14 +56,5 @@ def scale_last(layers: int, factor: float) -> ModelTransform:
     return transform
 
 
-class BNScale(Perturbation):
-    name = "bn_scale"
-    kind = "model"
-    Settings = Settings
-    strength = "factor"
-
-    def make(self, s: Any, seed: int) -> Applied:
-        return Applied(self.describe(s), model=scale_last(s.layers, s.factor))
-
-
-BN_SCALE = BNScale()
+BN_SCALE = Perturbation("bn_scale", lambda s, seed: scale_last(s.layers, s.factor), Settings=Settings,
+                        strength="factor", kind="model")

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ci_jax.errors import UserError
-from ci_jax.perturbations.base import Applied, ModelTransform, Perturbation
+from ci_jax.perturbations.base import ModelTransform, Perturbation
 from ci_jax.settings import section, setting
 
 SALT = 0x64726F70  # its random stream apart from the other perturbations', at the same seed
@@ -46,14 +46,5 @@ def drop_features(rate: float, seed: int) -> ModelTransform:
     return transform
 
 
-class Dropout(Perturbation):
-    name = "dropout"
-    kind = "model"
-    Settings = Settings
-    strength = "rate"
-
-    def make(self, s: Any, seed: int) -> Applied:
-        return Applied(self.describe(s), model=drop_features(s.rate, seed))
-
-
-DROPOUT = Dropout()
+DROPOUT = Perturbation("dropout", lambda s, seed: drop_features(s.rate, seed), Settings=Settings,
+                       strength="rate", kind="model")

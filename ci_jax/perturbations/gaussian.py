@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ci_jax.perturbations.base import Applied, Perturbation, tap_conv
+from ci_jax.perturbations.base import Perturbation, tap_conv
 from ci_jax.settings import section, setting
 
 
@@ -38,8 +38,8 @@ class Gaussian(Perturbation):
     Settings = Settings
     strength = "sigma"
 
-    def make(self, s: Settings, seed: int) -> Applied:
-        return Applied(self.describe(s), functools.partial(blur, sigma=s.sigma))
+    def build(self, s: Settings, seed: int) -> Any:
+        return functools.partial(blur, sigma=s.sigma)
 
     def problem(self, s: Settings, image_shape: tuple[int, int, int]) -> str | None:
         r, side = radius(s.sigma), min(image_shape[:2])

@@ -8,16 +8,16 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from ci_jax.perturbations.base import Applied, Perturbation, tap_conv
+from ci_jax.perturbations.base import Perturbation, tap_conv
 
 
 class Mean(Perturbation):
     def __init__(self, size: int, padding: tuple[tuple[int, int], tuple[int, int]]) -> None:
         self.name, self.size, self.padding = f"mean{size}", size, padding
 
-    def make(self, s: Any, seed: int) -> Applied:
+    def build(self, s: Any, seed: int) -> Any:
         k_HW = jnp.full((self.size, self.size), 1.0 / self.size ** 2)
-        return Applied(self.describe(s), functools.partial(tap_conv, k_HW=k_HW, padding=self.padding))
+        return functools.partial(tap_conv, k_HW=k_HW, padding=self.padding)
 
 
 MEAN2 = Mean(2, ((0, 1), (0, 1)))

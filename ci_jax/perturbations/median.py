@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from ci_jax.perturbations.base import Applied, Perturbation
+from ci_jax.perturbations.base import Perturbation
 
 # Median of 9 by a min/max exchange network (Paeth / Devillard, 19 exchanges): elementwise ops that
 # XLA fuses into one loop, several times faster than sorting the 9 taps.
@@ -24,11 +23,4 @@ def median3(x_BHWC: jax.Array) -> jax.Array:
     return t[4]
 
 
-class Median3(Perturbation):
-    name = "median3"
-
-    def make(self, s: Any, seed: int) -> Applied:
-        return Applied(self.describe(s), median3)
-
-
-MEDIAN3 = Median3()
+MEDIAN3 = Perturbation("median3", lambda s, seed: median3)

@@ -3,11 +3,10 @@ the image's own content (unclipped, as the CI authors' noise)."""
 
 from __future__ import annotations
 
-from typing import Any
 
 import jax
 
-from ci_jax.perturbations.base import Applied, InputTransform, Perturbation, image_key
+from ci_jax.perturbations.base import InputTransform, Perturbation, image_key
 from ci_jax.settings import section, setting
 
 
@@ -25,13 +24,4 @@ def add_noise(seed: int, half_width: float) -> InputTransform:
     return jax.vmap(noise_one)
 
 
-class Noise(Perturbation):
-    name = "noise"
-    Settings = Settings
-    strength = "width"
-
-    def make(self, s: Any, seed: int) -> Applied:
-        return Applied(self.describe(s), add_noise(seed, s.width))
-
-
-NOISE = Noise()
+NOISE = Perturbation("noise", lambda s, seed: add_noise(seed, s.width), Settings=Settings, strength="width")

@@ -4,12 +4,11 @@ spaced levels of [0, 1]; 2 levels binarise the image."""
 from __future__ import annotations
 
 import functools
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from ci_jax.perturbations.base import Applied, Perturbation
+from ci_jax.perturbations.base import Perturbation
 from ci_jax.settings import section, setting
 
 
@@ -23,13 +22,5 @@ def quantise(x_BHWC: jax.Array, levels: int) -> jax.Array:
     return jnp.round(jnp.clip(x_BHWC, 0.0, 1.0) * top) / top
 
 
-class Quant(Perturbation):
-    name = "quant"
-    Settings = Settings
-    strength = "levels"
-
-    def make(self, s: Any, seed: int) -> Applied:
-        return Applied(self.describe(s), functools.partial(quantise, levels=s.levels))
-
-
-QUANT = Quant()
+QUANT = Perturbation("quant", lambda s, seed: functools.partial(quantise, levels=s.levels),
+                     Settings=Settings, strength="levels")

@@ -6,13 +6,12 @@ meant to be mild: it moves strokes by a pixel or so, not their shape."""
 
 from __future__ import annotations
 
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax.scipy.ndimage import map_coordinates
 
-from ci_jax.perturbations.base import Applied, InputTransform, Perturbation, image_key
+from ci_jax.perturbations.base import InputTransform, Perturbation, image_key
 from ci_jax.settings import section, setting
 
 SALT = 0x77617270  # its random stream apart from the noise perturbation's, at the same seed
@@ -44,13 +43,4 @@ def warp(seed: int, pixels: float, grid: int) -> InputTransform:
     return jax.vmap(warp_one)
 
 
-class Warp(Perturbation):
-    name = "warp"
-    Settings = Settings
-    strength = "pixels"
-
-    def make(self, s: Any, seed: int) -> Applied:
-        return Applied(self.describe(s), warp(seed, s.pixels, s.grid))
-
-
-WARP = Warp()
+WARP = Perturbation("warp", lambda s, seed: warp(seed, s.pixels, s.grid), Settings=Settings, strength="pixels")
