@@ -64,9 +64,7 @@ def main() -> None:
     first = next(strip.pass_entropies(predict, x, pool, 1, 0, 9))  # compiles the blend and the forward
     first_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    total = np.zeros(len(x))
-    for h in strip.pass_entropies(predict, x, pool, args.blends, 0, 0, desc="strip bench"):
-        total += h
+    strip.mean_entropy(predict, x, pool, args.blends, 0, 0, desc="strip bench")
     seconds = time.perf_counter() - t0
     rate = len(x) * args.blends / seconds
     out = {"source": source, "device": bench.device_info(), "blends": args.blends, "images": int(len(x)),
