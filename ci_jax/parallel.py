@@ -54,12 +54,18 @@ def worker_env(n_workers: int) -> dict[str, str]:
     return {var: os.environ.get(var, share) for var in THREAD_VARS}
 
 
+# Below this many rows in all, per-class host work runs in this process: starting the workers (each
+# a fresh interpreter importing scikit-learn) costs more than fitting a few thousand points.
+INLINE_ROWS = 5000
+
+
 def map_processes(fn: Callable[..., Any], args: Sequence[tuple], max_workers: int | None = None,
-                  desc: str | None = None) -> list[Any]:
+                  desc: str | None = None, rows: int | None = None) -> list[Any]:
     """[fn(*a) for a in args], in parallel worker processes; in this process when there is one
-    item or one core. desc: a progress bar of that name, an item a step (a per-class mixture
-    search can take a minute: a stage that long is never silent)."""
-    n = min(len(args), max_workers or workers())
+    item or one core, or when `rows` (the work's size, given by the caller) is under INLINE_ROWS.
+    desc: a progress bar of that name, an item a step (a per-class mixture search can take a
+    minute: a stage that long is never silent)."""
+    n = 1 if rows is not None and rows < INLINE_ROWS else min(len(args), max_workers or workers())
     with tqdm(total=len(args), desc=desc, disable=desc is None, leave=False, unit="class") as bar:
         if n <= 1:
             out = []

@@ -32,7 +32,7 @@ def _spin() -> None:
 def _pytest(tests: list[str], k: str | None, repeat: int, xml: Path) -> dict:
     select = (tests or ["-m", "timing"]) + (["-k", k] if k else [])
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--repeat", str(repeat),
-           f"--junitxml={xml}", *select]
+           "-n", "0", f"--junitxml={xml}", *select]  # one process (the suite's default is a worker per core)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     seconds = time.perf_counter() - t0

@@ -1,4 +1,7 @@
+import atexit
 import os
+import shutil
+import tempfile
 
 # The suite is an entry point like the CLI: it sets XLA's flags before JAX starts a backend. It runs
 # on one CPU device; forced multi-device CPU runs are opt-in (CI_JAX_CPU_DEVICES, see ci_jax/cli.py).
@@ -6,11 +9,26 @@ from ci_jax import kernels
 
 os.environ["XLA_FLAGS"] = kernels.xla_flags()
 
+# A persistent compilation cache of the suite's own, fresh for each pytest process (each xdist worker)
+# and handed to every process it starts: the suite builds hundreds of Trainers and CLI processes
+# over the same few programs, and XLA:CPU compiling each anew was a large share of its time. Every
+# program is kept, however quick its compile. Nothing outside the session's cache is read, so no
+# test sees a program that another session compiled.
+_XLA_CACHE = tempfile.mkdtemp(prefix="ci-jax-tests-xla-")
+atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
+os.environ["CI_JAX_CACHE_DIR"] = os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
+import jax  # noqa: E402
+
 from ci_jax import cli, data, train  # noqa: E402
+
+jax.config.update("jax_compilation_cache_dir", _XLA_CACHE)  # in case JAX was imported before the
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # variables were set
 
 from helpers import finished_run_args, train_cfg, trainer  # noqa: E402
 

@@ -21,6 +21,11 @@ def test_map_processes_keeps_the_order_and_runs_in_workers():
     assert parallel.map_processes(square_and_pid, [(3,)])[0] == (9, os.getpid())
     assert {pid for _, pid in parallel.map_processes(square_and_pid, [(1,), (2,)], max_workers=1)} == {os.getpid()}
     assert parallel.map_processes(square_and_pid, []) == []
+    # Small work (rows under INLINE_ROWS) stays here; at INLINE_ROWS it goes to the workers.
+    small = parallel.map_processes(square_and_pid, [(1,), (2,)], max_workers=2, rows=parallel.INLINE_ROWS - 1)
+    assert {pid for _, pid in small} == {os.getpid()}
+    large = parallel.map_processes(square_and_pid, [(1,), (2,)], max_workers=2, rows=parallel.INLINE_ROWS)
+    assert os.getpid() not in {pid for _, pid in large}
 
 
 def test_workers_share_the_cores_out_among_their_blas_threads(monkeypatch):

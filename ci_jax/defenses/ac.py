@@ -97,7 +97,8 @@ class AC(Defense):
     def run(self, view: View) -> Result:
         labels = view.classes()
         splits, seconds = timed(lambda: parallel.map_processes(
-            split, [(view.feats_ND[view.y_N == c].astype(np.float64), self.s, view.seed) for c in labels], desc="ac clusters"))
+            split, [(view.feats_ND[view.y_N == c].astype(np.float64), self.s, view.seed) for c in labels], desc="ac clusters",
+            rows=len(view.y_N)))
         score_N = np.zeros(len(view.y_N))
         removed_N = np.zeros(len(view.y_N), bool)
         classes: list[dict[str, Any]] = []

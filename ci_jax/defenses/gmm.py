@@ -100,7 +100,7 @@ def cluster(feats_ND: np.ndarray, y_N: np.ndarray, s: Search) -> tuple[np.ndarra
     A class whose fit was cut short or fell back to one component carries a "note" saying why."""
     labels = [int(c) for c in np.unique(y_N)]
     results = parallel.map_processes(_class_components, [(feats_ND[y_N == c].astype(np.float64), s)
-                                                         for c in labels], desc="mixtures")
+                                                         for c in labels], desc="mixtures", rows=len(y_N))
     comp_N = np.full(len(y_N), -1, np.int64)
     classes, offset = [], 0
     for c, (comp_n, k, bics, note) in zip(labels, results):

@@ -240,7 +240,8 @@ class SPECTRE(Defense):
         eps_c, oracle = budgets(view, self.s, sizes)
         per_class, seconds = timed(lambda: parallel.map_processes(
             class_scores, [(view.feats_ND[view.y_N == c].astype(np.float64), e, self.s.alpha)
-                           for c, e in zip(labels, eps_c)], desc="spectre scores"))
+                           for c, e in zip(labels, eps_c)], desc="spectre scores",
+            rows=len(view.y_N)))
         top = int(np.argmax([spike for _, spike, _ in per_class]))
         score_N = np.zeros(len(view.y_N))
         removed_N = np.zeros(len(view.y_N), bool)

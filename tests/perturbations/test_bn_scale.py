@@ -82,12 +82,13 @@ def test_layers_are_counted_in_assignment_order_through_lists():
     assert [id(b) for b in bn_scale.bn_layers(merged)] == [id(merged.stem), id(merged.a_last)]
     bare = nnx.merge(*nnx.split(TwoBN()))  # without one: by name, a_last first
     assert [id(b) for b in bn_scale.bn_layers(bare)] == [id(bare.a_last), id(bare.stem)]
-    r20 = nnx.merge(*nnx.split(models.create("resnet20", 1, 10, 0)))
+    # Shapes only (nnx.eval_shape): the layers' order needs no initialised weights.
+    r20 = nnx.merge(*nnx.split(nnx.eval_shape(lambda: models.create("resnet20", 1, 10, 0))))
     bns = bn_scale.bn_layers(r20)
     assert len(bns) == 19 and bns[0] is r20.bn and bns[1] is r20.blocks[0].bn1 and bns[-1] is r20.blocks[8].bn2
     assert bn_scale.count_layers(*nnx.split(r20)) == 19
     assert bn_scale.count_layers(*nnx.split(models.create("cnn", 1, 10, 0))) == 0
-    r18 = nnx.merge(*nnx.split(models.create("resnet18", 3, 10, 0)))
+    r18 = nnx.merge(*nnx.split(nnx.eval_shape(lambda: models.create("resnet18", 3, 10, 0))))
     b6, b7 = r18.blocks[6], r18.blocks[7]  # the last stage: a projection block, then a plain one
     bns = bn_scale.bn_layers(r18)
     assert len(bns) == 1 + 8 * 2 + 3 and bns[-5:] == [b6.bn1, b6.bn2, b6.short_bn, b7.bn1, b7.bn2]
