@@ -16,19 +16,20 @@ os.environ["XLA_FLAGS"] = kernels.xla_flags()
 # test sees a program that another session compiled.
 _XLA_CACHE = tempfile.mkdtemp(prefix="ci-jax-tests-xla-")
 atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
+# The variables reach the processes a test starts; this process imported JAX already (kernels), so
+# its own settings are made directly.
 os.environ["CI_JAX_CACHE_DIR"] = os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+import jax  # noqa: E402
+
+jax.config.update("jax_compilation_cache_dir", _XLA_CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
-import jax  # noqa: E402
-
 from ci_jax import cli, data, train  # noqa: E402
-
-jax.config.update("jax_compilation_cache_dir", _XLA_CACHE)  # in case JAX was imported before the
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # variables were set
 
 from helpers import finished_run_args, train_cfg, trainer  # noqa: E402
 
