@@ -27,6 +27,10 @@ THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BL
                "VECLIB_MAXIMUM_THREADS", "NUMBA_NUM_THREADS", "NUMEXPR_NUM_THREADS")
 
 
+# The name multiprocessing (and loky's copy) gives a queue's feeder thread.
+FEEDER_THREAD = "QueueFeederThread"
+FEEDER_JOIN_S = 5.0
+
 _pool: Any = None  # the executor map_processes last used (loky reuses one across calls)
 
 
@@ -97,6 +101,12 @@ def release() -> None:
     (and unlink them itself)."""
     if _pool is not None:
         _pool.shutdown(wait=True, kill_workers=True)  # SIGKILL: no waiting for a fit to finish
+    # The shutdown closes the call queue, but its feeder thread may still be on its way out: when it
+    # ends it drops the queue's last semaphores and unlinks them on its own thread. Ended by os._exit
+    # between that unlink and its message to the tracker, the tracker reports a leak (a flaky CI run).
+    for thread in threading.enumerate():
+        if thread.name == FEEDER_THREAD and thread is not threading.current_thread():
+            thread.join(FEEDER_JOIN_S)
     # What that exit hook runs first: the finalizers of priority >= 0, among them every loky
     # semaphore's unlink-and-unregister (exitpriority 0).
     multiprocessing.util._run_finalizers(0)

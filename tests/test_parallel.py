@@ -49,6 +49,43 @@ def test_map_processes_raises_what_a_worker_raised():
     assert parallel.map_processes(fail_on_three, [(1,), (2,)], max_workers=2) == [1, 2]
 
 
+def test_release_returns_once_the_queue_feeder_has_dropped_its_semaphores(monkeypatch):
+    # The feeder thread of the closed call queue can outlive the shutdown; its end drops the queue's
+    # last semaphores, which it then unlinks and reports to loky's resource tracker. A process that
+    # os._exits in between leaves the tracker to report them as leaked, after our one line (a red
+    # CI run). A busy machine's timing, forced: the feeder ends late and reports slowly, and this
+    # thread reaches the finalizers in between.
+    import multiprocessing.util
+    import threading
+
+    from joblib.externals.loky.backend import queues, resource_tracker
+
+    feed, told, finalize = queues.Queue._feed, resource_tracker.unregister, multiprocessing.util._run_finalizers
+
+    def late_feeder(*args: object) -> None:
+        try:
+            feed(*args)
+        finally:
+            time.sleep(0.2)
+
+    def slow_on_the_feeder(name: str, rtype: str) -> None:
+        if threading.current_thread().name == parallel.FEEDER_THREAD:
+            time.sleep(0.5)
+        told(name, rtype)
+
+    def late(*args: int) -> None:
+        time.sleep(0.4)
+        finalize(*args)
+
+    monkeypatch.setattr(queues.Queue, "_feed", staticmethod(late_feeder))
+    monkeypatch.setattr(resource_tracker, "unregister", slow_on_the_feeder)
+    monkeypatch.setattr(multiprocessing.util, "_run_finalizers", late)
+    parallel.release()  # a pool of earlier tests, started without the late feeder
+    assert parallel.map_processes(square_and_pid, [(1,), (2,)], max_workers=2)[1][0] == 4
+    parallel.release()
+    assert [t.name for t in threading.enumerate() if t.name == parallel.FEEDER_THREAD] == []
+
+
 # -- 6: workers die with their parent ----------------------------------------------------------------
 WORKER_SCRIPT = """
 import os, sys, time
