@@ -144,7 +144,9 @@ def test_test_rule_flags_the_component_that_flips_far_more_than_clean_ones():
     eligible = np.ones(len(SIZES), bool)
     z_FK, flagged, (est,) = ci.flip_test(FLIPS[None], SIZES, eligible, alpha=0.01)
     np.testing.assert_array_equal(np.flatnonzero(flagged), [12])
-    assert est["z_critical"] == pytest.approx(ci.stats.norm.isf(0.01 / 13))
+    # A spread estimated from 13 components is itself noisy: the critical z lies above Bonferroni's
+    # normal quantile, which would take the spread as known.
+    assert est["z_critical"] > ci.stats.norm.isf(0.01 / 13)
     assert z_FK[0, 12] > est["z_critical"] > z_FK[0, :12].max()
     # The clean flip rate is the median component's, about 2.5 % here; the spread beyond the
     # binomial's is kept.
@@ -152,17 +154,22 @@ def test_test_rule_flags_the_component_that_flips_far_more_than_clean_ones():
     assert est["overdispersion_sd"] > 0
 
 
-def test_test_rule_only_tests_eligible_components_and_counts_them_for_bonferroni():
+def test_test_rule_only_tests_eligible_components_and_counts_them_in_its_family():
     eligible = np.ones(len(SIZES), bool)
     eligible[[0, 12]] = False
     _, flagged, (est,) = ci.flip_test(FLIPS[None], SIZES, eligible, alpha=0.01)
     assert not flagged.any()
-    assert est["z_critical"] == pytest.approx(ci.stats.norm.isf(0.01 / 11))
-    # Two filters: twice the tests; a component is flagged when either filter flags it.
+    # The same null draws, the largest z over fewer tested components: a lower critical value.
+    centre, between2 = np.array([0.15]), np.array([0.01])
+    every = ci._null_critical(centre, between2, SIZES, np.ones(len(SIZES), bool), 0.01, seed=0)
+    assert ci._null_critical(centre, between2, SIZES, eligible, 0.01, seed=0) <= every
+    assert ci._null_critical(centre, between2, SIZES, np.arange(len(SIZES)) < 3, 0.01, seed=0) < every
+    # Two filters: one family of tests, one critical value; a component is flagged when either
+    # filter flags it.
     quiet = np.minimum(FLIPS, 3)
     z_FK, flagged2, ests = ci.flip_test(np.stack([quiet, FLIPS]), SIZES, np.ones(len(SIZES), bool), alpha=0.01)
     assert z_FK.shape == (2, len(SIZES)) and len(ests) == 2
-    assert ests[0]["z_critical"] == pytest.approx(ci.stats.norm.isf(0.01 / 26))
+    assert ests[0]["z_critical"] == ests[1]["z_critical"]
     np.testing.assert_array_equal(np.flatnonzero(flagged2), [12])
 
 
@@ -171,24 +178,75 @@ def test_test_rule_ignores_empty_components():
     flips = np.append(FLIPS, 0.0)
     _, flagged, (est,) = ci.flip_test(flips[None], sizes, np.ones(len(sizes), bool), alpha=0.01)
     assert not flagged[-1] and flagged[12]
-    assert est["z_critical"] == pytest.approx(ci.stats.norm.isf(0.01 / 13))
+    _, _, (without,) = ci.flip_test(FLIPS[None], SIZES, np.ones(len(SIZES), bool), alpha=0.01)
+    assert est == without
 
 
 # --- the flip test by hand, and on the clean components of real baselines ----------------------
+def _fit_by_hand(a: np.ndarray, size: np.ndarray) -> tuple[float, float]:
+    """The clean estimate of one filter, one value at a time: the median; the mean deviation above
+    it of the values up to the 90 % quantile and within 4 quartile-spreads of it, as a normal's sd;
+    the binomial noise taken out."""
+    centre = float(np.median(a))
+    noise = float(np.median(1 / (4 * size + 2)))
+    quartile = 1.4826 * (np.quantile(a, 0.75) - centre)
+    top = np.quantile(a, 0.9)
+    band = [v - centre for v in a if v > centre and v <= top and (quartile <= math.sqrt(noise) or v - centre <= 4 * quartile)]
+    # E[X | 0 < X < q90] for a standard normal X
+    q = ci.stats.norm.isf(0.1)
+    sd = (sum(band) / max(1, len(band))) / ((ci.stats.norm.pdf(0) - ci.stats.norm.pdf(q)) / 0.4)
+    return centre, max(0.0, sd ** 2 - noise)
+
+
 def test_flip_test_by_hand():
     # Thirty clean components flipping 0.4 % to 2 % of their images, and one flipping 90 %.
     size = np.array([1000.0] * 30 + [500])
     flips = np.array([list(np.linspace(4, 20, 30)) + [450]])
     z, flagged, est = ci.flip_test(flips, size, np.ones(31, bool), alpha=0.01)
     assert flagged.tolist() == [False] * 30 + [True]
+    # Once flagged, the poison is left out of the clean estimate.
     a = np.arcsin(np.sqrt((flips[0] + 3 / 8) / (size + 3 / 4)))
-    centre = np.median(a)
+    centre, between = _fit_by_hand(a[:30], size[:30])
     assert np.isclose(est[0]["clean_flip_rate"], np.sin(centre) ** 2)
-    between = max(0.0, (1.4826 * (np.quantile(a, 0.75) - centre)) ** 2 - 1 / (4 * 1000 + 2))
     assert np.isclose(est[0]["overdispersion_sd"], math.sqrt(between))
     assert np.isclose(z[0, 30], (a[30] - centre) / math.sqrt(between + 1 / (4 * 500 + 2)))
-    # Bonferroni over 31 components and 1 filter at 1 %: the one-sided normal quantile of 0.01 / 31.
-    assert np.isclose(est[0]["z_critical"], 3.4119, atol=1e-3)
+    # The critical value: the 99 % quantile of the largest z over 2,000 families of 31 clean
+    # components, each drawn at a spread that is itself a draw's estimate (a family drawn from the
+    # fit, estimated), and estimated as the data were; here one family at a time.
+    rng = np.random.default_rng(0)
+
+    def family(c: np.ndarray, b: np.ndarray) -> np.ndarray:
+        normal = rng.standard_normal((ci.NULL_DRAWS, 1, 31))
+        share = np.sin(np.clip(c[:, :, None] + normal * np.sqrt(b)[:, :, None], 0, np.pi / 2)) ** 2
+        return np.arcsin(np.sqrt((rng.binomial(size.astype(np.int64), share) + 3 / 8) / (size + 3 / 4)))
+
+    first = family(np.full((ci.NULL_DRAWS, 1), centre), np.full((ci.NULL_DRAWS, 1), between))
+    fits = np.array([_fit_by_hand(first[d, 0], size) for d in range(ci.NULL_DRAWS)])
+    second = family(fits[:, :1], fits[:, 1:])
+    largest = []
+    for d in range(ci.NULL_DRAWS):
+        c_d, b_d = _fit_by_hand(second[d, 0], size)
+        largest.append(((second[d, 0] - c_d) / np.sqrt(b_d + 1 / (4 * size + 2))).max())
+    assert np.isclose(est[0]["z_critical"], np.quantile(largest, 0.99))
+
+
+@pytest.mark.slow
+def test_flip_test_false_alarms_stay_at_alpha_on_overdispersed_clean_components():
+    # 30 clean components of 300 to 3,000 images and two filters, each component's true flip share
+    # its own (normal about asin(sqrt(3 %)) on the arcsine scale, sd 0.15: shares from 0 to 15 %).
+    # At alpha the chance that anything is flagged must stay at alpha. Bonferroni's normal quantile
+    # with the estimated spread taken as known flagged about a fifth of such families at 1 %.
+    rng = np.random.default_rng(7)
+    draws, alpha, k, f = 400, 0.05, 30, 2
+    alarms = 0
+    for _ in range(draws):
+        size = rng.integers(300, 3000, k).astype(float)
+        share = np.sin(np.clip(np.arcsin(np.sqrt(0.03)) + rng.normal(0, 0.15, (f, k)), 0, np.pi / 2)) ** 2
+        _, flagged, _ = ci.flip_test(rng.binomial(size.astype(np.int64), share).astype(float), size,
+                                     np.ones(k, bool), alpha=alpha)
+        alarms += bool(flagged.any())
+    # alpha plus three binomial standard errors of the share over 400 draws.
+    assert alarms / draws <= alpha + 3 * math.sqrt(alpha * (1 - alpha) / draws)
 
 
 def test_flip_test_needs_most_components_clean():
@@ -214,13 +272,39 @@ MNIST_CLEAN = ([685, 1043, 3195, 782, 2803, 345, 2812, 2749, 2367, 879, 2719, 25
                 27, 7])
 
 
-@pytest.mark.parametrize("clean", [FASHION_CLEAN, MNIST_CLEAN], ids=["fashion", "mnist"])
-def test_flip_test_tolerates_heterogeneous_clean_components_and_finds_the_poison(clean):
-    sizes, flips = clean
-    # A poison component of 950 images, 99 % of which flip (as on both datasets).
-    size = np.array(sizes + [950], float)
-    _, flagged, _ = ci.flip_test(np.array([flips + [940]], float), size, np.ones(len(size), bool), alpha=0.01)
-    assert flagged.tolist() == [False] * len(sizes) + [True]
+def _with_poisons(clean: tuple[list[int], list[int]], sizes: list[int], flips: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    return np.array([clean[1] + flips], float), np.array(clean[0] + sizes, float)
+
+
+def test_flip_test_finds_the_poison_among_mnists_clean_components():
+    # A poison component of 950 images, 99 % of which flip (as on MNIST).
+    flips, size = _with_poisons(MNIST_CLEAN, [950], [940])
+    _, flagged, _ = ci.flip_test(flips, size, np.ones(len(size), bool), alpha=0.01)
+    assert flagged.tolist() == [False] * len(MNIST_CLEAN[0]) + [True]
+
+
+def test_flip_test_under_fashion_mnists_spread_ranks_the_poison_first_but_holds_its_level():
+    # Under a 3x3 median the clean Fashion-MNIST components flip 0 to 30 % of their decisions
+    # (overdispersion sd 0.3 on the arcsine scale, most of its range): with 28 components that
+    # spread is too uncertain for even a 99 % flipping component to be a 1 % outlier. It still
+    # scores highest, and nothing clean is flagged.
+    flips, size = _with_poisons(FASHION_CLEAN, [950], [940])
+    z, flagged, (est,) = ci.flip_test(flips, size, np.ones(len(size), bool), alpha=0.01)
+    assert not flagged.any() and np.argmax(z[0]) == len(size) - 1
+    assert est["overdispersion_sd"] > 0.25
+
+
+def test_flagged_components_leave_the_clean_estimate_so_they_cannot_hide_another(monkeypatch):
+    # Seven components flipping 99 % widen the clean estimate; an eighth, flipping 440 of 600, then
+    # passes as clean. Estimated again without the seven, the clean spread shows it.
+    flips, size = _with_poisons(MNIST_CLEAN, [950] * 7 + [600], [940] * 7 + [440])
+    eligible = np.ones(len(size), bool)
+    _, flagged, (est,) = ci.flip_test(flips, size, eligible, alpha=0.01)
+    assert np.flatnonzero(flagged).tolist() == list(range(len(MNIST_CLEAN[0]), len(size)))
+    monkeypatch.setattr(ci, "TRIM_ROUNDS", 1)
+    _, once, (est_once,) = ci.flip_test(flips, size, eligible, alpha=0.01)
+    assert np.flatnonzero(once).tolist() == list(range(len(MNIST_CLEAN[0]), len(size) - 1))
+    assert est["overdispersion_sd"] < est_once["overdispersion_sd"]
 
 
 def test_flip_test_with_clean_components_that_never_flip():
