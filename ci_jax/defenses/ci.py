@@ -18,7 +18,8 @@ Beyond the paper:
 - the `test` rule, which controls false alarms whatever the filter's strength and the data. Per
   filter, every component's flip share r is put on the binomial's variance-stabilising scale
   a = asin(sqrt(r)); the clean components' location and spread are estimated robustly (the median,
-  and the upper quartile's distance from it: clean shares trail off to the right, the side tested),
+  and the mean deviation above it of a band of the upper half that leaves out its top tenth and
+  anything beyond four quartile-spreads: clean shares trail off to the right, the side tested),
   the spread beyond binomial noise kept, since clean components differ in how many of their images
   sit near a decision boundary. A component is removed when its z exceeds the critical value that
   keeps the chance of any false alarm, over all tested components and filters, at alpha: the
@@ -28,8 +29,8 @@ Beyond the paper:
   normal quantile: with thirty components the estimated spread is itself uncertain, and taking it
   as known flagged a fifth of simulated clean families at alpha 1 %. The price is power where the
   clean spread is wide (Fashion-MNIST under a 3x3 median). The estimate breaks down once about a
-  quarter of the components are poisoned, and needs ten or so components to stand on: on a
-  two-class dataset it is weak.
+  fifth of the components are poisoned (eight strong poison components among 32 clean hide each
+  other), and needs ten or so components to stand on: on a two-class dataset it is weak.
 """
 
 from __future__ import annotations
@@ -129,12 +130,13 @@ def _anscombe(flips: np.ndarray, n: np.ndarray) -> np.ndarray:
     return np.arcsin(np.sqrt((flips + 3 / 8) / (n + 3 / 4)))
 
 
-# The clean spread leaves out the components above this quantile of the reference: a few poison
-# components, not yet flagged, must not widen it (more are taken out by the rounds of the test).
+# The clean spread leaves out the components above this quantile of the reference, and those
+# more than FENCE quartile-spreads above the median: poison components not yet flagged must not
+# widen it (the rounds of the test take out more).
 SPREAD_TOP = 0.1
+FENCE = 4.0
 # For a normal, the mean deviation above the median of the values between the median and the
 # 1 - SPREAD_TOP quantile, in sd.
-FENCE = 4.0
 _SPREAD_MEAN = float((stats.norm.pdf(0) - stats.norm.pdf(stats.norm.isf(SPREAD_TOP)))
                      / (0.5 - SPREAD_TOP))
 
@@ -142,7 +144,8 @@ _SPREAD_MEAN = float((stats.norm.pdf(0) - stats.norm.pdf(stats.norm.isf(SPREAD_T
 def _clean_fit(a_FK: np.ndarray, noise_K: np.ndarray, ref_K: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(centre, between-component variance) per filter (the last axis but one of a_..FK), from the
     `ref_K` components: the median, and the mean deviation above it of the components between the
-    median and the 1 - SPREAD_TOP quantile, scaled to a normal's sd. From the upper side only: clean
+    median and the 1 - SPREAD_TOP quantile and within FENCE quartile-spreads (1.4826 (Q3 - median))
+    of it, scaled to a normal's sd. No fence when the quartile-spread is within binomial noise. From the upper side only: clean
     shares pile up near 0 and trail off to the right, the side tested. A mean over that band, not
     one quantile: most clean components of MNIST flip nothing under a mild filter, and a quartile
     that falls among them puts the spread at 0 in some draws, which the critical value must then
@@ -215,7 +218,7 @@ def flip_test(flips_FK: np.ndarray, size_K: np.ndarray, eligible_K: np.ndarray,
         z_crit = _null_critical(centre_F, between2_F, n_K[used], tested_K[used], alpha, seed) \
             if tested_K.any() else math.inf
         now = (z_FK > z_crit).any(0) & tested_K
-        if (now == flagged_K).all():
+        if not (now & ~flagged_K).any():
             break
         flagged_K |= now  # once flagged, out of the clean estimate for good: the rounds cannot cycle
     estimates = [{"clean_flip_rate": float(np.sin(c) ** 2), "overdispersion_sd": math.sqrt(b), "z_critical": z_crit}
