@@ -184,8 +184,8 @@ cfg = config.preset("fast", {"train.model": "resnet20", "train.epochs": 1, "trai
 t = train.Trainer(cfg, ds.x_train.shape[1:], ds.num_classes, steps_per_epoch=8)
 x, y = jax.device_put((jax.numpy.asarray(ds.x_train), jax.numpy.asarray(ds.y_train)), t.replicated)
 loss = t.fit_epoch(x, y, 0, "sharded")
-pred, feats = t.predict(ds.x_test)
-np.savez(sys.argv[2], loss=loss, pred=pred, feats=feats,
+pred, feats, logits = t.predict(ds.x_test, logits=True)
+np.savez(sys.argv[2], loss=loss, pred=pred, feats=feats, logits=logits,
          params=np.concatenate([np.ravel(l) for l in jax.tree.leaves(t.model_state)]))
 """
 
@@ -209,7 +209,13 @@ def test_four_devices_match_one(tmp_path):
     np.testing.assert_allclose(four["loss"], one["loss"], rtol=1e-4)
     for k in ("params", "feats"):
         np.testing.assert_allclose(four[k], one[k], rtol=1e-3, atol=1e-2 * np.abs(one[k]).max())
-    np.testing.assert_array_equal(four["pred"], one["pred"])
+    # Decisions agree wherever one device's is clear: its two largest logits further apart than the
+    # weights' summation noise can move them (a near-tie went the other way in a CI run).
+    top2 = np.sort(one["logits"], axis=-1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 2e-3 * np.abs(one["logits"]).max()
+    assert clear.mean() > 0.75
+    np.testing.assert_array_equal(four["pred"][clear], one["pred"][clear])
+    np.testing.assert_array_equal(one["pred"], one["logits"].argmax(-1))
 
 
 @pytest.mark.timing

@@ -237,7 +237,7 @@ def test_flip_test_false_alarms_stay_at_alpha_on_overdispersed_clean_components(
     # At alpha the chance that anything is flagged must stay at alpha. Bonferroni's normal quantile
     # with the estimated spread taken as known flagged about a fifth of such families at 1 %.
     rng = np.random.default_rng(7)
-    draws, alpha, k, f = 400, 0.05, 30, 2
+    draws, alpha, k, f = 250, 0.05, 30, 2
     alarms = 0
     for _ in range(draws):
         size = rng.integers(300, 3000, k).astype(float)
@@ -245,7 +245,7 @@ def test_flip_test_false_alarms_stay_at_alpha_on_overdispersed_clean_components(
         _, flagged, _ = ci.flip_test(rng.binomial(size.astype(np.int64), share).astype(float), size,
                                      np.ones(k, bool), alpha=alpha)
         alarms += bool(flagged.any())
-    # alpha plus three binomial standard errors of the share over 400 draws.
+    # alpha plus three binomial standard errors of the share over 250 draws.
     assert alarms / draws <= alpha + 3 * math.sqrt(alpha * (1 - alpha) / draws)
 
 
