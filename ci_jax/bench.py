@@ -67,6 +67,9 @@ def add_arguments(p: argparse.ArgumentParser, positive: Callable[[str], int]) ->
     p.add_argument("--gmm-images", type=positive,
                    help="features the GMM stage clusters (default: the dataset's training-set size, 60,000 "
                         "for MNIST)")
+    p.add_argument("--gmm-model", metavar="MODEL",
+                   help="model whose freshly initialised features the GMM stage clusters, without --run "
+                        "(default: the preset's, whose features its experiment clusters)")
     p.add_argument("--data-dir", help="the dataset's data directory (else synthetic images of its shape)")
     p.add_argument("--run", metavar="RUN_DIR",
                    help="finished `ci-jax run` directory: the GMM clusters its baseline's features "
@@ -213,8 +216,9 @@ def model_convs(model: str, batch: int, image_shape, num_classes: int) -> list[d
 
     from ci_jax import models
 
-    graphdef, state = nnx.split(models.create(model, image_shape[-1], num_classes, seed=0,
-                                              image_size=image_shape[0]))
+    # Shapes only: the model is traced, never initialised (each initialiser would compile).
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: models.create(model, image_shape[-1], num_classes, seed=0,
+                                                                     image_size=image_shape[0])))
     x = jax.ShapeDtypeStruct((batch, *image_shape), jnp.float32)
     jaxpr = jax.make_jaxpr(lambda s, x: nnx.merge(graphdef, s)(x))(state, x).jaxpr
     convs: dict[tuple, dict[str, Any]] = {}
@@ -259,12 +263,10 @@ def bench_convs(model: str, batch: int, image_shape, num_classes: int, repeats: 
     a CPU, that gains little.) The first layer's input gradient is left out: the train step
     never computes it (images take no gradient).
     """
-    key = jax.random.key(0)
+    rng = np.random.default_rng(0)  # on the host: a jax.random draw would compile a program per shape
     rows, train_s, pass_s = [], 0.0, 0.0
     for c in model_convs(model, batch, image_shape, num_classes):
-        x = jax.random.normal(key, c["lhs"], jnp.float32)
-        w = jax.random.normal(key, c["rhs"], jnp.float32)
-        g = jax.random.normal(key, c["out"], jnp.float32)
+        x, w, g = (jnp.asarray(rng.standard_normal(c[k], dtype=np.float32)) for k in ("lhs", "rhs", "out"))
         flops = 2 * math.prod(c["out"]) * math.prod(c["rhs"]) / c["out"][-1]  # MACs x 2, NHWC/HWIO
         row = {"lhs": list(c["lhs"]), "rhs": list(c["rhs"]), "strides": list(c["params"]["window_strides"]),
                "count": c["count"]}
@@ -373,7 +375,7 @@ def _baseline_view(args, ds: data.Dataset, n: int, eval_batch: int, base: config
     if not args.run:
         reps = math.ceil(n / len(ds.y_train))
         x, y = np.concatenate([ds.x_train] * reps)[:n], np.concatenate([ds.y_train] * reps)[:n]
-        model = (base or config.Config()).train.model  # the features its experiment clusters
+        model = getattr(args, "gmm_model", None) or (base or config.Config()).train.model
         t = _trainer(model, 32, eval_batch, x.shape[1:], ds.num_classes, base)
         pred, feats = t.predict(x)
         r = np.arange(min(1000, len(ds.y_test) // 10))
@@ -472,7 +474,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from ci_jax.errors import unknown_name
 
     model_names = args.models or ([base.train.model] if getattr(args, "preset", None) else list(models.MODELS))
-    for m in model_names:
+    for m in (*model_names, *([args.gmm_model] if getattr(args, "gmm_model", None) else [])):
         models.get_model(m)  # an unknown name fails here, before anything is timed
     dtypes = list(dict.fromkeys(getattr(args, "dtypes", None) or [base.train.dtype]))
     ds = bench_data(dataset, args.data_dir)

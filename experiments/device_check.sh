@@ -70,7 +70,7 @@ if [ "$quick" = 1 ]; then
                  --pass-images 32 --gmm-images 300 --gmm-backends sklearn --stack 2)
     # The paper preset's batch, 32: its whole-run estimate counts the step at that batch.
     cifar_sizes=(--quick --models cnn --batch-sizes 32 --eval-batch-sizes 16 --steps 2 --repeats 1
-                 --pass-images 32 --gmm-images 300 --gmm-backends sklearn)
+                 --pass-images 32 --gmm-images 300 --gmm-model cnn --gmm-backends sklearn)
 else
     # 30 + 160 + 170 + 100 s, plus 4 x 3 s of grace: 472 s at most.
     b_pre=${DEVICE_CHECK_BUDGET_PREFLIGHT:-30}; b_mnist=${DEVICE_CHECK_BUDGET_MNIST:-160}

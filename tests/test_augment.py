@@ -88,17 +88,18 @@ def test_the_step_trains_on_the_augmented_batch_with_its_own_labels(images, aug)
     t = train.Trainer(_cfg(aug), (32, 32, 3), 10, steps_per_epoch=3)
     idx_SB = t.epoch_indices(24, 1)
     before = jax.tree.map(jnp.copy, t.state)
+    # Compiled, as the step is: run op by op, the reference update took most of the test's time.
+    update = jax.jit(lambda s, x_B, y_B, lr: train.update(t.train_def, s, x_B, y_B, lr))
     # What the step must compute: the update on the batch as augmented from (seed, global step 4),
     # with the batch's labels untouched.
     x_B = augment.apply(augment.policy(aug, "cifar10"), x[idx_SB[1]], 0, 4)
-    expected, loss = train.update(t.train_def, jax.tree.map(jnp.copy, before), x_B, y[idx_SB[1]], t.lr_S[4])
+    expected, loss = update(jax.tree.map(jnp.copy, before), x_B, y[idx_SB[1]], t.lr_S[4])
     got, got_loss = t.train_step(t.state, x, y, idx_SB, 1, t.lr_S, 4)
     np.testing.assert_allclose(got_loss, loss, rtol=1e-6)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     if aug == "dataset":  # and it is not the un-augmented update
-        plain, plain_loss = train.update(t.train_def, jax.tree.map(jnp.copy, before), x[idx_SB[1]], y[idx_SB[1]],
-                                         t.lr_S[4])
+        plain, plain_loss = update(jax.tree.map(jnp.copy, before), x[idx_SB[1]], y[idx_SB[1]], t.lr_S[4])
         assert not np.isclose(float(plain_loss), float(got_loss), rtol=1e-7, atol=0)
 
 

@@ -54,8 +54,9 @@ def test_end_to_end_is_the_sum_of_the_stages():
     assert bench.end_to_end(rows, 1000, 100, None, "m") is None
 
 
-def test_an_unknown_model_is_one_error_line(capsys):
-    assert cli.main(TINY + ["--models", "vgg"]) == 2
+@pytest.mark.parametrize("flag", ["--models", "--gmm-model"])
+def test_an_unknown_model_is_one_error_line(capsys, flag):
+    assert cli.main(TINY + [flag, "vgg"]) == 2
     startup, *err = capsys.readouterr().err.strip().splitlines()
     assert startup.startswith("ci-jax ") and startup.endswith("; bench")
     assert len(err) == 1 and err[0].startswith("ci-jax: error: unknown model 'vgg'")
@@ -83,7 +84,8 @@ def test_gmm_stage_clusters_a_finished_runs_baseline_features(finished_run, mnis
     run = tmp_path / "run"
     shutil.copytree(finished_run, run)  # a finished run (conftest.py), copied: the bench may keep what it computes
     out = tmp_path / "bench.json"
-    assert cli.main(TINY + ["--data-dir", str(mnist_like_dir), "--run", str(run), "--out", str(out)]) == 0
+    assert cli.main(TINY + ["--data-dir", str(mnist_like_dir), "--run", str(run), "--gmm-backends", "sklearn",
+                            "--out", str(out)]) == 0
     gmm = next(s for s in json.loads(out.read_text())["stages"] if s["stage"] == "gmm")
     assert gmm["source"].startswith("trained baseline of") and gmm["features"] == 300
 

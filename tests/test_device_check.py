@@ -97,6 +97,8 @@ def test_quick_mode_writes_json_of_every_part_and_survives_a_timeout(tmp_path, t
     rows = {(s["stage"], s.get("dtype")) for s in bench["stages"]}
     for dtype in ("float32", "bfloat16"):
         assert {("train", dtype), ("features", dtype), ("filtered", dtype), ("end_to_end", dtype)} <= rows
+    # Quick: the mixtures cluster the small CNN's features, not ResNet-18's 512 dimensions.
+    assert [s["source"] for s in bench["stages"] if s["stage"] == "gmm"] == ["random-init cnn"]
     e2e = [s for s in bench["stages"] if s["stage"] == "end_to_end"]
     assert {(s["epochs"], s["images"], s["test_images"]) for s in e2e} == {(100, 50_000, 10_000)}
     assert sorted(p.name for p in out.iterdir()) == ["bench_cifar_resnet18.json", "device_check.json",

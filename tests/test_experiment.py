@@ -272,17 +272,22 @@ def uninterrupted(mnist_like_dir, tmp_path_factory):
 
 
 @pytest.mark.timing
-@pytest.mark.parametrize("kill_at", ["baseline-epoch", "gmm", "retrain-epoch", "write:report.json"])
-def test_killed_run_resumes_to_the_same_report(kill_at, uninterrupted, mnist_like_dir, tmp_path):
-    killed = _cli(tmp_path, mnist_like_dir, kill_at)
-    assert killed.returncode == -9, killed.stderr[-2000:]
-    assert not (tmp_path / "report.json").exists()
+def test_a_run_killed_at_every_stage_in_turn_resumes_to_the_same_report(uninterrupted, mnist_like_dir, tmp_path):
+    """Killed (SIGKILL, as a pre-empted job) at each stage in turn, every process resuming what the
+    one before it left, the run ends with the uninterrupted run's report. One chain, not a fresh run
+    per stage: each resumption also starts from a resumed run's files."""
+    done = tmp_path / "baseline" / "done.json"
+    for kill_at in ("baseline-epoch", "gmm", "retrain-epoch", "write:report.json"):
+        killed = _cli(tmp_path, mnist_like_dir, kill_at)
+        assert killed.returncode == -9, (kill_at, killed.stderr[-2000:])
+        assert not (tmp_path / "report.json").exists(), kill_at
+        if kill_at == "gmm":  # the baseline was finished before this kill: later processes reuse it
+            finished = (done.read_bytes(), done.stat().st_mtime_ns)
     resumed = _cli(tmp_path, mnist_like_dir)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     report = json.loads((tmp_path / "report.json").read_text())
     assert without_timings(report) == without_timings(uninterrupted)
-    if kill_at == "gmm":  # the finished baseline is reused, not retrained
-        assert report["timings_s"]["train_baseline"] == 0.0
+    assert (done.read_bytes(), done.stat().st_mtime_ns) == finished and report["timings_s"]["train_baseline"] == 0.0
     assert not list(tmp_path.rglob("*.tmp"))
 
 

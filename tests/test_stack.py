@@ -25,14 +25,14 @@ ADAM_ATOL = 0.05
 
 @pytest.fixture(scope="module")
 def ds(synthetic_data):
-    return synthetic_data(600, 200)  # as KILL_SCRIPT makes it
+    return synthetic_data(320, 64)  # as KILL_SCRIPT makes it
 
 
 def _cfg(seed, **kw):
     return make_cfg(ONE_EPOCH, {"train.epochs": 2, "seed": seed}, kw)
 
 
-KEEP = [np.arange(600), np.arange(600)[::2], np.arange(600)[100:]]  # three different training sets
+KEEP = [np.arange(320), np.arange(320)[::2], np.arange(320)[64:]]  # three different training sets
 
 
 def _params(t):
@@ -81,8 +81,9 @@ def test_a_stack_of_three_with_different_training_sets_equals_three_separate_run
 def test_stacked_inference_equals_each_models_own(ds, tmp_path):
     cfgs = [_cfg(s) for s in (0, 1, 2)]
     stacked, _ = _stacked(cfgs, ds, tmp_path / "stack")
-    outs = stack.predict(stacked, ds.x_test, [np.arange(200), np.arange(50), np.arange(10, 200)])
-    for t, (pred, feats), idx in zip(stacked, outs, [np.arange(200), np.arange(50), np.arange(10, 200)]):
+    idx_K = [np.arange(64), np.arange(20), np.arange(5, 64)]
+    outs = stack.predict(stacked, ds.x_test, idx_K)
+    for t, (pred, feats), idx in zip(stacked, outs, idx_K):
         p, f = t.predict(ds.x_test[idx])
         assert np.array_equal(pred, p)
         np.testing.assert_allclose(feats, f, rtol=1e-4, atol=1e-4)
@@ -98,10 +99,10 @@ import os
 os.environ["XLA_FLAGS"] = kernels.xla_flags()
 import jax
 from ci_jax import config, data, stack, train
-ds = data.synthetic(n_train=600, n_test=200, seed=0)
+ds = data.synthetic(n_train=320, n_test=64, seed=0)
 cfgs = [config.preset("fast", {"train.epochs": 2, "train.batch_size": 32, "eval.batch_size": 64, "seed": s,
                                "train.optimizer": "sgd", "train.lr": 0.01}) for s in (0, 1, 2)]
-keep = [np.arange(600), np.arange(600)[::2], np.arange(600)[100:]]
+keep = [np.arange(320), np.arange(320)[::2], np.arange(320)[64:]]
 root = Path(sys.argv[1])
 members = [stack.Member(c, k, root / str(j), f"key{j}") for j, (c, k) in enumerate(zip(cfgs, keep))]
 stack.train_members(members, ds.x_train, ds.y_train, ds.x_train.shape[1:], 10, 3)
