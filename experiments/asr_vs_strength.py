@@ -12,7 +12,6 @@ valid-cell rule of the fair benchmark: ASR >= 85 % and the untriggered rate <= A
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 

@@ -487,7 +487,17 @@ def no_rerun(monkeypatch):
     monkeypatch.setattr(experiment, "run", lambda *a, **k: pytest.fail("a finished run ran again"))
 
 
-def test_a_damaged_results_csv_is_rebuilt_from_the_reports(full_sweep, tmp_path, no_rerun):
+@pytest.fixture
+def no_figures(monkeypatch):
+    """The damage tests merge dozens of times: the summary's figures (drawn and checked by the tests
+    of the summary) are left undrawn, which was most of their time."""
+    from ci_jax import plots
+
+    for name in ("sweep_field", "roc", "defense_grid"):
+        monkeypatch.setattr(plots, name, lambda *a, **k: None)
+
+
+def test_a_damaged_results_csv_is_rebuilt_from_the_reports(full_sweep, tmp_path, no_rerun, no_figures):
     out, spec_path = full_sweep
     run_ids = [r["run_id"] for r in _rows(out / "results.csv")]
     raw = (out / "results.csv").read_bytes()
@@ -521,7 +531,7 @@ def _sharded(out: Path, spec_path: Path, d: Path) -> None:
     (d / "summary.json").unlink()
 
 
-def test_merge_of_damaged_files_gives_the_same_results_or_one_error_line(full_sweep, tmp_path, capsys):
+def test_merge_of_damaged_files_gives_the_same_results_or_one_error_line(full_sweep, tmp_path, capsys, no_figures):
     from ci_jax import cli
 
     out, spec_path = full_sweep
